@@ -1,0 +1,119 @@
+"""The `scandrop` command: reconstruct a folder once, benchmark, or run the inbox daemon."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from daemon import logs
+from pipeline.errors import ScandropError
+from pipeline.presets import Preset, preset_config
+
+
+def _reconstruct(args: argparse.Namespace) -> int:
+    from daemon.worker import run_job
+    from models.device import resolve_device
+    from pipeline.run import clean_work_dir
+
+    device = resolve_device(args.device)
+    config = preset_config(args.preset, {"mesh": {"max_triangles": args.max_triangles}})
+    work = args.work_dir or (args.outdir / ".scandrop-work")
+    last = [""]
+
+    def show(event):  # one line per stage message change; a terminal gets a live line
+        line = f"[{event.progress * 100:5.1f}%] {event.stage}: {event.message}"
+        if line != last[0]:
+            print(line, file=sys.stderr, flush=True)
+            last[0] = line
+
+    report = run_job(args.input, args.outdir, config, work, device.model_dump(), on_event=show)
+    if report.ok and not args.keep_work:
+        clean_work_dir(work)
+    if report.ok:
+        print(
+            f"done in {report.seconds:.1f} s: {report.images.registered}/{report.images.usable} photos "
+            f"registered, {report.points} points, {report.triangles} triangles, {report.splats} splats "
+            f"-> {args.outdir}"
+        )
+        return 0
+    err = report.error
+    print(f"failed [{err.code.value}]: {err.message}\nhint: {err.hint}" if err else "failed", file=sys.stderr)
+    return 1
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from pipeline.bench.run import main as bench_main
+
+    return bench_main(args.datasets, args.out, args.preset, args.datasets_dir)
+
+
+def _daemon(args: argparse.Namespace) -> int:
+    from daemon.inbox_runner import InboxRunner
+    from daemon.settings import load_settings
+
+    settings = load_settings(args.config, inbox=args.inbox, outbox=args.outbox)
+    InboxRunner(settings).run(once=args.once)
+    return 0
+
+
+def _config(args: argparse.Namespace) -> int:
+    from daemon.settings import load_settings
+
+    print(load_settings(args.config).model_dump_json(indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="scandrop", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    rec = sub.add_parser("reconstruct", help="Reconstruct one folder of photos into OUTDIR.")
+    rec.add_argument("input", type=Path)
+    rec.add_argument("outdir", type=Path)
+    rec.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    rec.add_argument("--preset", choices=[p.value for p in Preset], default="balanced")
+    rec.add_argument("--max-triangles", type=int, default=300_000)
+    rec.add_argument("--work-dir", type=Path, default=None, help="Workspace (default OUTDIR/.scandrop-work).")
+    rec.add_argument("--keep-work", action="store_true", help="Keep the workspace after success.")
+    rec.set_defaults(func=_reconstruct)
+
+    bench = sub.add_parser("bench", help="Run the benchmark and print one table (and write JSON).")
+    bench.add_argument("datasets", nargs="*", help="synthetic, kitchen, herzjesu, room (default: all)")
+    bench.add_argument("--out", type=Path, default=Path("bench-results"))
+    bench.add_argument("--preset", choices=[p.value for p in Preset], default="balanced")
+    bench.add_argument("--datasets-dir", type=Path, default=None, help="Default: ../shared/datasets")
+    bench.set_defaults(func=_bench)
+
+    dmn = sub.add_parser("daemon", help="Watch the inbox and reconstruct every complete drop.")
+    dmn.add_argument("--config", type=Path, default=None)
+    dmn.add_argument("--inbox", type=Path, default=None)
+    dmn.add_argument("--outbox", type=Path, default=None)
+    dmn.add_argument("--once", action="store_true", help="Process what is in the inbox now, then exit.")
+    dmn.set_defaults(func=_daemon)
+
+    cfg = sub.add_parser("config", help="Print the effective settings.")
+    cfg.add_argument("--config", type=Path, default=None)
+    cfg.set_defaults(func=_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logs.configure()
+    try:
+        return int(args.func(args))
+    except ScandropError as exc:
+        print(f"error [{exc.code.value}]: {exc.message}\nhint: {exc.hint}", file=sys.stderr)
+        return 2
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        print(f"error [invalid_settings]: {where}: {first['msg']}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""Run one job's pipeline in a child process, so a crash in native code cannot take the caller down.
+
+The child streams ProgressEvents back over a queue. Cancellation and the per-job timeout are
+enforced from the parent: first a polite stop flag, then SIGKILL for the child and everything it
+started. Whatever happens, the caller gets a Report, and report.json in the output folder says it.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import queue
+import time
+from datetime import UTC, datetime
+from multiprocessing.synchronize import Event
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from pipeline.errors import ErrorCode, ErrorInfo
+from pipeline.presets import PipelineConfig
+from pipeline.report import Report
+from pipeline.run import OnEvent, ProgressEvent, run_pipeline, scandrop_version
+from pipeline.stage import StopCheck, never_stop, write_json_atomic
+
+GRACE_SECONDS = 10.0
+
+
+def _child(
+    input_dir: str,
+    out_dir: str,
+    config_json: str,
+    work_dir: str,
+    device: dict[str, Any],
+    events: mp.Queue,
+    stop: Event,
+) -> None:
+    config = PipelineConfig.model_validate_json(config_json)
+    report = run_pipeline(
+        Path(input_dir),
+        Path(out_dir),
+        config,
+        Path(work_dir),
+        device=device,
+        on_event=lambda e: events.put(("event", e.model_dump_json())),
+        should_stop=stop.is_set,
+    )
+    events.put(("report", report.model_dump_json()))
+
+
+def _kill_tree(pid: int) -> None:
+    try:
+        proc = psutil.Process(pid)
+        procs = [*proc.children(recursive=True), proc]
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            continue
+    psutil.wait_procs(procs, timeout=5)
+
+
+def _failed_report(
+    input_dir: Path,
+    out_dir: Path,
+    config: PipelineConfig,
+    device: dict[str, Any],
+    started: datetime,
+    error: ErrorInfo,
+) -> Report:
+    report = Report(
+        scandrop_version=scandrop_version(),
+        input=str(input_dir),
+        output=str(out_dir),
+        device=device,
+        preset=config.preset.value,
+        config=config.model_dump(mode="json"),
+        started_at=started,
+        finished_at=datetime.now(UTC),
+        error=error,
+    )
+    report.seconds = round((report.finished_at - started).total_seconds(), 3)  # type: ignore[operator]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out_dir / "report.json", report.model_dump(mode="json"))
+    return report
+
+
+def run_job(
+    input_dir: Path,
+    out_dir: Path,
+    config: PipelineConfig,
+    work_dir: Path,
+    device: dict[str, Any],
+    on_event: OnEvent | None = None,
+    should_stop: StopCheck = never_stop,
+    timeout: float | None = None,
+) -> Report:
+    """Run the pipeline in a fresh process; returns its Report even when the process dies."""
+    ctx = mp.get_context("spawn")
+    events: mp.Queue = ctx.Queue()
+    stop = ctx.Event()
+    started = datetime.now(UTC)
+    proc = ctx.Process(
+        target=_child,
+        name="scandrop-job",
+        daemon=False,
+        args=(str(input_dir), str(out_dir), config.model_dump_json(), str(work_dir), device, events, stop),
+    )
+    proc.start()
+    t0 = time.monotonic()
+    report: Report | None = None
+    stopping_since: float | None = None
+    reason: ErrorInfo | None = None
+    while report is None:
+        try:
+            kind, payload = events.get(timeout=0.2)
+            if kind == "event" and on_event is not None:
+                on_event(ProgressEvent.model_validate_json(payload))
+            elif kind == "report":
+                report = Report.model_validate_json(payload)
+            continue
+        except queue.Empty:
+            pass
+        if not proc.is_alive():
+            # Drain anything sent just before exit, then give up on this process.
+            try:
+                kind, payload = events.get(timeout=1.0)
+                if kind == "report":
+                    report = Report.model_validate_json(payload)
+                    continue
+            except queue.Empty:
+                pass
+            break
+        timed_out = timeout is not None and time.monotonic() - t0 > timeout
+        if stopping_since is None and (should_stop() or timed_out):
+            stop.set()
+            stopping_since = time.monotonic()
+            if timed_out:
+                reason = ErrorInfo(
+                    code=ErrorCode.timeout,
+                    message=f"The job ran past {timeout:.0f} s.",
+                    hint="Raise job_timeout, use --preset fast, or drop fewer/smaller photos.",
+                )
+        if stopping_since is not None and time.monotonic() - stopping_since > GRACE_SECONDS:
+            _kill_tree(proc.pid)  # type: ignore[arg-type]
+    proc.join(timeout=GRACE_SECONDS)
+    if proc.is_alive():
+        _kill_tree(proc.pid)  # type: ignore[arg-type]
+        proc.join()
+    if reason is not None and (report is None or not report.ok):
+        return _failed_report(input_dir, out_dir, config, device, started, reason)
+    if report is not None:
+        return report
+    if stopping_since is not None:
+        reason = ErrorInfo(
+            code=ErrorCode.cancelled, message="The job was cancelled.", hint="Drop it again to rerun."
+        )
+    else:
+        reason = ErrorInfo(
+            code=ErrorCode.worker_crashed,
+            message=f"The reconstruction process died unexpectedly (exit code {proc.exitcode}).",
+            hint="Out of memory or a bug: try --preset fast; report it with the log if it persists.",
+        )
+    return _failed_report(input_dir, out_dir, config, device, started, reason)

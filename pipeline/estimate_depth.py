@@ -1,0 +1,254 @@
+"""Per-view depth maps from rectified pair stereo (OpenCV semi-global matching) on the CPU.
+
+Each registered view is matched against one to three partners chosen from sparse covisibility
+(see view_selection). The partners' depth maps are merged per pixel: where two agree they are
+averaged, where they disagree the pixel is dropped. Normals come from the depth map itself.
+Views run in worker processes (one per core) because the numpy parts are single-threaded.
+
+Output per view, ws.depth_dir/<image name>.npz:
+    depth (H, W) float32 camera z, 0 = unknown; normals (H, W, 3) float32 camera frame, toward the
+    camera; confidence (H, W) float32 in [0, 1]; rgb (H, W, 3) uint8 undistorted colours;
+    K (3, 3) pinhole intrinsics of the grid; R, t world-to-camera; scale = grid px per photo px.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+
+import cv2
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipeline.dense_views import DenseView, load_views
+from pipeline.errors import ErrorCode, ScandropError
+from pipeline.pair_stereo import SgbmParams, pair_depth
+from pipeline.stage import Progress, StopCheck, atomic_path, check_stop
+from pipeline.view_selection import stereo_partners
+from pipeline.workspace import Workspace
+
+
+class DepthConfig(BaseModel):
+    """Dense depth settings; the defaults are the `balanced` preset."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_image_size: int = Field(1000, ge=160, le=4000, description="Longest side of the depth grid (px).")
+    partners: int = Field(2, ge=1, le=4, description="Stereo partners per view (more: fewer holes, slower).")
+    min_angle_deg: float = Field(3.0, gt=0, lt=45, description="Smallest triangulation angle of a partner.")
+    max_angle_deg: float = Field(30.0, gt=0, le=60, description="Largest triangulation angle of a partner.")
+    block_size: int = Field(5, ge=3, le=11, description="SGBM matching window (odd, px).")
+    uniqueness: int = Field(5, ge=0, le=50, description="SGBM uniqueness margin (%): higher drops ambiguity.")
+    max_disparities: int = Field(256, ge=16, le=512, description="Cap on the disparity search range (px).")
+    full_dp: bool = Field(False, description="8-direction SGBM (slower, a little more complete).")
+    agree_rel: float = Field(0.01, gt=0, lt=0.2, description="Relative depth difference partners may have.")
+    max_grazing_deg: float = Field(80.0, gt=30, le=90, description="Drop pixels seen more obliquely.")
+    workers: int = Field(0, ge=0, le=64, description="Worker processes; 0 = one per CPU core.")
+
+    def sgbm(self) -> SgbmParams:
+        block = self.block_size | 1
+        return SgbmParams(block, self.uniqueness, self.max_disparities, self.full_dp)
+
+
+class DepthResult(BaseModel):
+    views: int
+    views_with_depth: int
+    mean_valid_fraction: float
+    seconds: float
+
+
+@dataclass(frozen=True)
+class _Task:
+    ref: DenseView
+    partners: tuple[DenseView, ...]
+    image_dir: Path
+    mask_path: Path | None
+    out_path: Path
+    config: DepthConfig
+
+
+def _read_photo(path: Path) -> np.ndarray:
+    photo = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if photo is None:
+        raise ScandropError(ErrorCode.dense_failed, f"Cannot read image {path.name}.", "Rerun the job.")
+    return photo
+
+
+def depth_normals(depth: np.ndarray, K: np.ndarray, step: int = 2) -> np.ndarray:
+    """Camera-frame unit normals facing the camera, from central differences of the depth map."""
+    h, w = depth.shape
+    u, v = np.meshgrid(np.arange(w, dtype=np.float32), np.arange(h, dtype=np.float32))
+    z = np.where(depth > 0, depth, np.nan).astype(np.float32)
+    pts = np.stack([(u - K[0, 2]) / K[0, 0] * z, (v - K[1, 2]) / K[1, 1] * z, z], axis=-1)
+    dx = np.full_like(pts, np.nan)
+    dy = np.full_like(pts, np.nan)
+    dx[:, step:-step] = pts[:, 2 * step :] - pts[:, : -2 * step]
+    dy[step:-step] = pts[2 * step :] - pts[: -2 * step]
+    n = np.cross(dx, dy)
+    n /= np.linalg.norm(n, axis=-1, keepdims=True)
+    flip = np.sum(n * pts, axis=-1) > 0
+    n[flip] *= -1.0
+    return np.nan_to_num(n, nan=0.0).astype(np.float32)
+
+
+def _merge(depths: list[np.ndarray], agree_rel: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per-pixel merge of partner depths: mean of the agreeing ones; confidence = share agreeing."""
+    stack = np.stack(depths)
+    valid = np.isfinite(stack)
+    count = valid.sum(axis=0)
+    med = np.nanmedian(np.where(valid, stack, np.nan), axis=0) if len(depths) > 1 else stack[0]
+    agree = valid & (np.abs(stack - med) <= agree_rel * med)
+    n_agree = agree.sum(axis=0)
+    total = np.where(agree, stack, 0.0).sum(axis=0)
+    depth = np.where(n_agree > 0, total / np.maximum(n_agree, 1), 0.0)
+    # Two partners that disagree: neither is trusted.
+    depth[(count >= 2) & (n_agree < 2)] = 0.0
+    conf = np.where(depth > 0, n_agree / len(depths), 0.0)
+    return depth.astype(np.float32), conf.astype(np.float32)
+
+
+def _view_depth(task: _Task) -> tuple[str, float]:
+    """Worker: depth, normals and colours of one view, written to its npz. Returns valid share."""
+    if task.config.workers != 1:
+        cv2.setNumThreads(1)
+    cfg = task.config
+    ref = task.ref
+    ref_photo = _read_photo(task.image_dir / ref.name)
+    ref_gray = cv2.cvtColor(ref_photo, cv2.COLOR_BGR2GRAY)
+    mask = None
+    points = ref.points
+    if task.mask_path is not None:
+        mask_img = cv2.imread(str(task.mask_path), cv2.IMREAD_GRAYSCALE)
+        if mask_img is not None:
+            mask = ref.undistort(mask_img, cv2.INTER_NEAREST) > 127
+            uv = ref.camera().img_from_cam(points @ ref.R.T + ref.t, check_cheirality=False)
+            ui = np.floor(uv[:, 0]).astype(np.int64)
+            vi = np.floor(uv[:, 1]).astype(np.int64)
+            inside = (ui >= 0) & (vi >= 0) & (ui < mask_img.shape[1]) & (vi < mask_img.shape[0])
+            keep = np.zeros(len(points), bool)
+            keep[inside] = mask_img[vi[inside], ui[inside]] > 127
+            if keep.sum() >= 10:
+                points = points[keep]
+    depths = []
+    for src in task.partners:
+        src_gray = cv2.cvtColor(_read_photo(task.image_dir / src.name), cv2.COLOR_BGR2GRAY)
+        d = pair_depth(ref, src, ref_gray, src_gray, points, cfg.sgbm())
+        if d is not None:
+            depths.append(d)
+    w, h = ref.grid_size
+    if depths:
+        depth, conf = _merge(depths, cfg.agree_rel)
+    else:
+        depth, conf = np.zeros((h, w), np.float32), np.zeros((h, w), np.float32)
+    if mask is not None:
+        depth[~mask] = 0.0
+    normals = depth_normals(depth, ref.K)
+    rays = ref.grid_rays()
+    cos_view = -np.sum(normals * rays, axis=-1) / np.linalg.norm(rays, axis=-1)
+    depth[(cos_view < np.cos(np.radians(cfg.max_grazing_deg))) | ~np.any(normals != 0, axis=-1)] = 0.0
+    normals[depth <= 0] = 0.0
+    conf[depth <= 0] = 0.0
+    rgb = cv2.cvtColor(ref.undistort(ref_photo), cv2.COLOR_BGR2RGB)
+    with atomic_path(task.out_path) as tmp, open(tmp, "wb") as fh:
+        np.savez(
+            fh,
+            depth=depth,
+            normals=normals,
+            confidence=conf,
+            rgb=rgb,
+            K=ref.K,
+            R=ref.R,
+            t=ref.t,
+            scale=np.float64(ref.scale),
+            name=np.str_(ref.name),
+        )
+    return ref.name, float(np.mean(depth > 0))
+
+
+def _worker_count(config: DepthConfig) -> int:
+    return config.workers or max(1, min(os.cpu_count() or 1, 8))
+
+
+def run(config: DepthConfig, ws: Workspace, progress: Progress, should_stop: StopCheck) -> DepthResult:
+    """Compute a depth map for every registered view of the sparse model."""
+    start = time.monotonic()
+    check_stop(should_stop)
+    views = load_views(ws.sparse_dir, config.max_image_size)
+    if len(views) < 2:
+        raise ScandropError(
+            ErrorCode.dense_failed,
+            "Dense stereo needs at least two registered views.",
+            "Add photos that overlap, taken from slightly different positions.",
+        )
+    partners = stereo_partners(views, config.partners, config.min_angle_deg, config.max_angle_deg)
+    ws.depth_dir.mkdir(parents=True, exist_ok=True)
+    tasks = []
+    for view, chosen in zip(views, partners, strict=True):
+        mask = ws.mask_for(view.name)
+        tasks.append(
+            _Task(
+                ref=view,
+                partners=tuple(views[j] for j in chosen),
+                image_dir=ws.images_dir,
+                mask_path=mask if mask.exists() else None,
+                out_path=ws.depth_dir / f"{view.name}.npz",
+                config=config,
+            )
+        )
+    tasks = [t for t in tasks if t.partners]
+    if not tasks:
+        raise ScandropError(
+            ErrorCode.dense_failed,
+            "No pair of views is suitable for stereo (too little overlap or too little parallax).",
+            "Take photos around the object, each a small step (about 10 degrees) from the last.",
+        )
+    fractions = _run_tasks(tasks, _worker_count(config), progress, should_stop)
+    valid = [f for f in fractions if f > 0]
+    if not valid or float(np.sum(valid)) * 1.0 < 1e-3 * len(views):
+        raise ScandropError(
+            ErrorCode.dense_failed,
+            "Stereo matching found no reliable depth in the photos.",
+            "Photograph a textured object in good light; plain, shiny or transparent surfaces cannot be matched.",
+        )
+    return DepthResult(
+        views=len(views),
+        views_with_depth=len(valid),
+        mean_valid_fraction=round(float(np.mean(fractions)), 4),
+        seconds=round(time.monotonic() - start, 2),
+    )
+
+
+def _run_tasks(tasks: list[_Task], workers: int, progress: Progress, should_stop: StopCheck) -> list[float]:
+    fractions: list[float] = []
+    total = len(tasks)
+    if workers <= 1:
+        for task in tasks:
+            check_stop(should_stop)
+            name, frac = _view_depth(task)
+            fractions.append(frac)
+            progress(len(fractions) / total, f"depth {len(fractions)}/{total}: {name}")
+        return fractions
+    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+        pending: set[Future] = set()
+        queue = list(tasks)
+        try:
+            while queue or pending:
+                while queue and len(pending) < workers * 2:
+                    check_stop(should_stop)
+                    pending.add(pool.submit(_view_depth, queue.pop(0)))
+                done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    name, frac = fut.result()
+                    fractions.append(frac)
+                    progress(len(fractions) / total, f"depth {len(fractions)}/{total}: {name}")
+                check_stop(should_stop)
+        except BaseException:
+            for fut in pending:
+                fut.cancel()
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+    return fractions

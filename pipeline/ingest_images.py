@@ -1,0 +1,204 @@
+"""Ingest: turn whatever photos a person dropped into clean 8-bit RGB images for COLMAP.
+
+Every later stage may assume: images are readable 8-bit RGB, upright (EXIF orientation applied),
+no larger than `max_image_size`, with a mask beside them when the photo had an alpha channel.
+Files that cannot be used are skipped and named with the reason; the job goes on when enough remain.
+"""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipeline.errors import ErrorCode, ScandropError
+from pipeline.stage import Progress, StopCheck, check_stop, write_json_atomic
+from pipeline.workspace import Workspace
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp"}
+# Refuse to decode anything bigger than this: a 250-megapixel RGB image is 750 MB in memory.
+MAX_DECODE_PIXELS = 250_000_000
+MIN_SIDE = 64
+
+
+class IngestConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_image_size: int = Field(1600, ge=256, description="Longest side after ingest, in pixels.")
+    min_images: int = Field(3, ge=2, description="Fewer usable photos than this fails the job.")
+    alpha_threshold: int = Field(128, ge=1, le=255, description="Alpha at or above this is object.")
+
+
+class Rejected(BaseModel):
+    file: str
+    reason: str
+
+
+class IngestResult(BaseModel):
+    images_in: int
+    usable: int
+    names: list[str] = Field(description="Workspace image names, in input order.")
+    sources: dict[str, str] = Field(description="Workspace image name -> input file (relative).")
+    rejected: list[Rejected]
+    resized: int
+    masked: int
+    sizes: dict[str, list[int]] = Field(description="Distinct original sizes 'WxH' -> count, [w,h,n].")
+
+
+def find_images(input_dir: Path) -> list[Path]:
+    """Candidate photo files below `input_dir`, skipping hidden entries and scandrop's own folders."""
+    found = []
+    for path in sorted(input_dir.rglob("*")):
+        rel = path.relative_to(input_dir)
+        if any(part.startswith((".", "_")) or part == "masks" for part in rel.parts):
+            continue
+        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+            found.append(path)
+    return found
+
+
+def _to_rgb8(img: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
+    """Decode any PIL mode to (8-bit RGB array, alpha array or None), scaling 16-bit data down."""
+    alpha = None
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        hi = np.percentile(arr, 99.9) if arr.size else 0.0
+        scale = 255.0 / hi if hi > 0 else 0.0
+        gray = np.clip(arr * scale, 0, 255).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=2), None
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        alpha = np.asarray(img.getchannel("A"))
+    if img.mode == "RGB;16" or img.mode.startswith("RGBA;16"):
+        img = img.convert("RGB")
+    rgb = np.asarray(img.convert("RGB"))
+    return rgb, alpha
+
+
+def _load(path: Path, max_size: int) -> tuple[np.ndarray, np.ndarray | None, tuple[int, int], bool, bytes]:
+    """Read one photo upright and bounded in size; raise ValueError with a reason when unusable."""
+    if path.stat().st_size == 0:
+        raise ValueError("empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(path)
+            orig_size = img.size
+            if orig_size[0] * orig_size[1] > MAX_DECODE_PIXELS:
+                raise ValueError(f"image too large to decode safely ({orig_size[0]}x{orig_size[1]})")
+            # JPEG can decode at 1/2, 1/4, 1/8 scale directly: big photos never reach memory whole.
+            img.draft("RGB", (max_size, max_size))
+            img = ImageOps.exif_transpose(img)
+            img.load()
+            # Keep EXIF (focal length) for COLMAP's intrinsics prior; orientation is already applied.
+            exif = img.getexif().tobytes() if img.getexif() else b""
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise ValueError(f"unreadable or corrupt image ({type(exc).__name__})") from exc
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+        raise ValueError("image too large to decode safely") from exc
+    if min(img.size) < MIN_SIDE:
+        raise ValueError(f"image too small ({img.size[0]}x{img.size[1]}, need {MIN_SIDE} px or more)")
+    resized = max(img.size) > max_size
+    if resized:
+        scale = max_size / max(img.size)
+        img = img.resize(
+            (max(1, round(img.size[0] * scale)), max(1, round(img.size[1] * scale))), Image.Resampling.LANCZOS
+        )
+    rgb, alpha = _to_rgb8(img)
+    return rgb, alpha, orig_size, resized, exif
+
+
+def _unique_name(stem: str, suffix: str, taken: set[str]) -> str:
+    name = f"{stem}{suffix}"
+    n = 1
+    while name in taken:
+        name = f"{stem}_{n}{suffix}"
+        n += 1
+    taken.add(name)
+    return name
+
+
+def run(
+    config: IngestConfig, input_dir: Path, ws: Workspace, progress: Progress, should_stop: StopCheck
+) -> IngestResult:
+    """Copy usable photos from `input_dir` into the workspace, normalised."""
+    if ws.ingest_json.exists():
+        return IngestResult.model_validate_json(ws.ingest_json.read_text())
+    candidates = find_images(input_dir)
+    if not candidates:
+        kinds = ", ".join(sorted(IMAGE_SUFFIXES))
+        raise ScandropError(
+            ErrorCode.no_input,
+            f"No photos found in {input_dir.name}.",
+            f"Drop photos of one of these kinds: {kinds}.",
+        )
+    staging = ws.root / "images.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.rmtree(ws.masks_dir, ignore_errors=True)
+    staging.mkdir(parents=True)
+    names: list[str] = []
+    sources: dict[str, str] = {}
+    rejected: list[Rejected] = []
+    sizes: dict[str, list[int]] = {}
+    taken: set[str] = set()
+    resized_count = masked = 0
+    for i, path in enumerate(candidates):
+        check_stop(should_stop)
+        progress(i / len(candidates), f"reading {path.name}")
+        rel = str(path.relative_to(input_dir))
+        try:
+            rgb, alpha, orig, resized, exif = _load(path, config.max_image_size)
+            mask = None
+            if alpha is not None:
+                mask = np.where(alpha >= config.alpha_threshold, 255, 0).astype(np.uint8)
+                if mask.mean() < 255 * 0.001:
+                    raise ValueError("alpha channel is fully transparent: nothing to reconstruct")
+                if mask.min() == 255:
+                    mask = None  # opaque everywhere: no mask needed
+        except ValueError as exc:
+            rejected.append(Rejected(file=rel, reason=str(exc)))
+            continue
+        key = f"{orig[0]}x{orig[1]}"
+        sizes[key] = [orig[0], orig[1], sizes.get(key, [0, 0, 0])[2] + 1]
+        suffix = ".jpg" if path.suffix.lower() in (".jpg", ".jpeg") else ".png"
+        name = _unique_name(path.stem, suffix, taken)
+        out = staging / name
+        if suffix == ".jpg":
+            Image.fromarray(rgb).save(out, quality=95, exif=exif)
+        else:
+            Image.fromarray(rgb).save(out, compress_level=1)
+        if mask is not None:
+            ws.masks_dir.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(mask).save(ws.mask_for(name), compress_level=1)
+            masked += 1
+        resized_count += int(resized)
+        names.append(name)
+        sources[name] = rel
+    if len(names) < config.min_images:
+        detail = "; ".join(f"{r.file}: {r.reason}" for r in rejected[:5])
+        raise ScandropError(
+            ErrorCode.too_few_images,
+            f"Only {len(names)} usable photo(s) of {len(candidates)}; "
+            f"at least {config.min_images} are needed." + (f" Skipped: {detail}" if detail else ""),
+            "Drop at least 3 overlapping photos of the object, taken from different positions.",
+        )
+    shutil.rmtree(ws.images_dir, ignore_errors=True)
+    staging.rename(ws.images_dir)
+    result = IngestResult(
+        images_in=len(candidates),
+        usable=len(names),
+        names=names,
+        sources=sources,
+        rejected=rejected,
+        resized=resized_count,
+        masked=masked,
+        sizes=sizes,
+    )
+    write_json_atomic(ws.ingest_json, result.model_dump(mode="json"))
+    progress(1.0, f"{len(names)} photos ready, {len(rejected)} skipped")
+    return result

@@ -1,0 +1,53 @@
+"""Write a COLMAP sparse model from known cameras and known 3D points (ground truth or external poses).
+
+Dense stages read only a sparse model; with this a benchmark or a test can feed them exact
+cameras and surface points, so dense accuracy is measured on its own, free of SfM error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pycolmap
+
+
+def write_known_model(
+    folder: Path,
+    names: Sequence[str],
+    K: np.ndarray,
+    size: tuple[int, int],
+    rotations: Sequence[np.ndarray],
+    translations: Sequence[np.ndarray],
+    points: np.ndarray,
+    visible: np.ndarray,
+) -> pycolmap.Reconstruction:
+    """One PINHOLE camera (K in COLMAP pixel convention, size = (width, height)), one image per
+    pose (world-to-camera R, t), and `points` observed in the views where `visible[view, point]`."""
+    rec = pycolmap.Reconstruction()
+    width, height = size
+    cam = pycolmap.Camera.create_from_model_name(1, "PINHOLE", float(K[0, 0]), width, height)
+    cam.params = [float(K[0, 0]), float(K[1, 1]), float(K[0, 2]), float(K[1, 2])]
+    rec.add_camera_with_trivial_rig(cam)
+    observations: list[list[tuple[int, int]]] = [[] for _ in range(len(points))]
+    for i, (name, R, t) in enumerate(zip(names, rotations, translations, strict=True)):
+        cols = np.nonzero(visible[i])[0]
+        cam_pts = points[cols] @ np.asarray(R).T + np.asarray(t)
+        uv = cam_pts @ np.asarray(K).T
+        uv = uv[:, :2] / uv[:, 2:3]
+        image = pycolmap.Image(name=name, keypoints=uv.astype(np.float64), camera_id=1, image_id=i + 1)
+        pose = pycolmap.Rigid3d(pycolmap.Rotation3d(np.asarray(R, dtype=np.float64)), np.asarray(t, float))
+        rec.add_image_with_trivial_frame(image, pose)
+        for k, p in enumerate(cols):
+            observations[int(p)].append((i + 1, k))
+    for p, obs in enumerate(observations):
+        if len(obs) < 2:
+            continue
+        track = pycolmap.Track()
+        for image_id, idx in obs:
+            track.add_element(image_id, idx)
+        rec.add_point3D(points[p].astype(np.float64), track)
+    folder.mkdir(parents=True, exist_ok=True)
+    rec.write_binary(str(folder))
+    return rec

@@ -1,0 +1,64 @@
+"""Named presets are plain values of the stage configs; the resolved config is saved per job."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from pipeline.build_mesh import MeshConfig
+from pipeline.estimate_depth import DepthConfig
+from pipeline.export_assets import ExportConfig
+from pipeline.fuse_depth import FuseConfig
+from pipeline.ingest_images import IngestConfig
+from pipeline.make_splats import SplatConfig
+from pipeline.reconstruct_sparse import SparseConfig
+from pipeline.render_preview import PreviewConfig
+
+
+class Preset(StrEnum):
+    fast = "fast"
+    balanced = "balanced"
+    quality = "quality"
+
+
+class PipelineConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    preset: Preset = Preset.balanced
+    ingest: IngestConfig = IngestConfig()
+    sparse: SparseConfig = SparseConfig()
+    depth: DepthConfig = DepthConfig()
+    fuse: FuseConfig = FuseConfig()
+    mesh: MeshConfig = MeshConfig()
+    splats: SplatConfig = SplatConfig()
+    export: ExportConfig = ExportConfig()
+    preview: PreviewConfig = PreviewConfig()
+
+
+# Only what differs from the stage defaults (which are the balanced preset).
+_OVERRIDES: dict[Preset, dict[str, dict[str, Any]]] = {
+    Preset.fast: {
+        "ingest": {"max_image_size": 1024},
+        "sparse": {"max_num_features": 2048},
+        "mesh": {"depth": 8},
+    },
+    Preset.balanced: {},
+    Preset.quality: {
+        "ingest": {"max_image_size": 2400},
+        "sparse": {"max_num_features": 8192},
+        "mesh": {"depth": 10},
+    },
+}
+
+
+def preset_config(
+    preset: Preset | str = Preset.balanced, overrides: dict[str, dict[str, Any]] | None = None
+) -> PipelineConfig:
+    """The config of a named preset, with per-stage field overrides (e.g. from the CLI) on top."""
+    name = Preset(preset)
+    merged: dict[str, dict[str, Any]] = {k: dict(v) for k, v in _OVERRIDES[name].items()}
+    for stage, fields in (overrides or {}).items():
+        merged.setdefault(stage, {}).update(fields)
+    return PipelineConfig.model_validate({"preset": name, **merged})

@@ -1,0 +1,55 @@
+"""report.json: what a job did, stage by stage, in a schema the daemon and the benchmark read."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from pipeline.errors import ErrorInfo
+
+REPORT_SCHEMA_VERSION = 1
+
+
+class StageReport(BaseModel):
+    name: str
+    seconds: float
+    peak_rss_mb: float
+    backend: str = "cpu"
+    result: dict[str, Any] = Field(default_factory=dict)
+
+
+class ImagesReport(BaseModel):
+    input: int = 0
+    usable: int = 0
+    registered: int = 0
+    rejected: list[dict[str, str]] = Field(
+        default_factory=list, description="Skipped at ingest: file, reason."
+    )
+    unregistered: list[str] = Field(default_factory=list, description="Usable but not placed in 3D.")
+
+
+class Report(BaseModel):
+    schema_version: int = REPORT_SCHEMA_VERSION
+    scandrop_version: str
+    input: str
+    output: str
+    kind: str = "multi_view"
+    ok: bool = False
+    error: ErrorInfo | None = None
+    device: dict[str, Any] = Field(default_factory=dict)
+    preset: str
+    config: dict[str, Any]
+    started_at: datetime
+    finished_at: datetime | None = None
+    seconds: float = 0.0
+    peak_rss_mb: float = 0.0
+    images: ImagesReport = Field(default_factory=ImagesReport)
+    mean_reprojection_error_px: float | None = None
+    points: int | None = None
+    triangles: int | None = None
+    splats: int | None = None
+    splat_method: str | None = None
+    outputs: list[str] = Field(default_factory=list)
+    stages: list[StageReport] = Field(default_factory=list)

@@ -1,0 +1,165 @@
+"""The pipeline, composed: photos folder in, every output and report.json out.
+
+One readable function calls the stages in order. Each stage reports its own progress; this module
+maps it onto the whole job, measures time and peak memory per stage, and always writes
+report.json, on failure too, with the error's code, message and hint.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from datetime import UTC, datetime
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import pycolmap
+from pydantic import BaseModel
+
+from pipeline import (
+    build_mesh,
+    estimate_depth,
+    export_assets,
+    fuse_depth,
+    ingest_images,
+    make_splats,
+    reconstruct_sparse,
+    render_preview,
+)
+from pipeline.errors import ErrorCode, ErrorInfo, ScandropError
+from pipeline.presets import PipelineConfig
+from pipeline.report import Report, StageReport
+from pipeline.resources import Meter
+from pipeline.stage import StopCheck, check_stop, never_stop, write_json_atomic
+from pipeline.workspace import Workspace
+
+# Share of the whole job each stage takes on a typical CPU run; drives the overall progress bar.
+STAGE_WEIGHTS: dict[str, float] = {
+    "ingest": 0.03,
+    "sparse": 0.40,
+    "depth": 0.30,
+    "fuse": 0.07,
+    "mesh": 0.12,
+    "splats": 0.03,
+    "export": 0.03,
+    "preview": 0.02,
+}
+STAGES = list(STAGE_WEIGHTS)
+
+
+class ProgressEvent(BaseModel):
+    """One progress update of a running job; crosses the worker-process boundary."""
+
+    stage: str
+    stage_progress: float
+    progress: float
+    message: str
+
+
+OnEvent = Callable[[ProgressEvent], None]
+
+
+def scandrop_version() -> str:
+    try:
+        return version("scandrop")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def _stage_progress(stage: str, on_event: OnEvent) -> Callable[[float, str], None]:
+    before = sum(STAGE_WEIGHTS[s] for s in STAGES[: STAGES.index(stage)])
+
+    def progress(fraction: float, message: str) -> None:
+        fraction = min(1.0, max(0.0, float(fraction)))
+        on_event(
+            ProgressEvent(
+                stage=stage,
+                stage_progress=fraction,
+                progress=before + STAGE_WEIGHTS[stage] * fraction,
+                message=message,
+            )
+        )
+
+    return progress
+
+
+def run_pipeline(
+    input_dir: Path,
+    out_dir: Path,
+    config: PipelineConfig,
+    work_dir: Path,
+    device: dict[str, Any] | None = None,
+    on_event: OnEvent | None = None,
+    should_stop: StopCheck = never_stop,
+) -> Report:
+    """Reconstruct the photos in `input_dir` into `out_dir`. Never raises for expected failures."""
+    pycolmap.logging.minloglevel = 2  # COLMAP's own INFO lines would drown the job log
+    events: OnEvent = on_event or (lambda event: None)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ws = Workspace(work_dir).create()
+    write_json_atomic(ws.root / "config.json", config.model_dump(mode="json"))
+    report = Report(
+        scandrop_version=scandrop_version(),
+        input=str(input_dir),
+        output=str(out_dir),
+        device=device or {"name": "cpu"},
+        preset=config.preset.value,
+        config=config.model_dump(mode="json"),
+        started_at=datetime.now(UTC),
+    )
+    t_start = datetime.now(UTC)
+
+    def stage(name: str, fn: Callable[..., BaseModel], *args: Any) -> Any:
+        check_stop(should_stop)
+        with Meter() as meter:
+            result = fn(*args, _stage_progress(name, events), should_stop)
+        report.stages.append(
+            StageReport(
+                name=name,
+                seconds=round(meter.seconds, 3),
+                peak_rss_mb=round(meter.peak_rss_mb, 1),
+                result=result.model_dump(mode="json"),
+            )
+        )
+        return result
+
+    try:
+        ingested = stage("ingest", ingest_images.run, config.ingest, input_dir, ws)
+        report.images.input = ingested.images_in
+        report.images.usable = ingested.usable
+        report.images.rejected = [r.model_dump() for r in ingested.rejected]
+        sparse = stage("sparse", reconstruct_sparse.run, config.sparse, ws, ingested.names)
+        report.images.registered = sparse.registered
+        report.images.unregistered = sparse.unregistered
+        report.mean_reprojection_error_px = sparse.mean_reprojection_error_px
+        stage("depth", estimate_depth.run, config.depth, ws)
+        stage("fuse", fuse_depth.run, config.fuse, ws)
+        stage("mesh", build_mesh.run, config.mesh, ws)
+        splats = stage("splats", make_splats.run, config.splats, ws)
+        report.splat_method = splats.method
+        exported = stage("export", export_assets.run, config.export, ws, out_dir)
+        report.points, report.triangles, report.splats = exported.points, exported.triangles, exported.splats
+        stage("preview", render_preview.run, config.preview, ws, out_dir)
+        report.ok = True
+    except ScandropError as exc:
+        report.error = exc.info()
+    except MemoryError:
+        report.error = ErrorInfo(
+            code=ErrorCode.internal_error,
+            message="The job ran out of memory.",
+            hint="Use --preset fast or fewer/smaller photos.",
+        )
+    finally:
+        report.finished_at = datetime.now(UTC)
+        report.seconds = round((report.finished_at - t_start).total_seconds(), 3)
+        report.peak_rss_mb = max((s.peak_rss_mb for s in report.stages), default=0.0)
+        report.outputs = sorted(
+            str(p.relative_to(out_dir)) for p in out_dir.rglob("*") if p.is_file() and p.name != "report.json"
+        )
+        write_json_atomic(out_dir / "report.json", report.model_dump(mode="json"))
+    return report
+
+
+def clean_work_dir(work_dir: Path) -> None:
+    shutil.rmtree(work_dir, ignore_errors=True)

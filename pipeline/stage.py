@@ -1,0 +1,59 @@
+"""What every stage shares: the progress callback, the stop check, and atomic file writes.
+
+A stage is a module with one `run(config, workspace, progress, should_stop)` entry point. It
+reports progress as (fraction in [0, 1], message) and calls `check_stop` between units of work
+so that a cancelled job stops within seconds, not at the end of the stage.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import ErrorCode, ScandropError
+
+Progress = Callable[[float, str], None]
+StopCheck = Callable[[], bool]
+
+
+def no_progress(fraction: float, message: str) -> None:
+    """A progress callback for callers that do not listen."""
+
+
+def never_stop() -> bool:
+    return False
+
+
+def check_stop(should_stop: StopCheck) -> None:
+    """Raise the `cancelled` error when the caller asked the job to stop."""
+    if should_stop():
+        raise ScandropError(ErrorCode.cancelled, "The job was cancelled.", "Drop it again to rerun.")
+
+
+@contextmanager
+def atomic_path(final: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `final`; rename it into place only if the block succeeds.
+
+    Readers (the next stage, a resumed job, a user watching the outbox) never see a half file.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".part" + final.suffix, dir=final.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")

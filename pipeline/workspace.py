@@ -1,0 +1,79 @@
+"""The per-job workspace: the one place that names the files stages hand to each other.
+
+Files are the contract between stages. A stage reads only what earlier stages wrote here and
+writes its own outputs atomically, so an interrupted job can resume from the last finished stage.
+
+    <root>/
+      images/            normalised 8-bit RGB copies of the usable input photos (ingest)
+      masks/             <image name>.png, 255 = object, COLMAP's mask naming (ingest, from alpha)
+      ingest.json        what ingest accepted and rejected
+      database.db        COLMAP features and matches (sparse)
+      sparse/            COLMAP binary model in the scandrop world frame, +y up (sparse)
+      sparse.json        sparse stage result
+      dense/             undistorted images and pinhole model for dense stereo (depth)
+      depth/<image>.npz  per-view depth (camera z), normals and confidence (depth)
+      fused.npz          fused dense point cloud: xyz, normals, rgb (fuse)
+      mesh.ply           coloured triangle mesh, decimated (mesh)
+      splats.npz         Gaussian splat parameters (splats)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Workspace:
+    root: Path
+
+    @property
+    def images_dir(self) -> Path:
+        return self.root / "images"
+
+    @property
+    def masks_dir(self) -> Path:
+        return self.root / "masks"
+
+    @property
+    def ingest_json(self) -> Path:
+        return self.root / "ingest.json"
+
+    @property
+    def database(self) -> Path:
+        return self.root / "database.db"
+
+    @property
+    def sparse_dir(self) -> Path:
+        return self.root / "sparse"
+
+    @property
+    def sparse_json(self) -> Path:
+        return self.root / "sparse.json"
+
+    @property
+    def dense_dir(self) -> Path:
+        return self.root / "dense"
+
+    @property
+    def depth_dir(self) -> Path:
+        return self.root / "depth"
+
+    @property
+    def fused(self) -> Path:
+        return self.root / "fused.npz"
+
+    @property
+    def mesh(self) -> Path:
+        return self.root / "mesh.ply"
+
+    @property
+    def splats(self) -> Path:
+        return self.root / "splats.npz"
+
+    def mask_for(self, image_name: str) -> Path:
+        return self.masks_dir / f"{image_name}.png"
+
+    def create(self) -> Workspace:
+        self.root.mkdir(parents=True, exist_ok=True)
+        return self

@@ -1,0 +1,110 @@
+"""Ingest turns messy drops into clean images, and names every file it had to skip."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline import ingest_images
+from pipeline.errors import ErrorCode, ScandropError
+from pipeline.stage import never_stop, no_progress
+from pipeline.workspace import Workspace
+
+
+def _texture(w: int, h: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+
+
+def _ingest(src: Path, tmp_path: Path, **cfg: int) -> ingest_images.IngestResult:
+    ws = Workspace(tmp_path / "ws").create()
+    return ingest_images.run(ingest_images.IngestConfig(**cfg), src, ws, no_progress, never_stop)
+
+
+def test_bad_files_are_skipped_with_reasons(tmp_path: Path) -> None:
+    src = tmp_path / "drop"
+    src.mkdir()
+    for i in range(3):
+        Image.fromarray(_texture(200, 150, i)).save(src / f"ok_{i}.jpg")
+    (src / "empty.jpg").write_bytes(b"")
+    (src / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
+    Image.fromarray(_texture(1, 1)).save(src / "dot.png")
+    (src / "notes.txt").write_text("not an image")
+    (src / ".hidden.jpg").write_bytes(b"junk")
+
+    result = _ingest(src, tmp_path)
+
+    assert result.usable == 3
+    reasons = {r.file: r.reason for r in result.rejected}
+    assert set(reasons) == {"empty.jpg", "corrupt.png", "dot.png"}
+    assert "0 bytes" in reasons["empty.jpg"]
+    assert "corrupt" in reasons["corrupt.png"]
+    assert "too small" in reasons["dot.png"]
+
+
+def test_exif_rotation_grey_16bit_and_alpha(tmp_path: Path) -> None:
+    src = tmp_path / "drop"
+    src.mkdir()
+    # A landscape pixel array tagged "rotate 90" must come out portrait.
+    rotated = Image.fromarray(_texture(300, 200, 1))
+    exif = rotated.getexif()
+    exif[0x0112] = 6
+    rotated.save(src / "rotated.jpg", exif=exif)
+    Image.fromarray(_texture(300, 200, 2)[..., 0]).save(src / "grey.png")
+    deep = (np.linspace(0, 60000, 300 * 200).reshape(200, 300)).astype(np.uint16)
+    Image.fromarray(deep).save(src / "deep.png")
+    rgba = np.dstack([_texture(300, 200, 3), np.zeros((200, 300), np.uint8)])
+    rgba[50:150, 100:200, 3] = 255
+    Image.fromarray(rgba, "RGBA").save(src / "cutout.png")
+
+    ws = Workspace(tmp_path / "ws").create()
+    result = ingest_images.run(ingest_images.IngestConfig(), src, ws, no_progress, never_stop)
+
+    assert result.usable == 4 and not result.rejected
+    assert Image.open(ws.images_dir / "rotated.jpg").size == (200, 300)
+    for name in result.names:
+        assert Image.open(ws.images_dir / name).mode == "RGB"
+    deep_out = np.asarray(Image.open(ws.images_dir / "deep.png"))
+    assert deep_out.max() >= 250 and deep_out.min() == 0  # 16-bit range mapped onto 8 bits
+    mask = np.asarray(Image.open(ws.mask_for("cutout.png")))
+    assert mask.shape == (200, 300)
+    assert mask[100, 150] == 255 and mask[10, 10] == 0
+    assert result.masked == 1
+
+
+def test_large_images_are_bounded(tmp_path: Path) -> None:
+    src = tmp_path / "drop"
+    src.mkdir()
+    for i in range(3):
+        Image.fromarray(_texture(4000, 3000, i)).save(src / f"big_{i}.jpg")
+    ws = Workspace(tmp_path / "ws").create()
+    result = ingest_images.run(ingest_images.IngestConfig(max_image_size=1000), src, ws, no_progress, never_stop)
+    assert result.resized == 3
+    assert Image.open(ws.images_dir / "big_0.jpg").size == (1000, 750)
+
+
+def test_fully_transparent_photo_is_rejected(tmp_path: Path) -> None:
+    src = tmp_path / "drop"
+    src.mkdir()
+    for i in range(3):
+        Image.fromarray(_texture(120, 100, i)).save(src / f"ok_{i}.png")
+    Image.fromarray(np.zeros((100, 120, 4), np.uint8), "RGBA").save(src / "clear.png")
+    result = _ingest(src, tmp_path)
+    assert [r.file for r in result.rejected] == ["clear.png"]
+    assert "transparent" in result.rejected[0].reason
+
+
+@pytest.mark.parametrize("count", [0, 2])
+def test_too_few_photos_is_a_clear_failure(tmp_path: Path, count: int) -> None:
+    src = tmp_path / "drop"
+    src.mkdir()
+    for i in range(count):
+        Image.fromarray(_texture(120, 100, i)).save(src / f"ok_{i}.png")
+    (src / "readme.txt").write_text("x")
+    with pytest.raises(ScandropError) as info:
+        _ingest(src, tmp_path)
+    assert info.value.code == (ErrorCode.no_input if count == 0 else ErrorCode.too_few_images)
+    assert info.value.hint

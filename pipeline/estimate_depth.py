@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from multiprocessing import get_context
@@ -45,6 +46,8 @@ class DepthConfig(BaseModel):
     uniqueness: int = Field(5, ge=0, le=50, description="SGBM uniqueness margin (%): higher drops ambiguity.")
     max_disparities: int = Field(256, ge=16, le=512, description="Cap on the disparity search range (px).")
     full_dp: bool = Field(False, description="8-direction SGBM (slower, a little more complete).")
+    normalise: bool = Field(True, description="Local contrast normalisation before matching.")
+    min_texture: float = Field(1.5, ge=0, description="Drop pixels whose local grey-level std is below this.")
     agree_rel: float = Field(0.01, gt=0, lt=0.2, description="Relative depth difference partners may have.")
     max_grazing_deg: float = Field(80.0, gt=30, le=90, description="Drop pixels seen more obliquely.")
     workers: int = Field(0, ge=0, le=64, description="Worker processes; 0 = one per CPU core.")
@@ -78,6 +81,23 @@ def _read_photo(path: Path) -> np.ndarray:
     return photo
 
 
+def normalise_contrast(gray: np.ndarray, sigma: float = 5.0, floor: float = 2.0) -> np.ndarray:
+    """Local contrast normalisation, so dark or low-contrast texture matches as well as bright."""
+    g = gray.astype(np.float32)
+    mean = cv2.GaussianBlur(g, (0, 0), sigma)
+    var = cv2.GaussianBlur(g * g, (0, 0), sigma) - mean * mean
+    out = (g - mean) / np.sqrt(np.maximum(var, 0.0) + floor * floor)
+    return np.clip(out * 40.0 + 128.0, 0, 255).astype(np.uint8)
+
+
+def texture_strength(gray: np.ndarray, window: int = 7) -> np.ndarray:
+    """Local standard deviation of grey levels: where it is ~0 no stereo match can be trusted."""
+    g = gray.astype(np.float32)
+    mean = cv2.blur(g, (window, window))
+    var = cv2.blur(g * g, (window, window)) - mean * mean
+    return np.sqrt(np.maximum(var, 0.0))
+
+
 def depth_normals(depth: np.ndarray, K: np.ndarray, step: int = 2) -> np.ndarray:
     """Camera-frame unit normals facing the camera, from central differences of the depth map."""
     h, w = depth.shape
@@ -100,12 +120,14 @@ def _merge(depths: list[np.ndarray], agree_rel: float) -> tuple[np.ndarray, np.n
     stack = np.stack(depths)
     valid = np.isfinite(stack)
     count = valid.sum(axis=0)
-    med = np.nanmedian(np.where(valid, stack, np.nan), axis=0) if len(depths) > 1 else stack[0]
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN pixels stay NaN
+        med = np.nanmedian(stack, axis=0)
     agree = valid & (np.abs(stack - med) <= agree_rel * med)
     n_agree = agree.sum(axis=0)
     total = np.where(agree, stack, 0.0).sum(axis=0)
     depth = np.where(n_agree > 0, total / np.maximum(n_agree, 1), 0.0)
-    # Two partners that disagree: neither is trusted.
+    # Several partners and no two agree: none is trusted.
     depth[(count >= 2) & (n_agree < 2)] = 0.0
     conf = np.where(depth > 0, n_agree / len(depths), 0.0)
     return depth.astype(np.float32), conf.astype(np.float32)
@@ -119,6 +141,7 @@ def _view_depth(task: _Task) -> tuple[str, float]:
     ref = task.ref
     ref_photo = _read_photo(task.image_dir / ref.name)
     ref_gray = cv2.cvtColor(ref_photo, cv2.COLOR_BGR2GRAY)
+    textured = ref.undistort(texture_strength(ref_gray)) >= cfg.min_texture
     mask = None
     points = ref.points
     if task.mask_path is not None:
@@ -133,10 +156,13 @@ def _view_depth(task: _Task) -> tuple[str, float]:
             keep[inside] = mask_img[vi[inside], ui[inside]] > 127
             if keep.sum() >= 10:
                 points = points[keep]
+    ref_in = normalise_contrast(ref_gray) if cfg.normalise else ref_gray
     depths = []
     for src in task.partners:
         src_gray = cv2.cvtColor(_read_photo(task.image_dir / src.name), cv2.COLOR_BGR2GRAY)
-        d = pair_depth(ref, src, ref_gray, src_gray, points, cfg.sgbm())
+        if cfg.normalise:
+            src_gray = normalise_contrast(src_gray)
+        d = pair_depth(ref, src, ref_in, src_gray, points, cfg.sgbm())
         if d is not None:
             depths.append(d)
     w, h = ref.grid_size
@@ -144,6 +170,7 @@ def _view_depth(task: _Task) -> tuple[str, float]:
         depth, conf = _merge(depths, cfg.agree_rel)
     else:
         depth, conf = np.zeros((h, w), np.float32), np.zeros((h, w), np.float32)
+    depth[~textured] = 0.0
     if mask is not None:
         depth[~mask] = 0.0
     normals = depth_normals(depth, ref.K)

@@ -47,6 +47,14 @@ class IngestResult(BaseModel):
     resized: int
     masked: int
     sizes: dict[str, list[int]] = Field(description="Distinct original sizes 'WxH' -> count, [w,h,n].")
+    cameras: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="Camera key (size, EXIF make/model/focal) -> image names sharing it.",
+    )
+
+    def camera_groups(self) -> list[list[str]]:
+        """Images that share intrinsics: one COLMAP camera per group."""
+        return [names for _, names in sorted(self.cameras.items())]
 
 
 def find_images(input_dir: Path) -> list[Path]:
@@ -80,7 +88,23 @@ def _to_rgb8(img: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
     return rgb, alpha
 
 
-def _load(path: Path, max_size: int) -> tuple[np.ndarray, np.ndarray | None, tuple[int, int], bool, bytes]:
+def _camera_key(img: Image.Image) -> str:
+    """Photos with the same size, camera body and focal length share intrinsics."""
+    exif = img.getexif()
+    sub = exif.get_ifd(0x8769)  # Exif IFD: FocalLength, FocalLengthIn35mmFilm
+    parts = [
+        f"{img.size[0]}x{img.size[1]}",
+        str(exif.get(0x010F, "")).strip(),
+        str(exif.get(0x0110, "")).strip(),
+        str(sub.get(0x920A, "")),
+        str(sub.get(0xA405, "")),
+    ]
+    return "|".join(parts)
+
+
+def _load(
+    path: Path, max_size: int
+) -> tuple[np.ndarray, np.ndarray | None, tuple[int, int], bool, bytes, str]:
     """Read one photo upright and bounded in size; raise ValueError with a reason when unusable."""
     if path.stat().st_size == 0:
         raise ValueError("empty file (0 bytes)")
@@ -97,6 +121,7 @@ def _load(path: Path, max_size: int) -> tuple[np.ndarray, np.ndarray | None, tup
             img.load()
             # Keep EXIF (focal length) for COLMAP's intrinsics prior; orientation is already applied.
             exif = img.getexif().tobytes() if img.getexif() else b""
+            camera = _camera_key(img)
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
         raise ValueError(f"unreadable or corrupt image ({type(exc).__name__})") from exc
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
@@ -110,7 +135,7 @@ def _load(path: Path, max_size: int) -> tuple[np.ndarray, np.ndarray | None, tup
             (max(1, round(img.size[0] * scale)), max(1, round(img.size[1] * scale))), Image.Resampling.LANCZOS
         )
     rgb, alpha = _to_rgb8(img)
-    return rgb, alpha, orig_size, resized, exif
+    return rgb, alpha, orig_size, resized, exif, camera
 
 
 def _unique_name(stem: str, suffix: str, taken: set[str]) -> str:
@@ -145,6 +170,7 @@ def run(
     sources: dict[str, str] = {}
     rejected: list[Rejected] = []
     sizes: dict[str, list[int]] = {}
+    cameras: dict[str, list[str]] = {}
     taken: set[str] = set()
     resized_count = masked = 0
     for i, path in enumerate(candidates):
@@ -152,7 +178,7 @@ def run(
         progress(i / len(candidates), f"reading {path.name}")
         rel = str(path.relative_to(input_dir))
         try:
-            rgb, alpha, orig, resized, exif = _load(path, config.max_image_size)
+            rgb, alpha, orig, resized, exif, camera = _load(path, config.max_image_size)
             mask = None
             if alpha is not None:
                 mask = np.where(alpha >= config.alpha_threshold, 255, 0).astype(np.uint8)
@@ -179,6 +205,7 @@ def run(
         resized_count += int(resized)
         names.append(name)
         sources[name] = rel
+        cameras.setdefault(camera, []).append(name)
     if len(names) < config.min_images:
         detail = "; ".join(f"{r.file}: {r.reason}" for r in rejected[:5])
         raise ScandropError(
@@ -198,6 +225,7 @@ def run(
         resized=resized_count,
         masked=masked,
         sizes=sizes,
+        cameras=cameras,
     )
     write_json_atomic(ws.ingest_json, result.model_dump(mode="json"))
     progress(1.0, f"{len(names)} photos ready, {len(rejected)} skipped")

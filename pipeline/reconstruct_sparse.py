@@ -44,7 +44,6 @@ class SparseConfig(BaseModel):
     )
     retrieval_neighbors: int = Field(20, ge=2, description="Images retrieved per image in retrieval mode.")
     camera_model: str = Field("SIMPLE_RADIAL", description="COLMAP camera model for unknown cameras.")
-    single_camera: bool = Field(False, description="All photos from one camera with fixed zoom.")
     min_registered: int = Field(3, ge=2, description="A model with fewer registered images fails the job.")
 
 
@@ -128,9 +127,19 @@ def _match(
 
 
 def run(
-    config: SparseConfig, ws: Workspace, image_names: list[str], progress: Progress, should_stop: StopCheck
+    config: SparseConfig,
+    ws: Workspace,
+    camera_groups: list[list[str]],
+    progress: Progress,
+    should_stop: StopCheck,
 ) -> SparseResult:
-    """Register the workspace images and write the aligned model to `ws.sparse_dir`."""
+    """Register the workspace images and write the aligned model to `ws.sparse_dir`.
+
+    `camera_groups` lists images that share intrinsics (same size, body and focal length): each
+    group gets one COLMAP camera, which constrains self-calibration far better than one camera
+    per photo, while mixed cameras still get their own.
+    """
+    image_names = [name for group in camera_groups for name in group]
     if ws.sparse_json.exists() and ws.sparse_dir.exists():
         return SparseResult.model_validate_json(ws.sparse_json.read_text())
     seconds: dict[str, float] = {}
@@ -145,16 +154,17 @@ def run(
     reader.camera_model = config.camera_model
     if ws.masks_dir.exists():
         reader.mask_path = str(ws.masks_dir)
-    camera_mode = pycolmap.CameraMode.SINGLE if config.single_camera else pycolmap.CameraMode.AUTO
-    pycolmap.extract_features(
-        ws.database,
-        ws.images_dir,
-        image_names=image_names,
-        camera_mode=camera_mode,
-        reader_options=reader,
-        extraction_options=extraction,
-        cancellation_token=_token(should_stop),
-    )
+    for group in camera_groups:
+        pycolmap.extract_features(
+            ws.database,
+            ws.images_dir,
+            image_names=group,
+            camera_mode=pycolmap.CameraMode.SINGLE,
+            reader_options=reader,
+            extraction_options=extraction,
+            cancellation_token=_token(should_stop),
+        )
+        check_stop(should_stop)
     seconds["extract"] = time.perf_counter() - t0
     check_stop(should_stop)
 

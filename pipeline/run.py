@@ -129,7 +129,7 @@ def run_pipeline(
         report.images.input = ingested.images_in
         report.images.usable = ingested.usable
         report.images.rejected = [r.model_dump() for r in ingested.rejected]
-        sparse = stage("sparse", reconstruct_sparse.run, config.sparse, ws, ingested.names)
+        sparse = stage("sparse", reconstruct_sparse.run, config.sparse, ws, ingested.camera_groups())
         report.images.registered = sparse.registered
         report.images.unregistered = sparse.unregistered
         report.mean_reprojection_error_px = sparse.mean_reprojection_error_px

@@ -1,0 +1,258 @@
+"""Stage: fused points -> coloured triangle mesh (ws.mesh).
+
+Screened Poisson (COLMAP's `poisson_meshing`) closes the surface; Poisson also invents surface
+where there were no points (holes, the far side of a scene), so faces far from any fused point
+and small floating pieces are removed. The mesh is then decimated with COLMAP's QEM simplifier
+(`simplify_mesh`: already in the pycolmap wheel, multithreaded, preserves boundaries) and its
+vertices re-coloured from the nearest fused points, because decimation loses colour.
+
+pycolmap runs in a child interpreter: Poisson segfaults on some inputs, and a crash must become
+a `mesh_failed` error, not a silently dead job.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+from scipy import sparse
+from scipy.spatial import cKDTree
+
+from pipeline import plyio
+from pipeline.errors import ErrorCode, ScandropError
+from pipeline.pointcloud import PointCloud, load_points
+from pipeline.stage import Progress, StopCheck, check_stop
+from pipeline.workspace import Workspace
+
+_MIN_POINTS = 100
+
+
+class MeshConfig(BaseModel):
+    """How the mesh is built. Defaults are the balanced preset."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    depth: int = Field(9, ge=5, le=12, description="Poisson octree depth: 9 balanced, 10 quality, 8 fast.")
+    trim: float = Field(7.0, ge=0.0, le=20.0, description="COLMAP density trim: drop low-density surface.")
+    point_weight: float = Field(1.0, ge=0.0, description="Screened Poisson point interpolation weight.")
+    max_distance_factor: float = Field(
+        3.0, gt=0.0, description="Drop faces farther from every fused point than this x the point spacing."
+    )
+    min_component_fraction: float = Field(
+        0.005, ge=0.0, lt=1.0, description="Drop connected pieces with fewer faces than this share of all."
+    )
+    max_triangles: int = Field(300_000, ge=100, description="Decimate the mesh to at most this many faces.")
+    num_threads: int = Field(-1, description="Threads for Poisson and decimation (-1: all cores).")
+    child_timeout_s: float = Field(1800.0, gt=0, description="Give up on one pycolmap call after this long.")
+
+
+class MeshResult(BaseModel):
+    vertices: int
+    triangles: int
+    poisson_triangles: int
+    removed_far_triangles: int
+    removed_small_component_triangles: int
+    decimated: bool
+    seconds: dict[str, float]
+
+
+def _child_main() -> None:
+    """Entry point of the child interpreter: argv = kind, input, output, options JSON."""
+    import pycolmap
+
+    kind, src, dst, options = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+    if kind == "poisson":
+        pycolmap.poisson_meshing(src, dst, pycolmap.PoissonMeshingOptions(**options))
+    elif kind == "simplify":
+        pycolmap.simplify_mesh(src, dst, pycolmap.MeshSimplificationOptions(**options))
+    else:
+        raise ValueError(f"unknown child job {kind}")
+
+
+def _run_child(kind: str, src: Path, dst: Path, options: dict, config: MeshConfig, should_stop: StopCheck) -> None:
+    """Run one pycolmap call in a child interpreter; its crash or failure raises mesh_failed."""
+    code = "from pipeline.build_mesh import _child_main; _child_main()"
+    log = dst.with_suffix(".log")
+    with open(log, "wb") as log_fh:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", code, kind, str(src), str(dst), json.dumps(options)],
+            stdout=log_fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        start = time.monotonic()
+        try:
+            while True:
+                try:
+                    proc.wait(timeout=0.25)
+                    break
+                except subprocess.TimeoutExpired:
+                    check_stop(should_stop)
+                    if time.monotonic() - start > config.child_timeout_s:
+                        raise ScandropError(
+                            ErrorCode.mesh_failed,
+                            f"Meshing step '{kind}' took longer than {config.child_timeout_s:.0f} s.",
+                            "Use a lower Poisson depth or the fast preset.",
+                        ) from None
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    if proc.returncode != 0 or not dst.exists():
+        tail = log.read_text(errors="replace").strip().splitlines()[-3:]
+        how = f"crashed (signal {-proc.returncode})" if proc.returncode < 0 else f"failed ({proc.returncode})"
+        raise ScandropError(
+            ErrorCode.mesh_failed,
+            f"COLMAP {kind} {how}: {' | '.join(tail) or 'no output'}",
+            "The dense points may be too few or too noisy to mesh; try more photos with more overlap.",
+        )
+
+
+def _check_cloud(cloud: PointCloud) -> PointCloud:
+    """Keep finite points with unit normals; Poisson on empty or normal-less input segfaults."""
+    if len(cloud) == 0:
+        raise ScandropError(ErrorCode.mesh_failed, "There are no dense points to mesh.",
+                            "Dense reconstruction found no surface; check the photos overlap.")  # fmt: skip
+    norm = np.linalg.norm(cloud.normals, axis=1)
+    ok = np.isfinite(cloud.xyz).all(axis=1) & np.isfinite(norm) & (norm > 0.5)
+    if ok.sum() < _MIN_POINTS:
+        raise ScandropError(
+            ErrorCode.mesh_failed,
+            f"Only {int(ok.sum())} dense points have a position and normal; at least {_MIN_POINTS} are needed.",
+            "Dense reconstruction found too little surface; take more photos around the object.",
+        )
+    return PointCloud(xyz=cloud.xyz[ok], normals=cloud.normals[ok] / norm[ok, None], rgb=cloud.rgb[ok])
+
+
+def median_spacing(xyz: np.ndarray, tree: cKDTree, sample: int = 20_000) -> float:
+    """Median distance from a point to its nearest neighbour (on a random sample, for speed)."""
+    rng = np.random.default_rng(0)
+    idx = rng.choice(len(xyz), size=min(sample, len(xyz)), replace=False)
+    dist, _ = tree.query(xyz[idx], k=2)
+    return float(np.median(dist[:, 1]))
+
+
+def _compact(vertices: np.ndarray, faces: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Keep the faces in mask `keep` and only the vertices they use."""
+    faces = faces[keep]
+    used = np.unique(faces)
+    remap = np.full(len(vertices), -1, dtype=np.int64)
+    remap[used] = np.arange(len(used))
+    return vertices[used], remap[faces]
+
+
+def _component_face_counts(n_vertices: int, faces: np.ndarray) -> np.ndarray:
+    """Size (in faces) of the connected component each face belongs to."""
+    rows = np.concatenate([faces[:, 0], faces[:, 1], faces[:, 2]])
+    cols = np.concatenate([faces[:, 1], faces[:, 2], faces[:, 0]])
+    graph = sparse.coo_matrix((np.ones(len(rows), dtype=np.int8), (rows, cols)), shape=(n_vertices,) * 2)
+    _, labels = sparse.csgraph.connected_components(graph, directed=False)
+    face_label = labels[faces[:, 0]]
+    return np.bincount(face_label)[face_label]
+
+
+def recolour(vertices: np.ndarray, tree: cKDTree, rgb: np.ndarray, k: int = 4) -> np.ndarray:
+    """Vertex colours as the inverse-distance-weighted mean of the k nearest fused points."""
+    k = min(k, len(rgb))
+    dist, idx = tree.query(vertices, k=k)
+    dist, idx = dist.reshape(len(vertices), k), idx.reshape(len(vertices), k)
+    w = 1.0 / np.maximum(dist, 1e-12)
+    w /= w.sum(axis=1, keepdims=True)
+    col = (rgb[idx].astype(np.float64) * w[..., None]).sum(axis=1)
+    return np.clip(np.rint(col), 0, 255).astype(np.uint8)
+
+
+def run(config: MeshConfig, ws: Workspace, progress: Progress, should_stop: StopCheck) -> MeshResult:
+    """Mesh ws.fused into ws.mesh; raises mesh_failed when there is nothing real to mesh."""
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    if not ws.fused.exists():
+        raise ScandropError(ErrorCode.mesh_failed, "The dense point cloud is missing.",
+                            "Run the dense stages first.")  # fmt: skip
+    cloud = _check_cloud(load_points(ws.fused))
+    tree = cKDTree(cloud.xyz)
+    check_stop(should_stop)
+    progress(0.02, f"Meshing {len(cloud)} points (Poisson depth {config.depth})")
+
+    with tempfile.TemporaryDirectory(dir=ws.root, prefix=".mesh-") as tmp_name:
+        tmp = Path(tmp_name)
+        src, poisson_out = tmp / "points.ply", tmp / "poisson.ply"
+        plyio.write_ply(src, plyio.points_vertex(cloud.xyz, cloud.normals, cloud.rgb))
+        options = {"depth": config.depth, "trim": config.trim, "color": True,
+                   "point_weight": config.point_weight, "num_threads": config.num_threads}  # fmt: skip
+        _run_child("poisson", src, poisson_out, options, config, should_stop)
+        mesh = plyio.read_ply(poisson_out)
+        seconds["poisson"] = time.perf_counter() - t0
+        progress(0.6, f"Poisson surface: {len(mesh.faces)} triangles")
+        check_stop(should_stop)
+
+        t1 = time.perf_counter()
+        vertices = plyio.xyz_of(mesh.vertex).astype(np.float64)
+        faces = mesh.faces
+        poisson_triangles = len(faces)
+        faces = faces[(faces[:, 0] != faces[:, 1]) & (faces[:, 1] != faces[:, 2]) & (faces[:, 0] != faces[:, 2])]
+        # Poisson's smallest cell: faces closer than a cell to the points are not invented.
+        extent = float(np.ptp(cloud.xyz, axis=0).max())
+        cell = 1.1 * extent / 2**config.depth
+        limit = config.max_distance_factor * max(median_spacing(cloud.xyz, tree), cell)
+        dist, _ = tree.query(vertices[faces].mean(axis=1), distance_upper_bound=limit)
+        near = np.isfinite(dist)
+        removed_far = int((~near).sum())
+        vertices, faces = _compact(vertices, faces, near)
+        if len(faces) == 0:
+            raise ScandropError(ErrorCode.mesh_failed, "Poisson produced no surface near the dense points.",
+                                "The dense points may be too sparse; take more photos.")  # fmt: skip
+        sizes = _component_face_counts(len(vertices), faces)
+        big = sizes >= config.min_component_fraction * len(faces)
+        removed_small = int((~big).sum())
+        vertices, faces = _compact(vertices, faces, big)
+        seconds["clean"] = time.perf_counter() - t1
+        progress(0.7, f"Kept {len(faces)} triangles near the points")
+        check_stop(should_stop)
+
+        t2 = time.perf_counter()
+        decimated = len(faces) > config.max_triangles
+        if decimated:
+            progress(0.72, f"Decimating {len(faces)} to {config.max_triangles} triangles")
+            cleaned, simplified = tmp / "cleaned.ply", tmp / "simplified.ply"
+            xyz32 = vertices.astype(np.float32)
+            plyio.write_ply(cleaned, plyio.vertex_array({"x": xyz32[:, 0], "y": xyz32[:, 1], "z": xyz32[:, 2]}),
+                            faces)  # fmt: skip
+            # A ratio a hair under the target: QEM rounds the face count it stops at.
+            ratio = (config.max_triangles - 2) / len(faces)
+            _run_child("simplify", cleaned, simplified,
+                       {"target_face_ratio": ratio, "num_threads": config.num_threads}, config, should_stop)  # fmt: skip
+            out = plyio.read_ply(simplified)
+            vertices, faces = plyio.xyz_of(out.vertex).astype(np.float64), out.faces
+            if len(faces) > config.max_triangles:
+                faces = faces[: config.max_triangles]
+                vertices, faces = _compact(vertices, faces, np.ones(len(faces), dtype=bool))
+        seconds["decimate"] = time.perf_counter() - t2
+    check_stop(should_stop)
+
+    t3 = time.perf_counter()
+    rgb = recolour(vertices, tree, cloud.rgb)
+    xyz32 = vertices.astype(np.float32)
+    plyio.write_ply(
+        ws.mesh,
+        plyio.vertex_array({"x": xyz32[:, 0], "y": xyz32[:, 1], "z": xyz32[:, 2],
+                            "red": rgb[:, 0], "green": rgb[:, 1], "blue": rgb[:, 2]}),
+        faces,
+        comment="scandrop mesh: screened Poisson, cleaned, decimated, vertex colours",
+    )  # fmt: skip
+    seconds["colour_write"] = time.perf_counter() - t3
+    seconds["total"] = time.perf_counter() - t0
+    progress(1.0, f"Mesh: {len(vertices)} vertices, {len(faces)} triangles")
+    return MeshResult(
+        vertices=len(vertices),
+        triangles=len(faces),
+        poisson_triangles=poisson_triangles,
+        removed_far_triangles=removed_far,
+        removed_small_component_triangles=removed_small,
+        decimated=decimated,
+        seconds={k: round(v, 3) for k, v in seconds.items()},
+    )

@@ -35,7 +35,7 @@ def default_datasets_dir() -> Path:
     return Path(__file__).resolve().parents[2].parent / "shared" / "datasets"
 
 
-def _estimated_cameras(out_dir: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def estimated_cameras(out_dir: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     rec = pycolmap.Reconstruction(str(out_dir / "cameras" / "sparse"))
     cams = {}
     for image_id in rec.reg_image_ids():
@@ -119,7 +119,7 @@ def bench_synthetic(out: Path, preset: str) -> dict[str, Any]:
     row = _summary(report)
     if report.ok:
         gt = dict(zip(scene.names, zip(scene.R, scene.t, strict=True), strict=True))
-        poses = score_poses(_estimated_cameras(out / "result"), gt)
+        poses = score_poses(estimated_cameras(out / "result"), gt)
         row.update(poses)
         row.update(
             score_geometry(
@@ -137,14 +137,12 @@ def bench_herzjesu(root: Path, out: Path, preset: str) -> dict[str, Any]:
     gt = synthetic.load_gt_cameras(root / "gt_cameras.json")
     size = preset_config(preset).ingest.max_image_size
     plain = baseline.run_plain_pycolmap(images, out / "plain", max_image_size=size)
-    plain_cams = {n: (np.asarray(r), np.zeros(3)) for n, r in plain.rotations.items()}
-    plain_err = metrics.relative_rotation_errors(
-        {n: plain_cams[n][0] for n in plain_cams if n in gt}, {n: gt[n][0] for n in plain_cams if n in gt}
-    )
+    plain_rot = {n: r for n, r in plain.rotation_matrices().items() if n in gt}
+    plain_err = metrics.relative_rotation_errors(plain_rot, {n: gt[n][0] for n in plain_rot})
     row["plain_registered"] = plain.registered
     row["plain_rot_err_median_deg"] = float(np.median(plain_err)) if len(plain_err) else None
     if report.ok:
-        poses = score_poses(_estimated_cameras(out / "result"), gt)
+        poses = score_poses(estimated_cameras(out / "result"), gt)
         poses.pop("sim3")
         row.update(poses)
     return row
@@ -156,9 +154,9 @@ def bench_kitchen(root: Path, out: Path, preset: str) -> dict[str, Any]:
     report = _run_ours(images, out / "result", preset)
     row = _summary(report)
     row["plain_registered"] = plain.registered
-    row["plain_seconds"] = plain.seconds
+    row["plain_seconds"] = plain.seconds.wall
     row["plain_peak_rss_mb"] = plain.peak_rss_mb
-    row["time_ratio"] = report.seconds / plain.seconds if plain.seconds else None
+    row["time_ratio"] = report.seconds / plain.seconds.wall if plain.seconds.wall else None
     return row
 
 

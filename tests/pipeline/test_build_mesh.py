@@ -47,7 +47,7 @@ def _workspace(tmp_path: Path, cloud: PointCloud) -> Workspace:
 
 def test_poisson_mesh_matches_the_true_surface(tmp_path: Path) -> None:
     ws = _workspace(tmp_path, sphere_and_box())
-    config = build_mesh.MeshConfig(depth=8, max_triangles=20_000)
+    config = build_mesh.MeshConfig(depth=7, max_triangles=20_000)
     result = build_mesh.run(config, ws, no_progress, never_stop)
 
     ply = plyio.read_ply(ws.mesh)

@@ -81,7 +81,9 @@ def test_large_images_are_bounded(tmp_path: Path) -> None:
     for i in range(3):
         Image.fromarray(_texture(4000, 3000, i)).save(src / f"big_{i}.jpg")
     ws = Workspace(tmp_path / "ws").create()
-    result = ingest_images.run(ingest_images.IngestConfig(max_image_size=1000), src, ws, no_progress, never_stop)
+    result = ingest_images.run(
+        ingest_images.IngestConfig(max_image_size=1000), src, ws, no_progress, never_stop
+    )
     assert result.resized == 3
     assert Image.open(ws.images_dir / "big_0.jpg").size == (1000, 750)
 

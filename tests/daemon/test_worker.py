@@ -1,0 +1,112 @@
+"""The worker process turns every way a job can end into a report, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import psutil
+from PIL import Image
+
+from daemon.worker import run_job
+from pipeline.errors import ErrorCode
+from pipeline.presets import preset_config
+from pipeline.run import ProgressEvent
+
+
+def _noise_photos(folder: Path, n: int) -> Path:
+    folder.mkdir(parents=True)
+    for i in range(n):
+        rng = np.random.default_rng(i)
+        Image.fromarray(rng.integers(0, 255, (240, 320, 3), dtype=np.uint8)).save(folder / f"noise_{i}.png")
+    return folder
+
+
+def test_photos_that_do_not_overlap_fail_clearly(tmp_path: Path) -> None:
+    photos = _noise_photos(tmp_path / "photos", 4)
+    report = run_job(photos, tmp_path / "out", preset_config("fast"), tmp_path / "work", {"name": "cpu"})
+    assert not report.ok
+    assert report.error is not None and report.error.code in (
+        ErrorCode.no_overlap,
+        ErrorCode.too_few_registered,
+    )
+    assert report.error.hint
+    saved = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert saved["error"]["code"] == report.error.code.value
+    assert saved["images"]["usable"] == 4
+
+
+def test_cancel_stops_the_job(tmp_path: Path) -> None:
+    photos = _noise_photos(tmp_path / "photos", 6)
+    seen: list[ProgressEvent] = []
+    report = run_job(
+        photos,
+        tmp_path / "out",
+        preset_config("fast"),
+        tmp_path / "work",
+        {"name": "cpu"},
+        on_event=seen.append,
+        should_stop=lambda: len(seen) > 0,
+    )
+    assert report.error is not None and report.error.code == ErrorCode.cancelled
+    assert seen and seen[0].stage == "ingest"
+
+
+def test_a_crashed_worker_becomes_a_report(tmp_path: Path) -> None:
+    photos = _noise_photos(tmp_path / "photos", 6)
+
+    def kill_worker(event: ProgressEvent) -> None:
+        for child in psutil.Process().children():
+            cmdline = " ".join(child.cmdline())
+            if "spawn_main" in cmdline and "resource_tracker" not in cmdline:
+                os.kill(child.pid, signal.SIGKILL)  # the job process, as the OOM killer would
+
+    report = run_job(
+        photos,
+        tmp_path / "out",
+        preset_config("fast"),
+        tmp_path / "work",
+        {"name": "cpu"},
+        on_event=kill_worker,
+    )
+    assert report.error is not None and report.error.code == ErrorCode.worker_crashed
+    assert "exit code" in report.error.message
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["error"]["code"] == "worker_crashed"
+
+
+def test_cli_reports_a_clear_failure(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    proc = subprocess.run(
+        [sys.executable, "-m", "daemon.cli", "reconstruct", str(tmp_path / "empty"), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1
+    assert "no_input" in proc.stderr and "hint:" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_cli_refuses_cuda_without_a_gpu(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "daemon.cli",
+            "reconstruct",
+            str(tmp_path),
+            str(tmp_path / "o"),
+            "--device",
+            "cuda",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "device_unavailable" in proc.stderr and "Traceback" not in proc.stderr

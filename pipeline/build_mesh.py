@@ -76,17 +76,21 @@ def _child_main() -> None:
         raise ValueError(f"unknown child job {kind}")
 
 
-def _run_child(kind: str, src: Path, dst: Path, options: dict, config: MeshConfig, should_stop: StopCheck) -> None:
+def _run_child(
+    kind: str, src: Path, dst: Path, options: dict, config: MeshConfig, should_stop: StopCheck
+) -> None:
     """Run one pycolmap call in a child interpreter; its crash or failure raises mesh_failed."""
     code = "from pipeline.build_mesh import _child_main; _child_main()"
     log = dst.with_suffix(".log")
     with open(log, "wb") as log_fh:
         proc = subprocess.Popen(
             [sys.executable, "-c", code, kind, str(src), str(dst), json.dumps(options)],
-            stdout=log_fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            stdout=log_fh,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
             # Spinning OpenMP threads slow Poisson 4-10x when the cores are shared (measured).
             env={**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")},
-        )  # fmt: skip
+        )
         start = time.monotonic()
         try:
             while True:
@@ -118,14 +122,17 @@ def _run_child(kind: str, src: Path, dst: Path, options: dict, config: MeshConfi
 def _check_cloud(cloud: PointCloud) -> PointCloud:
     """Keep finite points with unit normals; Poisson on empty or normal-less input segfaults."""
     if len(cloud) == 0:
-        raise ScandropError(ErrorCode.mesh_failed, "There are no dense points to mesh.",
-                            "Dense reconstruction found no surface; check the photos overlap.")  # fmt: skip
+        raise ScandropError(
+            ErrorCode.mesh_failed,
+            "There are no dense points to mesh.",
+            "Dense reconstruction found no surface; check the photos overlap.",
+        )
     norm = np.linalg.norm(cloud.normals, axis=1)
     ok = np.isfinite(cloud.xyz).all(axis=1) & np.isfinite(norm) & (norm > 0.5)
     if ok.sum() < _MIN_POINTS:
         raise ScandropError(
             ErrorCode.mesh_failed,
-            f"Only {int(ok.sum())} dense points have a position and normal; at least {_MIN_POINTS} are needed.",
+            f"Only {int(ok.sum())} dense points have a position and normal; {_MIN_POINTS} are needed.",
             "Dense reconstruction found too little surface; take more photos around the object.",
         )
     return PointCloud(xyz=cloud.xyz[ok], normals=cloud.normals[ok] / norm[ok, None], rgb=cloud.rgb[ok])
@@ -174,8 +181,9 @@ def run(config: MeshConfig, ws: Workspace, progress: Progress, should_stop: Stop
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     if not ws.fused.exists():
-        raise ScandropError(ErrorCode.mesh_failed, "The dense point cloud is missing.",
-                            "Run the dense stages first.")  # fmt: skip
+        raise ScandropError(
+            ErrorCode.mesh_failed, "The dense point cloud is missing.", "Run the dense stages first."
+        )
     cloud = _check_cloud(load_points(ws.fused))
     tree = cKDTree(cloud.xyz)
     check_stop(should_stop)
@@ -185,8 +193,13 @@ def run(config: MeshConfig, ws: Workspace, progress: Progress, should_stop: Stop
         tmp = Path(tmp_name)
         src, poisson_out = tmp / "points.ply", tmp / "poisson.ply"
         plyio.write_ply(src, plyio.points_vertex(cloud.xyz, cloud.normals, cloud.rgb))
-        options = {"depth": config.depth, "trim": config.trim, "color": True,
-                   "point_weight": config.point_weight, "num_threads": config.num_threads}  # fmt: skip
+        options = {
+            "depth": config.depth,
+            "trim": config.trim,
+            "color": True,
+            "point_weight": config.point_weight,
+            "num_threads": config.num_threads,
+        }
         _run_child("poisson", src, poisson_out, options, config, should_stop)
         mesh = plyio.read_ply(poisson_out)
         seconds["poisson"] = time.perf_counter() - t0
@@ -197,7 +210,9 @@ def run(config: MeshConfig, ws: Workspace, progress: Progress, should_stop: Stop
         vertices = plyio.xyz_of(mesh.vertex).astype(np.float64)
         faces = mesh.faces
         poisson_triangles = len(faces)
-        faces = faces[(faces[:, 0] != faces[:, 1]) & (faces[:, 1] != faces[:, 2]) & (faces[:, 0] != faces[:, 2])]
+        faces = faces[
+            (faces[:, 0] != faces[:, 1]) & (faces[:, 1] != faces[:, 2]) & (faces[:, 0] != faces[:, 2])
+        ]
         # Poisson's smallest cell: faces closer than a cell to the points are not invented.
         extent = float(np.ptp(cloud.xyz, axis=0).max())
         cell = 1.1 * extent / 2**config.depth
@@ -207,8 +222,11 @@ def run(config: MeshConfig, ws: Workspace, progress: Progress, should_stop: Stop
         removed_far = int((~near).sum())
         vertices, faces = _compact(vertices, faces, near)
         if len(faces) == 0:
-            raise ScandropError(ErrorCode.mesh_failed, "Poisson produced no surface near the dense points.",
-                                "The dense points may be too sparse; take more photos.")  # fmt: skip
+            raise ScandropError(
+                ErrorCode.mesh_failed,
+                "Poisson produced no surface near the dense points.",
+                "The dense points may be too sparse; take more photos.",
+            )
         sizes = _component_face_counts(len(vertices), faces)
         big = sizes >= config.min_component_fraction * len(faces)
         removed_small = int((~big).sum())
@@ -223,17 +241,21 @@ def run(config: MeshConfig, ws: Workspace, progress: Progress, should_stop: Stop
             progress(0.72, f"Decimating {len(faces)} to {config.max_triangles} triangles")
             cleaned, simplified = tmp / "cleaned.ply", tmp / "simplified.ply"
             xyz32 = vertices.astype(np.float32)
-            plyio.write_ply(cleaned, plyio.vertex_array({"x": xyz32[:, 0], "y": xyz32[:, 1], "z": xyz32[:, 2]}),
-                            faces)  # fmt: skip
+            plyio.write_ply(
+                cleaned, plyio.vertex_array({"x": xyz32[:, 0], "y": xyz32[:, 1], "z": xyz32[:, 2]}), faces
+            )
             # A ratio a hair under the target: QEM rounds the face count it stops at.
             ratio = (config.max_triangles - 2) / len(faces)
-            _run_child("simplify", cleaned, simplified,
-                       {"target_face_ratio": ratio, "num_threads": config.num_threads}, config, should_stop)  # fmt: skip
+            _run_child(
+                "simplify",
+                cleaned,
+                simplified,
+                {"target_face_ratio": ratio, "num_threads": config.num_threads},
+                config,
+                should_stop,
+            )
             out = plyio.read_ply(simplified)
             vertices, faces = plyio.xyz_of(out.vertex).astype(np.float64), out.faces
-            if len(faces) > config.max_triangles:
-                faces = faces[: config.max_triangles]
-                vertices, faces = _compact(vertices, faces, np.ones(len(faces), dtype=bool))
         seconds["decimate"] = time.perf_counter() - t2
     check_stop(should_stop)
 
@@ -242,11 +264,19 @@ def run(config: MeshConfig, ws: Workspace, progress: Progress, should_stop: Stop
     xyz32 = vertices.astype(np.float32)
     plyio.write_ply(
         ws.mesh,
-        plyio.vertex_array({"x": xyz32[:, 0], "y": xyz32[:, 1], "z": xyz32[:, 2],
-                            "red": rgb[:, 0], "green": rgb[:, 1], "blue": rgb[:, 2]}),
+        plyio.vertex_array(
+            {
+                "x": xyz32[:, 0],
+                "y": xyz32[:, 1],
+                "z": xyz32[:, 2],
+                "red": rgb[:, 0],
+                "green": rgb[:, 1],
+                "blue": rgb[:, 2],
+            }
+        ),
         faces,
         comment="scandrop mesh: screened Poisson, cleaned, decimated, vertex colours",
-    )  # fmt: skip
+    )
     seconds["colour_write"] = time.perf_counter() - t3
     seconds["total"] = time.perf_counter() - t0
     progress(1.0, f"Mesh: {len(vertices)} vertices, {len(faces)} triangles")

@@ -20,6 +20,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
+from typing import Literal
 
 import cv2
 import numpy as np
@@ -39,14 +40,16 @@ class DepthConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     max_image_size: int = Field(1000, ge=160, le=4000, description="Longest side of the depth grid (px).")
-    partners: int = Field(2, ge=1, le=4, description="Stereo partners per view (more: fewer holes, slower).")
+    partners: int = Field(4, ge=1, le=4, description="Stereo partners per view (more: fewer holes, slower).")
     min_angle_deg: float = Field(3.0, gt=0, lt=45, description="Smallest triangulation angle of a partner.")
-    max_angle_deg: float = Field(30.0, gt=0, le=60, description="Largest triangulation angle of a partner.")
-    block_size: int = Field(5, ge=3, le=11, description="SGBM matching window (odd, px).")
+    max_angle_deg: float = Field(40.0, gt=0, le=60, description="Largest triangulation angle of a partner.")
+    block_size: int = Field(3, ge=3, le=11, description="SGBM matching window (odd, px).")
     uniqueness: int = Field(5, ge=0, le=50, description="SGBM uniqueness margin (%): higher drops ambiguity.")
     max_disparities: int = Field(256, ge=16, le=512, description="Cap on the disparity search range (px).")
-    full_dp: bool = Field(False, description="8-direction SGBM (slower, a little more complete).")
-    normalise: bool = Field(True, description="Local contrast normalisation before matching.")
+    mode: Literal["sgbm", "3way", "hh"] = Field(
+        "sgbm", description="SGBM variant: 3way is fastest, hh (8 directions) slowest."
+    )
+    normalise: bool = Field(False, description="Local contrast normalisation before matching.")
     min_texture: float = Field(1.5, ge=0, description="Drop pixels whose local grey-level std is below this.")
     agree_rel: float = Field(0.01, gt=0, lt=0.2, description="Relative depth difference partners may have.")
     max_grazing_deg: float = Field(80.0, gt=30, le=90, description="Drop pixels seen more obliquely.")
@@ -54,7 +57,7 @@ class DepthConfig(BaseModel):
 
     def sgbm(self) -> SgbmParams:
         block = self.block_size | 1
-        return SgbmParams(block, self.uniqueness, self.max_disparities, self.full_dp)
+        return SgbmParams(block, self.uniqueness, self.max_disparities, self.mode)
 
 
 class DepthResult(BaseModel):

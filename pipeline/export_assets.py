@@ -61,8 +61,9 @@ def _write_glb(mesh_ply: Path, out: Path) -> int:
     ply = plyio.read_ply(mesh_ply)
     rgb = plyio.rgb_of(ply.vertex)
     if rgb is None or len(ply.faces) == 0:
-        raise ScandropError(ErrorCode.export_failed, "The mesh has no faces or no vertex colours.",
-                            "Rerun the mesh stage.")  # fmt: skip
+        raise ScandropError(
+            ErrorCode.export_failed, "The mesh has no faces or no vertex colours.", "Rerun the mesh stage."
+        )
     rgba = np.concatenate([rgb, np.full((len(rgb), 1), 255, np.uint8)], axis=1)
     mesh = trimesh.Trimesh(plyio.xyz_of(ply.vertex), ply.faces, vertex_colors=rgba, process=False)
     _ = mesh.vertex_normals  # computed now so the exporter writes NORMAL
@@ -71,11 +72,14 @@ def _write_glb(mesh_ply: Path, out: Path) -> int:
     return len(ply.faces)
 
 
-def splat_bytes(xyz: np.ndarray, scales: np.ndarray, quats: np.ndarray, rgb: np.ndarray,
-                opacity: np.ndarray) -> bytes:  # fmt: skip
+def splat_bytes(
+    xyz: np.ndarray, scales: np.ndarray, quats: np.ndarray, rgb: np.ndarray, opacity: np.ndarray
+) -> bytes:
     """The .splat layout, sorted by decreasing size x opacity as web viewers expect."""
-    order = np.argsort(-(np.exp(np.log(scales).sum(axis=1)) * opacity), kind="stable")
-    rec = np.empty(len(xyz), dtype=[("xyz", "<f4", 3), ("scale", "<f4", 3), ("rgba", "u1", 4), ("rot", "u1", 4)])
+    order = np.argsort(-(np.exp(np.log(scales.astype(np.float64)).sum(axis=1)) * opacity), kind="stable")
+    rec = np.empty(
+        len(xyz), dtype=[("xyz", "<f4", 3), ("scale", "<f4", 3), ("rgba", "u1", 4), ("rot", "u1", 4)]
+    )
     rec["xyz"] = xyz[order]
     rec["scale"] = scales[order]
     rec["rgba"][:, :3] = rgb[order]
@@ -85,8 +89,9 @@ def splat_bytes(xyz: np.ndarray, scales: np.ndarray, quats: np.ndarray, rgb: np.
     return rec.tobytes()
 
 
-def splat_ply_vertex(xyz: np.ndarray, scales: np.ndarray, quats: np.ndarray, rgb: np.ndarray,
-                     opacity: np.ndarray) -> np.ndarray:  # fmt: skip
+def splat_ply_vertex(
+    xyz: np.ndarray, scales: np.ndarray, quats: np.ndarray, rgb: np.ndarray, opacity: np.ndarray
+) -> np.ndarray:
     """3DGS PLY fields: positions, zero normals, f_dc, opacity logit, log scales, rot w,x,y,z."""
     f_dc = (rgb.astype(np.float32) / 255.0 - 0.5) / SH_C0
     o = np.clip(opacity.astype(np.float64), 1e-6, 1 - 1e-6)
@@ -113,10 +118,23 @@ def _camera_intrinsics(camera: pycolmap.Camera) -> dict[str, float | int]:
         fx, fy, cx, cy = p[:4]
         k1, k2, p1, p2 = p[4:8] if model == "OPENCV" else (0.0, 0.0, 0.0, 0.0)
     else:
-        raise ScandropError(ErrorCode.export_failed, f"Camera model {model} cannot be written as OPENCV.",
-                            "Reconstruct with a SIMPLE_RADIAL, RADIAL, PINHOLE or OPENCV camera.")  # fmt: skip
-    return {"fl_x": fx, "fl_y": fy, "cx": cx, "cy": cy, "w": int(camera.width), "h": int(camera.height),
-            "k1": k1, "k2": k2, "p1": p1, "p2": p2}  # fmt: skip
+        raise ScandropError(
+            ErrorCode.export_failed,
+            f"Camera model {model} cannot be written as OPENCV.",
+            "Reconstruct with a SIMPLE_RADIAL, RADIAL, PINHOLE or OPENCV camera.",
+        )
+    return {
+        "fl_x": fx,
+        "fl_y": fy,
+        "cx": cx,
+        "cy": cy,
+        "w": int(camera.width),
+        "h": int(camera.height),
+        "k1": k1,
+        "k2": k2,
+        "p1": p1,
+        "p2": p2,
+    }
 
 
 def camera_to_world_gl(cam_from_world: pycolmap.Rigid3d) -> np.ndarray:
@@ -159,13 +177,15 @@ def _write_sparse(rec: pycolmap.Reconstruction, out_dir: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def run(config: ExportConfig, ws: Workspace, out_dir: Path, progress: Progress,
-        should_stop: StopCheck) -> ExportResult:  # fmt: skip
+def run(
+    config: ExportConfig, ws: Workspace, out_dir: Path, progress: Progress, should_stop: StopCheck
+) -> ExportResult:
     """Write the exports into out_dir; raises export_failed when there is no dense cloud at all."""
     t0 = time.perf_counter()
     if not ws.fused.exists():
-        raise ScandropError(ErrorCode.export_failed, "There is no point cloud to export.",
-                            "Run the dense stages first.")  # fmt: skip
+        raise ScandropError(
+            ErrorCode.export_failed, "There is no point cloud to export.", "Run the dense stages first."
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     skipped: dict[str, str] = {}
     written: list[Path] = []
@@ -174,8 +194,11 @@ def run(config: ExportConfig, ws: Workspace, out_dir: Path, progress: Progress,
     cloud = load_points(ws.fused)
     if config.points:
         progress(0.05, "Writing points.ply")
-        plyio.write_ply(out_dir / "points.ply", plyio.points_vertex(cloud.xyz, cloud.normals, cloud.rgb),
-                        comment="scandrop fused points, world frame +y up")  # fmt: skip
+        plyio.write_ply(
+            out_dir / "points.ply",
+            plyio.points_vertex(cloud.xyz, cloud.normals, cloud.rgb),
+            comment="scandrop fused points, world frame +y up",
+        )
         written.append(out_dir / "points.ply")
     check_stop(should_stop)
 

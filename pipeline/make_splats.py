@@ -32,7 +32,9 @@ class SplatConfig(BaseModel):
 
     max_splats: int = Field(300_000, ge=1, description="Voxel-downsample the points to at most this many.")
     neighbours: int = Field(16, ge=4, le=64, description="k nearest neighbours that shape each splat.")
-    thickness: float = Field(0.15, gt=0.0, le=1.0, description="Normal-axis scale as a share of tangent scale.")
+    thickness: float = Field(
+        0.15, gt=0.0, le=1.0, description="Normal-axis scale as a share of tangent scale."
+    )
     opacity: float = Field(0.9, gt=0.0, lt=1.0, description="Opacity of every splat (not optimised).")
     max_scale_factor: float = Field(
         4.0, gt=0.0, description="Clamp tangent scales to this x the median neighbour spacing."
@@ -76,20 +78,27 @@ def voxel_downsample(cloud: PointCloud, max_points: int) -> tuple[PointCloud, fl
     normals = mean(cloud.normals.astype(np.float64))
     normals /= np.maximum(np.linalg.norm(normals, axis=1, keepdims=True), 1e-12)
     rgb = np.clip(np.rint(mean(cloud.rgb.astype(np.float64))), 0, 255).astype(np.uint8)
-    return PointCloud(xyz=mean(cloud.xyz.astype(np.float64)).astype(np.float32),
-                      normals=normals.astype(np.float32), rgb=rgb), voxel  # fmt: skip
+    return PointCloud(
+        xyz=mean(cloud.xyz.astype(np.float64)).astype(np.float32), normals=normals.astype(np.float32), rgb=rgb
+    ), voxel
 
 
 def rotation_to_quat_wxyz(rot: np.ndarray) -> np.ndarray:
     """(N, 3, 3) proper rotations -> (N, 4) unit quaternions w, x, y, z with w >= 0."""
     m = rot
     t = np.trace(m, axis1=1, axis2=2)
-    cand = np.stack([
-        np.stack([1 + t, m[:, 2, 1] - m[:, 1, 2], m[:, 0, 2] - m[:, 2, 0], m[:, 1, 0] - m[:, 0, 1]], 1),
-        np.stack([m[:, 2, 1] - m[:, 1, 2], 1 + 2 * m[:, 0, 0] - t, m[:, 0, 1] + m[:, 1, 0], m[:, 0, 2] + m[:, 2, 0]], 1),
-        np.stack([m[:, 0, 2] - m[:, 2, 0], m[:, 0, 1] + m[:, 1, 0], 1 + 2 * m[:, 1, 1] - t, m[:, 1, 2] + m[:, 2, 1]], 1),
-        np.stack([m[:, 1, 0] - m[:, 0, 1], m[:, 0, 2] + m[:, 2, 0], m[:, 1, 2] + m[:, 2, 1], 1 + 2 * m[:, 2, 2] - t], 1),
-    ], axis=1)  # fmt: skip
+    d0, d1, d2 = m[:, 0, 0], m[:, 1, 1], m[:, 2, 2]
+    s21, s02, s10 = m[:, 2, 1] - m[:, 1, 2], m[:, 0, 2] - m[:, 2, 0], m[:, 1, 0] - m[:, 0, 1]
+    a01, a02, a12 = m[:, 0, 1] + m[:, 1, 0], m[:, 0, 2] + m[:, 2, 0], m[:, 1, 2] + m[:, 2, 1]
+    cand = np.stack(
+        [
+            np.stack([1 + t, s21, s02, s10], 1),
+            np.stack([s21, 1 + 2 * d0 - t, a01, a02], 1),
+            np.stack([s02, a01, 1 + 2 * d1 - t, a12], 1),
+            np.stack([s10, a02, a12, 1 + 2 * d2 - t], 1),
+        ],
+        axis=1,
+    )
     # Pick, per matrix, the numerically best of the four classic formulas (largest diagonal term).
     diag = np.stack([t, m[:, 0, 0], m[:, 1, 1], m[:, 2, 2]], axis=1)
     q = cand[np.arange(len(m)), np.argmax(diag, axis=1)]
@@ -98,7 +107,9 @@ def rotation_to_quat_wxyz(rot: np.ndarray) -> np.ndarray:
     return q
 
 
-def splat_shapes(cloud: PointCloud, config: SplatConfig, should_stop: StopCheck) -> tuple[np.ndarray, np.ndarray]:
+def splat_shapes(
+    cloud: PointCloud, config: SplatConfig, should_stop: StopCheck
+) -> tuple[np.ndarray, np.ndarray]:
     """Linear scales (N, 3) and rotations wxyz (N, 4) from each point's k-neighbour covariance.
 
     Local axes are the covariance eigenvectors, largest spread first; the third (normal) axis is
@@ -136,14 +147,18 @@ def run(config: SplatConfig, ws: Workspace, progress: Progress, should_stop: Sto
     """Write ws.splats (npz: xyz, scales linear, quats wxyz, rgb uint8, opacity) from ws.fused."""
     t0 = time.perf_counter()
     if not ws.fused.exists():
-        raise ScandropError(ErrorCode.dense_failed, "The dense point cloud is missing.",
-                            "Run the dense stages first.")  # fmt: skip
+        raise ScandropError(
+            ErrorCode.dense_failed, "The dense point cloud is missing.", "Run the dense stages first."
+        )
     cloud = load_points(ws.fused)
     finite = np.isfinite(cloud.xyz).all(axis=1)
     cloud = PointCloud(xyz=cloud.xyz[finite], normals=cloud.normals[finite], rgb=cloud.rgb[finite])
     if len(cloud) < 4:
-        raise ScandropError(ErrorCode.dense_failed, f"Only {len(cloud)} dense points: too few for splats.",
-                            "Take more photos with more overlap.")  # fmt: skip
+        raise ScandropError(
+            ErrorCode.dense_failed,
+            f"Only {len(cloud)} dense points: too few for splats.",
+            "Take more photos with more overlap.",
+        )
     progress(0.05, f"Downsampling {len(cloud)} points to at most {config.max_splats} splats")
     small, voxel = voxel_downsample(cloud, config.max_splats)
     check_stop(should_stop)
@@ -151,8 +166,14 @@ def run(config: SplatConfig, ws: Workspace, progress: Progress, should_stop: Sto
     scales, quats = splat_shapes(small, config, should_stop)
     opacity = np.full(len(small), config.opacity, dtype=np.float32)
     with atomic_path(ws.splats) as tmp, open(tmp, "wb") as fh:
-        np.savez(fh, xyz=small.xyz.astype(np.float32), scales=scales.astype(np.float32),
-                 quats=quats.astype(np.float32), rgb=small.rgb.astype(np.uint8), opacity=opacity)  # fmt: skip
+        np.savez(
+            fh,
+            xyz=small.xyz.astype(np.float32),
+            scales=scales.astype(np.float32),
+            quats=quats.astype(np.float32),
+            rgb=small.rgb.astype(np.uint8),
+            opacity=opacity,
+        )
     progress(1.0, f"{len(small)} splats initialised")
     return SplatResult(
         splats=len(small),

@@ -18,12 +18,19 @@ import numpy as np
 from pipeline.dense_views import DenseView
 
 
+_MODES = {
+    "sgbm": cv2.StereoSGBM_MODE_SGBM,
+    "3way": cv2.StereoSGBM_MODE_SGBM_3WAY,
+    "hh": cv2.StereoSGBM_MODE_HH,
+}
+
+
 @dataclass(frozen=True)
 class SgbmParams:
     block_size: int
     uniqueness: int
     max_disparities: int
-    full_dp: bool  # 8 directions (MODE_HH) rather than 5 (MODE_SGBM)
+    mode: str  # 'sgbm' (5 directions), '3way' (faster), 'hh' (8 directions, slower)
 
 
 @dataclass(frozen=True)
@@ -105,12 +112,33 @@ def rectify(ref: DenseView, src: DenseView, points: np.ndarray, params: SgbmPara
     return Rectification(R, K_ref, K_src, (rect_w + pad, rect_h), baseline, d0, num)
 
 
-def _rect_maps(view: DenseView, R: np.ndarray, K: np.ndarray, size: tuple[int, int]) -> tuple:
+def _lerp_matrix(n: int, step: int) -> tuple[np.ndarray, np.ndarray]:
+    """Knot positions every `step` px covering [0, n - 1] and the (n, knots) linear interpolation matrix."""
+    knots = np.arange(0, n - 1 + step, step, dtype=np.float64)
+    x = np.arange(n, dtype=np.float64)
+    k = np.minimum((x // step).astype(np.int64), len(knots) - 2) if len(knots) > 1 else np.zeros(n, np.int64)
+    frac = (x - knots[k]) / step
+    m = np.zeros((n, len(knots)))
+    m[np.arange(n), k] = 1.0 - frac
+    if len(knots) > 1:
+        m[np.arange(n), k + 1] = frac
+    return knots, m
+
+
+def _rect_maps(view: DenseView, R: np.ndarray, K: np.ndarray, size: tuple[int, int], step: int = 8) -> tuple:
+    """Remap tables from the rectified frame into the photo, computed on a coarse lattice and
+    interpolated (the mapping is smooth; this keeps COLMAP's projection off every pixel)."""
     width, height = size
-    u, v = np.meshgrid(np.arange(width, dtype=np.float64), np.arange(height, dtype=np.float64))
+    ku, mu = _lerp_matrix(width, step)
+    kv, mv = _lerp_matrix(height, step)
+    u, v = np.meshgrid(ku, kv)
     rays = np.stack([(u - K[0, 2]) / K[0, 0], (v - K[1, 2]) / K[1, 1], np.ones_like(u)], axis=-1)
     cam = rays @ (view.R @ R.T).T
-    return view.photo_map(cam)
+    mx, my = view.photo_map(cam)
+    far = (mx < -1e3) | (my < -1e3)
+    mx = (mv @ np.where(far, -1e4, mx) @ mu.T).astype(np.float32)
+    my = (mv @ np.where(far, -1e4, my) @ mu.T).astype(np.float32)
+    return mx, my
 
 
 def _prepare(photo: np.ndarray, view: DenseView) -> np.ndarray:
@@ -171,7 +199,7 @@ def pair_depth(
         uniquenessRatio=params.uniqueness,
         speckleWindowSize=100,
         speckleRange=2,
-        mode=cv2.StereoSGBM_MODE_HH if params.full_dp else cv2.StereoSGBM_MODE_SGBM,
+        mode=_MODES[params.mode],
     )
     disp = sgbm.compute(left, right).astype(np.float32) / 16.0
     disp[disp <= 0] = -1.0

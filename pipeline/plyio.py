@@ -17,13 +17,33 @@ from pipeline.stage import atomic_path
 
 # PLY type names <-> little-endian numpy dtypes.
 _PLY_TO_NUMPY = {
-    "char": "i1", "int8": "i1", "uchar": "u1", "uint8": "u1",
-    "short": "<i2", "int16": "<i2", "ushort": "<u2", "uint16": "<u2",
-    "int": "<i4", "int32": "<i4", "uint": "<u4", "uint32": "<u4",
-    "float": "<f4", "float32": "<f4", "double": "<f8", "float64": "<f8",
-}  # fmt: skip
-_NUMPY_TO_PLY = {"i1": "char", "u1": "uchar", "i2": "short", "u2": "ushort", "i4": "int", "u4": "uint",
-                 "f4": "float", "f8": "double"}  # fmt: skip
+    "char": "i1",
+    "int8": "i1",
+    "uchar": "u1",
+    "uint8": "u1",
+    "short": "<i2",
+    "int16": "<i2",
+    "ushort": "<u2",
+    "uint16": "<u2",
+    "int": "<i4",
+    "int32": "<i4",
+    "uint": "<u4",
+    "uint32": "<u4",
+    "float": "<f4",
+    "float32": "<f4",
+    "double": "<f8",
+    "float64": "<f8",
+}
+_NUMPY_TO_PLY = {
+    "i1": "char",
+    "u1": "uchar",
+    "i2": "short",
+    "u2": "ushort",
+    "i4": "int",
+    "u4": "uint",
+    "f4": "float",
+    "f8": "double",
+}
 
 
 @dataclass(frozen=True)
@@ -128,8 +148,16 @@ def points_vertex(xyz: np.ndarray, normals: np.ndarray, rgb: np.ndarray) -> np.n
     xyz = xyz.astype(np.float32)
     normals = normals.astype(np.float32)
     rgb = rgb.astype(np.uint8)
-    return vertex_array({
-        "x": xyz[:, 0], "y": xyz[:, 1], "z": xyz[:, 2],
-        "nx": normals[:, 0], "ny": normals[:, 1], "nz": normals[:, 2],
-        "red": rgb[:, 0], "green": rgb[:, 1], "blue": rgb[:, 2],
-    })  # fmt: skip
+    return vertex_array(
+        {
+            "x": xyz[:, 0],
+            "y": xyz[:, 1],
+            "z": xyz[:, 2],
+            "nx": normals[:, 0],
+            "ny": normals[:, 1],
+            "nz": normals[:, 2],
+            "red": rgb[:, 0],
+            "green": rgb[:, 1],
+            "blue": rgb[:, 2],
+        }
+    )

@@ -87,8 +87,14 @@ def _zbuffer(pix: np.ndarray, depth: np.ndarray, colour: np.ndarray, image: np.n
     return covered
 
 
-def rasterise(px: np.ndarray, depth: np.ndarray, faces: np.ndarray, face_rgb: np.ndarray,
-              size: tuple[int, int], should_stop: StopCheck) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+def rasterise(
+    px: np.ndarray,
+    depth: np.ndarray,
+    faces: np.ndarray,
+    face_rgb: np.ndarray,
+    size: tuple[int, int],
+    should_stop: StopCheck,
+) -> tuple[np.ndarray, np.ndarray]:
     """Fill triangles (pixel coords px, camera depth) with flat colours; nearest wins.
 
     Returns candidate (pixel index, depth, colour) arrays, for one z-buffer pass.
@@ -139,8 +145,9 @@ def rasterise(px: np.ndarray, depth: np.ndarray, faces: np.ndarray, face_rgb: np
     return np.concatenate(pix_parts), np.concatenate(depth_parts), np.concatenate(colour_parts)
 
 
-def run(config: PreviewConfig, ws: Workspace, out_dir: Path, progress: Progress,
-        should_stop: StopCheck) -> PreviewResult:  # fmt: skip
+def run(
+    config: PreviewConfig, ws: Workspace, out_dir: Path, progress: Progress, should_stop: StopCheck
+) -> PreviewResult:
     """Render out_dir/preview.png from ws.mesh, or from ws.fused when there is no mesh."""
     t0 = time.perf_counter()
     if ws.mesh.exists():
@@ -154,8 +161,11 @@ def run(config: PreviewConfig, ws: Workspace, out_dir: Path, progress: Progress,
         vertices, faces, rgb = cloud.xyz.astype(np.float64), None, cloud.rgb
         rendered = "points"
     else:
-        raise ScandropError(ErrorCode.export_failed, "There is neither a mesh nor points to preview.",
-                            "Run the dense and mesh stages first.")  # fmt: skip
+        raise ScandropError(
+            ErrorCode.export_failed,
+            "There is neither a mesh nor points to preview.",
+            "Run the dense and mesh stages first.",
+        )
     if len(vertices) == 0:
         raise ScandropError(ErrorCode.export_failed, f"The {rendered} to preview are empty.", "")
     progress(0.1, f"Rendering the {rendered}")

@@ -72,7 +72,9 @@ def centre_errors(est_centres: np.ndarray, gt_centres: np.ndarray) -> tuple[np.n
     return np.linalg.norm(sim(est_centres) - np.asarray(gt_centres), axis=1), sim
 
 
-def precision_recall_fscore(points: np.ndarray, gt_points: np.ndarray, tau: float) -> tuple[float, float, float]:
+def precision_recall_fscore(
+    points: np.ndarray, gt_points: np.ndarray, tau: float
+) -> tuple[float, float, float]:
     """Precision: share of points within tau of the ground truth; recall: share of ground-truth
     samples within tau of the points; F: their harmonic mean."""
     points = np.asarray(points, dtype=np.float64).reshape(-1, 3)

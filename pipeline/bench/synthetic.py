@@ -486,7 +486,9 @@ def render_scene(
     k = _intrinsics(width, height)
     rs, ts = orbit_cameras(n_views)
     sub = np.array([0.25, 0.75])  # 2x2 supersampling inside each pixel
-    uu, vv = np.meshgrid((np.arange(width)[:, None] + sub).ravel(), (np.arange(height)[:, None] + sub).ravel())
+    uu, vv = np.meshgrid(
+        (np.arange(width)[:, None] + sub).ravel(), (np.arange(height)[:, None] + sub).ravel()
+    )
     cam_dirs = np.stack([(uu - k[0, 2]) / k[0, 0], (vv - k[1, 2]) / k[1, 1], np.ones_like(uu)], axis=-1)
     cam_dirs = cam_dirs.reshape(-1, 3)
     cam_dirs /= np.linalg.norm(cam_dirs, axis=1, keepdims=True)

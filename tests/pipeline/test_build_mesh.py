@@ -112,8 +112,14 @@ def test_normal_less_cloud_is_mesh_failed(tmp_path: Path) -> None:
 
 def test_child_failure_becomes_mesh_failed(tmp_path: Path) -> None:
     with pytest.raises(ScandropError) as err:
-        build_mesh._run_child("poisson", tmp_path / "missing.ply", tmp_path / "out.ply", {"depth": 6},
-                              build_mesh.MeshConfig(), never_stop)  # fmt: skip
+        build_mesh._run_child(
+            "poisson",
+            tmp_path / "missing.ply",
+            tmp_path / "out.ply",
+            {"depth": 6},
+            build_mesh.MeshConfig(),
+            never_stop,
+        )
     assert err.value.code is ErrorCode.mesh_failed
 
 

@@ -47,7 +47,7 @@ class DepthConfig(BaseModel):
     uniqueness: int = Field(5, ge=0, le=50, description="SGBM uniqueness margin (%): higher drops ambiguity.")
     max_disparities: int = Field(256, ge=16, le=512, description="Cap on the disparity search range (px).")
     mode: Literal["sgbm", "3way", "hh"] = Field(
-        "sgbm", description="SGBM variant: 3way is fastest, hh (8 directions) slowest."
+        "3way", description="SGBM variant: 3way is fastest, hh (8 directions) slowest."
     )
     normalise: bool = Field(False, description="Local contrast normalisation before matching.")
     min_texture: float = Field(1.5, ge=0, description="Drop pixels whose local grey-level std is below this.")

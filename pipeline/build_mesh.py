@@ -2,9 +2,10 @@
 
 Screened Poisson (COLMAP's `poisson_meshing`) closes the surface; Poisson also invents surface
 where there were no points (holes, the far side of a scene), so faces far from any fused point
-and small floating pieces are removed. The mesh is then decimated with COLMAP's QEM simplifier
-(`simplify_mesh`: already in the pycolmap wheel, multithreaded, preserves boundaries) and its
-vertices re-coloured from the nearest fused points, because decimation loses colour.
+and small floating pieces are removed. The mesh is then decimated by quadric edge collapse
+(fast-simplification: 1 s for 1M -> 300k faces on this 2-core box, where pycolmap's
+`simplify_mesh` took 6-7 s) and its vertices re-coloured from the nearest fused points,
+because decimation loses colour.
 
 pycolmap runs in a child interpreter: Poisson segfaults on some inputs, and a crash must become
 a `mesh_failed` error, not a silently dead job.
@@ -20,6 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import fast_simplification
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 from scipy import sparse
@@ -49,7 +51,7 @@ class MeshConfig(BaseModel):
         0.005, ge=0.0, lt=1.0, description="Drop connected pieces with fewer faces than this share of all."
     )
     max_triangles: int = Field(300_000, ge=100, description="Decimate the mesh to at most this many faces.")
-    num_threads: int = Field(-1, description="Threads for Poisson and decimation (-1: all cores).")
+    num_threads: int = Field(-1, description="Threads for Poisson (-1: all cores).")
     child_timeout_s: float = Field(1800.0, gt=0, description="Give up on one pycolmap call after this long.")
 
 
@@ -70,8 +72,6 @@ def _child_main() -> None:
     kind, src, dst, options = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
     if kind == "poisson":
         pycolmap.poisson_meshing(src, dst, pycolmap.PoissonMeshingOptions(**options))
-    elif kind == "simplify":
-        pycolmap.simplify_mesh(src, dst, pycolmap.MeshSimplificationOptions(**options))
     else:
         raise ValueError(f"unknown child job {kind}")
 
@@ -165,6 +165,24 @@ def _component_face_counts(n_vertices: int, faces: np.ndarray) -> np.ndarray:
     return np.bincount(face_label)[face_label]
 
 
+def decimate(vertices: np.ndarray, faces: np.ndarray, max_triangles: int) -> tuple[np.ndarray, np.ndarray]:
+    """Quadric decimation to at most `max_triangles`, keeping hole outlines when that reaches it."""
+    v, f = vertices, faces.astype(np.int32)
+    for preserve_border in (True, False):
+        v, f = fast_simplification.simplify(
+            vertices, faces.astype(np.int32), target_count=max_triangles, preserve_border=preserve_border
+        )
+        if len(f) <= max_triangles:
+            break
+    if len(f) > max_triangles:
+        raise ScandropError(
+            ErrorCode.mesh_failed,
+            f"Decimation stopped at {len(f)} triangles, above the limit of {max_triangles}.",
+            "Raise max_triangles or lower the Poisson depth.",
+        )
+    return _compact(v.astype(np.float64), f.astype(np.int64), np.ones(len(f), dtype=bool))
+
+
 def recolour(vertices: np.ndarray, tree: cKDTree, rgb: np.ndarray, k: int = 4) -> np.ndarray:
     """Vertex colours as the inverse-distance-weighted mean of the k nearest fused points."""
     k = min(k, len(rgb))
@@ -239,23 +257,7 @@ def run(config: MeshConfig, ws: Workspace, progress: Progress, should_stop: Stop
         decimated = len(faces) > config.max_triangles
         if decimated:
             progress(0.72, f"Decimating {len(faces)} to {config.max_triangles} triangles")
-            cleaned, simplified = tmp / "cleaned.ply", tmp / "simplified.ply"
-            xyz32 = vertices.astype(np.float32)
-            plyio.write_ply(
-                cleaned, plyio.vertex_array({"x": xyz32[:, 0], "y": xyz32[:, 1], "z": xyz32[:, 2]}), faces
-            )
-            # A ratio a hair under the target: QEM rounds the face count it stops at.
-            ratio = (config.max_triangles - 2) / len(faces)
-            _run_child(
-                "simplify",
-                cleaned,
-                simplified,
-                {"target_face_ratio": ratio, "num_threads": config.num_threads},
-                config,
-                should_stop,
-            )
-            out = plyio.read_ply(simplified)
-            vertices, faces = plyio.xyz_of(out.vertex).astype(np.float64), out.faces
+            vertices, faces = decimate(vertices, faces, config.max_triangles)
         seconds["decimate"] = time.perf_counter() - t2
     check_stop(should_stop)
 

@@ -136,8 +136,17 @@ def _merge(depths: list[np.ndarray], agree_rel: float) -> tuple[np.ndarray, np.n
     return depth.astype(np.float32), conf.astype(np.float32)
 
 
+def _view_depth_safe(task: _Task) -> tuple[str, float, str]:
+    """Worker entry: ScandropError does not survive pickling, so its message travels as text."""
+    try:
+        name, fraction = _view_depth(task)
+    except ScandropError as err:
+        return task.ref.name, 0.0, err.message
+    return name, fraction, ""
+
+
 def _view_depth(task: _Task) -> tuple[str, float]:
-    """Worker: depth, normals and colours of one view, written to its npz. Returns valid share."""
+    """Depth, normals and colours of one view, written to its npz. Returns the valid share."""
     if task.config.workers != 1:
         cv2.setNumThreads(1)
     cfg = task.config
@@ -216,6 +225,8 @@ def run(config: DepthConfig, ws: Workspace, progress: Progress, should_stop: Sto
         )
     partners = stereo_partners(views, config.partners, config.min_angle_deg, config.max_angle_deg)
     ws.depth_dir.mkdir(parents=True, exist_ok=True)
+    for stale in ws.depth_dir.glob("*.npz"):
+        stale.unlink()
     tasks = []
     for view, chosen in zip(views, partners, strict=True):
         mask = ws.mask_for(view.name)
@@ -238,11 +249,11 @@ def run(config: DepthConfig, ws: Workspace, progress: Progress, should_stop: Sto
         )
     fractions = _run_tasks(tasks, _worker_count(config), progress, should_stop)
     valid = [f for f in fractions if f > 0]
-    if not valid or float(np.sum(valid)) * 1.0 < 1e-3 * len(views):
+    if float(np.mean(fractions)) < 1e-3:
         raise ScandropError(
             ErrorCode.dense_failed,
             "Stereo matching found no reliable depth in the photos.",
-            "Photograph a textured object in good light; plain, shiny or transparent surfaces cannot be matched.",
+            "Photograph a textured object in good light; plain, shiny or see-through surfaces cannot match.",
         )
     return DepthResult(
         views=len(views),
@@ -269,10 +280,12 @@ def _run_tasks(tasks: list[_Task], workers: int, progress: Progress, should_stop
             while queue or pending:
                 while queue and len(pending) < workers * 2:
                     check_stop(should_stop)
-                    pending.add(pool.submit(_view_depth, queue.pop(0)))
+                    pending.add(pool.submit(_view_depth_safe, queue.pop(0)))
                 done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
                 for fut in done:
-                    name, frac = fut.result()
+                    name, frac, error = fut.result()
+                    if error:
+                        raise ScandropError(ErrorCode.dense_failed, error, "Rerun the job.")
                     fractions.append(frac)
                     progress(len(fractions) / total, f"depth {len(fractions)}/{total}: {name}")
                 check_stop(should_stop)

@@ -143,7 +143,7 @@ def run(config: FuseConfig, ws: Workspace, progress: Progress, should_stop: Stop
     if len(depth_views) < config.min_consistent + 1:
         raise ScandropError(
             ErrorCode.dense_failed,
-            f"Only {len(depth_views)} views have depth maps; fusion needs at least {config.min_consistent + 1}.",
+            f"Only {len(depth_views)} views have depth maps; fusion needs {config.min_consistent + 1}.",
             "Run the depth stage first, with photos that overlap well.",
         )
     chunks: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
@@ -158,7 +158,7 @@ def run(config: FuseConfig, ws: Workspace, progress: Progress, should_stop: Stop
     if len(xyz) < config.min_points:
         raise ScandropError(
             ErrorCode.dense_failed,
-            f"Only {len(xyz)} dense points are consistent across views (at least {config.min_points} needed).",
+            f"Only {len(xyz)} dense points agree across views; at least {config.min_points} are needed.",
             "Photograph a textured object from more positions; plain or shiny surfaces cannot be matched.",
         )
     normals = np.concatenate([c[1] for c in chunks]).astype(np.float32)

@@ -11,6 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pycolmap
+from PIL import Image
+
+from pipeline.bench.synthetic import SyntheticScene
+from pipeline.workspace import Workspace
 
 
 def write_known_model(
@@ -51,3 +55,22 @@ def write_known_model(
     folder.mkdir(parents=True, exist_ok=True)
     rec.write_binary(str(folder))
     return rec
+
+
+def workspace_from_scene(
+    scene: SyntheticScene, ws: Workspace, masks: bool = False, points: int = 4000
+) -> None:
+    """Fill a workspace as ingest and sparse would from a synthetic scene with exact ground truth:
+    images (and object masks from the rendered coverage), exact cameras, true surface points."""
+    ws.images_dir.mkdir(parents=True, exist_ok=True)
+    for name, image in zip(scene.names, scene.images, strict=True):
+        Image.fromarray(np.ascontiguousarray(image[..., :3])).save(ws.images_dir / name)
+        if masks and image.shape[2] == 4:
+            ws.masks_dir.mkdir(parents=True, exist_ok=True)
+            mask = np.where(image[..., 3] > 127, 255, 0).astype(np.uint8)
+            Image.fromarray(mask).save(ws.mask_for(name))
+    pts = scene.surface_samples(points, min_views=2, seed=1)
+    visible = np.array([scene.visible_in(pts, i) for i in range(len(scene.names))])
+    write_known_model(
+        ws.sparse_dir, scene.names, scene.K, (scene.width, scene.height), scene.R, scene.t, pts, visible
+    )

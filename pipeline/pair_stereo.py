@@ -17,7 +17,6 @@ import numpy as np
 
 from pipeline.dense_views import DenseView
 
-
 _MODES = {
     "sgbm": cv2.StereoSGBM_MODE_SGBM,
     "3way": cv2.StereoSGBM_MODE_SGBM_3WAY,
@@ -204,7 +203,7 @@ def pair_depth(
     disp = sgbm.compute(left, right).astype(np.float32) / 16.0
     disp[disp <= 0] = -1.0
     # Reject matches that landed outside the partner photo.
-    h, w = disp.shape
+    w = disp.shape[1]
     rows, cols = np.nonzero(disp > 0)
     target = np.round(cols - disp[rows, cols]).astype(np.int64)
     bad = (target < 0) | (target >= w)

@@ -176,6 +176,8 @@ def run(
     centre = (lo + hi) / 2
     rel = vertices - centre
     sx, sy, depth = rel @ right, rel @ up, rel @ forward
+    sx -= (sx.min() + sx.max()) / 2  # centre the silhouette, not the 3-D box
+    sy -= (sy.min() + sy.max()) / 2
     width, height = config.width, config.height
     half = max(np.abs(sx).max() / width, np.abs(sy).max() / height, 1e-12)
     scale = (1 - 2 * config.margin) / (2 * half)  # pixels per world unit

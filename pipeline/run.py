@@ -144,6 +144,13 @@ def run_pipeline(
         report.ok = True
     except ScandropError as exc:
         report.error = exc.info()
+        if report.images.unregistered:
+            left_out = ", ".join(report.images.unregistered[:20])
+            more = len(report.images.unregistered) - 20
+            report.error.message += (
+                f" Only {report.images.registered} of {report.images.usable} photos could be placed in 3D;"
+                f" left out: {left_out}{f' and {more} more' if more > 0 else ''}."
+            )
     except MemoryError:
         report.error = ErrorInfo(
             code=ErrorCode.internal_error,

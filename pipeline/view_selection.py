@@ -27,6 +27,13 @@ def _median_angle_deg(points: np.ndarray, ca: np.ndarray, cb: np.ndarray) -> flo
     return float(np.degrees(np.median(np.arccos(np.clip(cos, -1.0, 1.0)))))
 
 
+def _spread_score(candidate: tuple[float, int, np.ndarray], chosen: tuple) -> float:
+    """Favour partners whose baseline points another way in the image than those already chosen."""
+    d = candidate[2][:2] / (np.linalg.norm(candidate[2][:2]) + 1e-12)
+    same = max((float(d @ (c[1][:2] / (np.linalg.norm(c[1][:2]) + 1e-12))) for c in chosen), default=-1.0)
+    return candidate[0] * (1.0 - 0.4 * max(0.0, same))
+
+
 def stereo_partners(
     views: list[DenseView],
     count: int,
@@ -62,14 +69,7 @@ def stereo_partners(
         scored.sort(key=lambda s: -s[0])
         chosen: list[tuple[int, np.ndarray]] = []
         while scored and len(chosen) < count:
-            # Favour partners whose baseline points another way in the image than those chosen.
-            def adjusted(s: tuple[float, int, np.ndarray]) -> float:
-                dirs = [c[1][:2] / (np.linalg.norm(c[1][:2]) + 1e-12) for c in chosen]
-                d = s[2][:2] / (np.linalg.norm(s[2][:2]) + 1e-12)
-                same = max((float(d @ c) for c in dirs), default=-1.0)
-                return s[0] * (1.0 - 0.4 * max(0.0, same))
-
-            pick = max(scored, key=adjusted)
+            pick = max(scored, key=lambda s, c=tuple(chosen): _spread_score(s, c))
             scored.remove(pick)
             chosen.append((pick[1], pick[2]))
         partners.append([c[0] for c in chosen])

@@ -88,10 +88,17 @@ def test_far_faces_and_floaters_are_removed(tmp_path: Path) -> None:
     keep = cloud.xyz[:, 1] > 0.0
     cap = PointCloud(cloud.xyz[keep], cloud.normals[keep], cloud.rgb[keep])
     ws = _workspace(tmp_path, cap)
-    result = build_mesh.run(build_mesh.MeshConfig(depth=7, trim=0.0), ws, no_progress, never_stop)
-    vertices = plyio.xyz_of(plyio.read_ply(ws.mesh).vertex)
+    config = build_mesh.MeshConfig(depth=7, trim=0.0, max_triangles=3000)
+    result = build_mesh.run(config, ws, no_progress, never_stop)
+    ply = plyio.read_ply(ws.mesh)
+    vertices = plyio.xyz_of(ply.vertex)
     assert result.removed_far_triangles > 0
     assert vertices[:, 1].min() > -0.1
+    # Decimation keeps the open rim of the cap where it was.
+    mesh = trimesh.Trimesh(vertices, ply.faces, process=False)
+    rim = np.unique(mesh.edges_sorted[trimesh.grouping.group_rows(mesh.edges_sorted, require_count=1)])
+    assert len(rim) > 20 and np.abs(vertices[rim, 1]).max() < 0.1
+    assert result.triangles <= 3000 and np.abs(np.linalg.norm(vertices, axis=1) - 1).max() < 0.05
 
 
 def test_empty_cloud_is_mesh_failed_without_poisson(tmp_path: Path) -> None:

@@ -69,9 +69,15 @@ class DenseView:
         y = kinv[1, 1] * v + kinv[1, 2]
         return np.stack([x, y, np.ones_like(x)], axis=-1)
 
-    def undistort(self, photo: np.ndarray, interpolation: int = cv2.INTER_LINEAR) -> np.ndarray:
-        """Resample a photo (or mask) onto the undistorted depth grid."""
-        mx, my = self.photo_map(self.grid_rays())
+    def undistort(
+        self,
+        photo: np.ndarray,
+        interpolation: int = cv2.INTER_LINEAR,
+        maps: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> np.ndarray:
+        """Resample a photo (or mask) onto the undistorted depth grid; `maps` = photo_map(grid_rays())
+        when several images of the view are resampled (building them is the costly part)."""
+        mx, my = maps if maps is not None else self.photo_map(self.grid_rays())
         src = photo
         if self.scale < 0.75 and interpolation != cv2.INTER_NEAREST:
             sigma = 0.4 / self.scale

@@ -45,5 +45,9 @@ class ScandropError(Exception):
         self.message = message
         self.hint = hint
 
+    def __reduce__(self) -> tuple[type[ScandropError], tuple[ErrorCode, str, str]]:
+        # Worker processes send these back to the job process; keep all three fields on the way.
+        return (ScandropError, (self.code, self.message, self.hint))
+
     def info(self) -> ErrorInfo:
         return ErrorInfo(code=self.code, message=self.message, hint=self.hint)

@@ -143,8 +143,9 @@ def run(config: FuseConfig, ws: Workspace, progress: Progress, should_stop: Stop
     if len(depth_views) < config.min_consistent + 1:
         raise ScandropError(
             ErrorCode.dense_failed,
-            f"Only {len(depth_views)} views have depth maps; fusion needs {config.min_consistent + 1}.",
-            "Run the depth stage first, with photos that overlap well.",
+            f"Depth could be measured in only {len(depth_views)} photos; at least {config.min_consistent + 1}"
+            " are needed to cross-check it.",
+            "Take more photos that overlap, each a small step (about 10 degrees) around the object.",
         )
     chunks: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     order = [i for i, v in enumerate(views) if v.name in depth_views]

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import psutil
@@ -16,6 +17,7 @@ from PIL import Image
 from daemon.worker import run_job
 from pipeline.errors import ErrorCode
 from pipeline.presets import preset_config
+from pipeline.report import Report
 from pipeline.run import ProgressEvent
 
 
@@ -27,9 +29,13 @@ def _noise_photos(folder: Path, n: int) -> Path:
     return folder
 
 
+def _run(tmp_path: Path, photos: Path, **kw: Any) -> Report:
+    return run_job(photos, tmp_path / "out", preset_config("fast"), tmp_path / "work", {"name": "cpu"}, **kw)
+
+
 def test_photos_that_do_not_overlap_fail_clearly(tmp_path: Path) -> None:
     photos = _noise_photos(tmp_path / "photos", 4)
-    report = run_job(photos, tmp_path / "out", preset_config("fast"), tmp_path / "work", {"name": "cpu"})
+    report = _run(tmp_path, photos)
     assert not report.ok
     assert report.error is not None and report.error.code in (
         ErrorCode.no_overlap,
@@ -44,15 +50,7 @@ def test_photos_that_do_not_overlap_fail_clearly(tmp_path: Path) -> None:
 def test_cancel_stops_the_job(tmp_path: Path) -> None:
     photos = _noise_photos(tmp_path / "photos", 6)
     seen: list[ProgressEvent] = []
-    report = run_job(
-        photos,
-        tmp_path / "out",
-        preset_config("fast"),
-        tmp_path / "work",
-        {"name": "cpu"},
-        on_event=seen.append,
-        should_stop=lambda: len(seen) > 0,
-    )
+    report = _run(tmp_path, photos, on_event=seen.append, should_stop=lambda: len(seen) > 0)
     assert report.error is not None and report.error.code == ErrorCode.cancelled
     assert seen and seen[0].stage == "ingest"
 
@@ -66,14 +64,7 @@ def test_a_crashed_worker_becomes_a_report(tmp_path: Path) -> None:
             if "spawn_main" in cmdline and "resource_tracker" not in cmdline:
                 os.kill(child.pid, signal.SIGKILL)  # the job process, as the OOM killer would
 
-    report = run_job(
-        photos,
-        tmp_path / "out",
-        preset_config("fast"),
-        tmp_path / "work",
-        {"name": "cpu"},
-        on_event=kill_worker,
-    )
+    report = _run(tmp_path, photos, on_event=kill_worker)
     assert report.error is not None and report.error.code == ErrorCode.worker_crashed
     assert "exit code" in report.error.message
     assert json.loads((tmp_path / "out" / "report.json").read_text())["error"]["code"] == "worker_crashed"

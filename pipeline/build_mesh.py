@@ -51,7 +51,7 @@ class MeshConfig(BaseModel):
         0.005, ge=0.0, lt=1.0, description="Drop connected pieces with fewer faces than this share of all."
     )
     thin_cells: float = Field(
-        1.0,
+        0.5,
         ge=0.0,
         le=4.0,
         description="Average the points in voxels of this many Poisson cells before Poisson (0: off);"

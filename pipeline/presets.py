@@ -42,13 +42,15 @@ _OVERRIDES: dict[Preset, dict[str, dict[str, Any]]] = {
     Preset.fast: {
         "ingest": {"max_image_size": 1024},
         "sparse": {"max_num_features": 2048},
-        "mesh": {"depth": 8},
+        "depth": {"partners": 3, "stereo_max_size": 320},
+        "mesh": {"depth": 7},
     },
     Preset.balanced: {},
     Preset.quality: {
         "ingest": {"max_image_size": 2400},
         "sparse": {"max_num_features": 8192},
-        "mesh": {"depth": 10},
+        "depth": {"stereo_max_size": 1000},
+        "mesh": {"depth": 9},
     },
 }
 

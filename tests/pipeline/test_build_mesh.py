@@ -135,3 +135,15 @@ def test_stop_request_cancels(tmp_path: Path) -> None:
     with pytest.raises(ScandropError) as err:
         build_mesh.run(build_mesh.MeshConfig(), ws, no_progress, lambda: True)
     assert err.value.code is ErrorCode.cancelled
+
+
+def test_thin_averages_points_per_voxel() -> None:
+    cloud = sphere_and_box(n_sphere=30_000, n_box=0)
+    thinned = build_mesh.thin(cloud, 0.05)
+    assert 1_000 < len(thinned) < len(cloud) // 4
+    # Means of points on the unit sphere stay within a voxel of it, normals stay unit and outward.
+    assert np.abs(np.linalg.norm(thinned.xyz, axis=1) - 1.0).max() < 0.05
+    assert np.allclose(np.linalg.norm(thinned.normals, axis=1), 1.0, atol=1e-5)
+    assert np.all(np.einsum("ij,ij->i", thinned.normals, thinned.xyz) > 0.9)
+    assert np.median(thinned.rgb[:, 0]) == 220
+    assert build_mesh.thin(cloud, 0.0) is cloud

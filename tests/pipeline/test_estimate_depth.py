@@ -76,3 +76,15 @@ def test_needs_a_sparse_model(tmp_path: Path) -> None:
     with pytest.raises(ScandropError) as err:
         estimate_depth.run(estimate_depth.DepthConfig(), Workspace(tmp_path), no_progress, never_stop)
     assert err.value.code == ErrorCode.dense_failed
+
+
+def test_merge_keeps_agreeing_partners_only() -> None:
+    nan = np.nan
+    depths = [
+        np.array([[1.0, 1.0, 1.0, nan]], np.float32),
+        np.array([[1.002, 2.0, nan, nan]], np.float32),
+        np.array([[1.004, 3.0, nan, nan]], np.float32),
+    ]
+    depth, conf = estimate_depth._merge(depths, agree_rel=0.01)
+    np.testing.assert_allclose(depth[0], [1.002, 0.0, 1.0, 0.0], rtol=1e-6)
+    np.testing.assert_allclose(conf[0], [1.0, 0.0, 1 / 3, 0.0], rtol=1e-6)

@@ -9,9 +9,9 @@ import pytest
 from PIL import Image
 
 from pipeline import estimate_depth
+from pipeline.bench.known_poses import workspace_from_scene
 from pipeline.bench.synthetic import SyntheticScene, cast_rays, render_scene
 from pipeline.errors import ErrorCode, ScandropError
-from pipeline.bench.known_poses import workspace_from_scene
 from pipeline.stage import never_stop, no_progress
 from pipeline.workspace import Workspace
 

@@ -9,10 +9,10 @@ import pytest
 from PIL import Image
 
 from pipeline import estimate_depth, fuse_depth
+from pipeline.bench.known_poses import workspace_from_scene
 from pipeline.bench.metrics import precision_recall_fscore
 from pipeline.bench.synthetic import SyntheticScene, cast_rays, render_scene
 from pipeline.errors import ErrorCode, ScandropError
-from pipeline.bench.known_poses import workspace_from_scene
 from pipeline.pointcloud import load_points
 from pipeline.stage import never_stop, no_progress
 from pipeline.workspace import Workspace

@@ -10,6 +10,7 @@ from __future__ import annotations
 import shutil
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -102,9 +103,28 @@ def _camera_key(img: Image.Image) -> str:
     return "|".join(parts)
 
 
-def _load(
-    path: Path, max_size: int
-) -> tuple[np.ndarray, np.ndarray | None, tuple[int, int], bool, bytes, str]:
+def _is_8bit(path: Path, img: Image.Image) -> bool:
+    """JPEG is always 8-bit; Pillow reads 16-bit RGB PNGs as "RGB" too, so read the PNG header."""
+    if img.format == "JPEG":
+        return True
+    if img.format == "PNG":
+        with open(path, "rb") as fh:
+            header = fh.read(26)
+        return len(header) == 26 and header[24] == 8
+    return False
+
+
+class Loaded(NamedTuple):
+    rgb: np.ndarray
+    alpha: np.ndarray | None
+    orig_size: tuple[int, int]
+    resized: bool
+    exif: bytes
+    camera: str
+    pristine: bool  # already an upright 8-bit RGB JPEG/PNG within size: copy the file as it is
+
+
+def _load(path: Path, max_size: int) -> Loaded:
     """Read one photo upright and bounded in size; raise ValueError with a reason when unusable."""
     if path.stat().st_size == 0:
         raise ValueError("empty file (0 bytes)")
@@ -113,6 +133,7 @@ def _load(
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(path)
             orig_size = img.size
+            upright_rgb = img.mode == "RGB" and img.getexif().get(0x0112, 1) == 1 and _is_8bit(path, img)
             if orig_size[0] * orig_size[1] > MAX_DECODE_PIXELS:
                 raise ValueError(f"image too large to decode safely ({orig_size[0]}x{orig_size[1]})")
             # JPEG can decode at 1/2, 1/4, 1/8 scale directly: big photos never reach memory whole.
@@ -135,7 +156,7 @@ def _load(
             (max(1, round(img.size[0] * scale)), max(1, round(img.size[1] * scale))), Image.Resampling.LANCZOS
         )
     rgb, alpha = _to_rgb8(img)
-    return rgb, alpha, orig_size, resized, exif, camera
+    return Loaded(rgb, alpha, orig_size, resized, exif, camera, upright_rgb and not resized)
 
 
 def _unique_name(stem: str, suffix: str, taken: set[str]) -> str:
@@ -178,10 +199,10 @@ def run(
         progress(i / len(candidates), f"reading {path.name}")
         rel = str(path.relative_to(input_dir))
         try:
-            rgb, alpha, orig, resized, exif, camera = _load(path, config.max_image_size)
+            loaded = _load(path, config.max_image_size)
             mask = None
-            if alpha is not None:
-                mask = np.where(alpha >= config.alpha_threshold, 255, 0).astype(np.uint8)
+            if loaded.alpha is not None:
+                mask = np.where(loaded.alpha >= config.alpha_threshold, 255, 0).astype(np.uint8)
                 if mask.mean() < 255 * 0.001:
                     raise ValueError("alpha channel is fully transparent: nothing to reconstruct")
                 if mask.min() == 255:
@@ -189,23 +210,26 @@ def run(
         except ValueError as exc:
             rejected.append(Rejected(file=rel, reason=str(exc)))
             continue
-        key = f"{orig[0]}x{orig[1]}"
-        sizes[key] = [orig[0], orig[1], sizes.get(key, [0, 0, 0])[2] + 1]
+        width, height = loaded.orig_size
+        key = f"{width}x{height}"
+        sizes[key] = [width, height, sizes.get(key, [0, 0, 0])[2] + 1]
         suffix = ".jpg" if path.suffix.lower() in (".jpg", ".jpeg") else ".png"
         name = _unique_name(path.stem, suffix, taken)
         out = staging / name
-        if suffix == ".jpg":
-            Image.fromarray(rgb).save(out, quality=95, exif=exif)
+        if loaded.pristine:
+            shutil.copyfile(path, out)
+        elif suffix == ".jpg":
+            Image.fromarray(loaded.rgb).save(out, quality=95, exif=loaded.exif)
         else:
-            Image.fromarray(rgb).save(out, compress_level=1)
+            Image.fromarray(loaded.rgb).save(out, compress_level=1)
         if mask is not None:
             ws.masks_dir.mkdir(parents=True, exist_ok=True)
             Image.fromarray(mask).save(ws.mask_for(name), compress_level=1)
             masked += 1
-        resized_count += int(resized)
+        resized_count += int(loaded.resized)
         names.append(name)
         sources[name] = rel
-        cameras.setdefault(camera, []).append(name)
+        cameras.setdefault(loaded.camera, []).append(name)
     if len(names) < config.min_images:
         detail = "; ".join(f"{r.file}: {r.reason}" for r in rejected[:5])
         raise ScandropError(

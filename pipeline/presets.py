@@ -41,7 +41,7 @@ class PipelineConfig(BaseModel):
 _OVERRIDES: dict[Preset, dict[str, dict[str, Any]]] = {
     Preset.fast: {
         "ingest": {"max_image_size": 1024},
-        "sparse": {"max_num_features": 2048},
+        "sparse": {"max_num_features": 2048, "small_set_features": 4096},
         "depth": {"partners": 3, "stereo_max_size": 320},
         "mesh": {"depth": 7},
     },

@@ -32,8 +32,12 @@ class SparseConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     max_num_features: int = Field(
-        4096, ge=256, description="SIFT features per image; matching cost grows with it."
+        3072, ge=256, description="SIFT features per image; exhaustive matching cost grows with it."
     )
+    small_set_max_images: int = Field(
+        12, ge=0, description="Sets this small match few pairs: they get small_set_features instead."
+    )
+    small_set_features: int = Field(8192, ge=256, description="SIFT features per image for small sets.")
     matching: Matching = Field(Matching.auto, description="Pairing strategy; auto picks by input.")
     exhaustive_max_images: int = Field(
         60, ge=3, description="Above this many unordered images, auto uses retrieval instead of all pairs."
@@ -59,6 +63,13 @@ class SparseResult(BaseModel):
     mean_track_length: float
     up_method: str
     seconds: dict[str, float]
+
+
+def features_per_image(config: SparseConfig, num_images: int) -> int:
+    """More features where there are few pairs to match: accuracy for small sets, speed for larger."""
+    if num_images <= config.small_set_max_images:
+        return max(config.max_num_features, config.small_set_features)
+    return config.max_num_features
 
 
 def choose_matching(config: SparseConfig, num_images: int) -> Matching:
@@ -149,7 +160,7 @@ def run(
     t0 = time.perf_counter()
     progress(0.0, f"extracting features from {len(image_names)} photos")
     extraction = pycolmap.FeatureExtractionOptions()
-    extraction.sift.max_num_features = config.max_num_features
+    extraction.sift.max_num_features = features_per_image(config, len(image_names))
     reader = pycolmap.ImageReaderOptions()
     reader.camera_model = config.camera_model
     if ws.masks_dir.exists():

@@ -110,3 +110,14 @@ def test_too_few_photos_is_a_clear_failure(tmp_path: Path, count: int) -> None:
         _ingest(src, tmp_path)
     assert info.value.code == (ErrorCode.no_input if count == 0 else ErrorCode.too_few_images)
     assert info.value.hint
+
+
+def test_clean_photos_are_copied_untouched(tmp_path: Path) -> None:
+    src = tmp_path / "drop"
+    src.mkdir()
+    for i in range(3):
+        Image.fromarray(_texture(320, 240, i)).save(src / f"p{i}.jpg", quality=90)
+    ws = Workspace(tmp_path / "ws").create()
+    ingest_images.run(ingest_images.IngestConfig(), src, ws, no_progress, never_stop)
+    # Byte-identical copies keep every EXIF field (focal length) for COLMAP and lose no quality.
+    assert (ws.images_dir / "p0.jpg").read_bytes() == (src / "p0.jpg").read_bytes()

@@ -121,3 +121,14 @@ def test_clean_photos_are_copied_untouched(tmp_path: Path) -> None:
     ingest_images.run(ingest_images.IngestConfig(), src, ws, no_progress, never_stop)
     # Byte-identical copies keep every EXIF field (focal length) for COLMAP and lose no quality.
     assert (ws.images_dir / "p0.jpg").read_bytes() == (src / "p0.jpg").read_bytes()
+
+
+def test_mixed_cameras_get_their_own_intrinsics(tmp_path: Path) -> None:
+    src = tmp_path / "drop"
+    src.mkdir()
+    for i in range(3):
+        Image.fromarray(_texture(320, 240, i)).save(src / f"phone_{i}.png")
+        Image.fromarray(_texture(400, 300, i + 10)).save(src / f"dslr_{i}.png")
+    result = _ingest(src, tmp_path)
+    groups = sorted(sorted(g) for g in result.camera_groups())
+    assert groups == [[f"dslr_{i}.png" for i in range(3)], [f"phone_{i}.png" for i in range(3)]]

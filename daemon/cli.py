@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -29,7 +31,12 @@ def _reconstruct(args: argparse.Namespace) -> int:
             print(line, file=sys.stderr, flush=True)
             last[0] = line
 
-    report = run_job(args.input, args.outdir, config, work, device.model_dump(), on_event=show)
+    stop = threading.Event()  # Ctrl-C or SIGTERM: stop the job cleanly, still write report.json
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    report = run_job(
+        args.input, args.outdir, config, work, device.model_dump(), on_event=show, should_stop=stop.is_set
+    )
     if report.ok and not args.keep_work:
         clean_work_dir(work)
     if report.ok:

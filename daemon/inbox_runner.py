@@ -1,12 +1,14 @@
 """The first daemon: poll the inbox, run each complete photo-folder drop once, write to the outbox.
 
 A drop is complete when it holds the ready marker or its listing (path, size, mtime) has not
-changed for `stability_seconds`. A drop is done when `<outbox>/<drop>/report.json` exists, so a
+changed for `stability_seconds`. A drop is done when `<outbox>/<drop>/report.json` exists (and does
+not say cancelled: a job stopped by a shutdown runs again), so a
 restart never runs a finished drop twice. The input is never modified or deleted.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import threading
@@ -18,6 +20,7 @@ import structlog
 from daemon.settings import Settings
 from daemon.worker import run_job
 from models.device import resolve_device
+from pipeline.errors import ErrorCode
 from pipeline.presets import preset_config
 from pipeline.run import clean_work_dir
 
@@ -32,10 +35,22 @@ def job_id_for(drop: Path) -> str:
 def listing(drop: Path) -> Listing:
     entries = []
     for p in sorted(drop.rglob("*")):
-        if p.is_file():
-            st = p.stat()
-            entries.append((str(p.relative_to(drop)), st.st_size, st.st_mtime_ns))
+        try:
+            if p.is_file():
+                st = p.stat()
+                entries.append((str(p.relative_to(drop)), st.st_size, st.st_mtime_ns))
+        except OSError:
+            continue  # vanished while we looked: the next scan sees the change
     return tuple(entries)
+
+
+def is_done(report_path: Path) -> bool:
+    """A drop is done once it has a report, unless that report says it was cancelled (e.g. shutdown)."""
+    try:
+        report = json.loads(report_path.read_text())
+    except (OSError, ValueError):
+        return False
+    return (report.get("error") or {}).get("code") != ErrorCode.cancelled.value
 
 
 class InboxRunner:
@@ -43,6 +58,7 @@ class InboxRunner:
         self.settings = settings
         self.stop = threading.Event()
         self._seen: dict[Path, tuple[Listing, float]] = {}
+        self.device = resolve_device(settings.device)  # once: an impossible request stops start-up
 
     def complete_drops(self) -> list[Path]:
         """Folders in the inbox that are complete and not yet processed."""
@@ -51,7 +67,7 @@ class InboxRunner:
         for drop in sorted(self.settings.inbox.iterdir()):
             if drop.name.startswith(".") or not drop.is_dir():
                 continue
-            if (self.settings.outbox / job_id_for(drop) / "report.json").exists():
+            if is_done(self.settings.outbox / job_id_for(drop) / "report.json"):
                 continue
             current = listing(drop)
             if not current:
@@ -69,7 +85,7 @@ class InboxRunner:
     def process(self, drop: Path) -> None:
         job_id = job_id_for(drop)
         bound = log.bind(job_id=job_id)
-        device = resolve_device(self.settings.device)
+        device = self.device
         config = preset_config(self.settings.preset, {"mesh": {"max_triangles": self.settings.max_triangles}})
         work = self.settings.state_dir / "work" / job_id
         bound.info("job_started", input=str(drop), device=device.name)
@@ -106,7 +122,10 @@ class InboxRunner:
             for drop in self.complete_drops():
                 if self.stop.is_set():
                     break
-                self.process(drop)
+                try:
+                    self.process(drop)
+                except Exception:  # one bad drop must not stop the daemon; the next scan goes on
+                    log.exception("job_crashed", job_id=job_id_for(drop))
             if once and not self._pending():
                 break
             self.stop.wait(self.settings.poll_seconds)
@@ -116,6 +135,6 @@ class InboxRunner:
             d.is_dir()
             and not d.name.startswith(".")
             and listing(d)
-            and not (self.settings.outbox / job_id_for(d) / "report.json").exists()
+            and not is_done(self.settings.outbox / job_id_for(d) / "report.json")
             for d in self.settings.inbox.iterdir()
         )

@@ -19,6 +19,7 @@ from pydantic_settings import (
 )
 
 from models.device import DeviceRequest
+from pipeline.errors import ErrorCode, ScandropError
 from pipeline.presets import Preset
 
 DEFAULT_CONFIG_FILE = Path("/etc/scandrop/scandrop.toml")
@@ -51,6 +52,12 @@ class Settings(BaseSettings):
             str(DEFAULT_CONFIG_FILE) if DEFAULT_CONFIG_FILE.exists() else None
         )
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if path and not Path(path).is_file():
+            raise ScandropError(
+                ErrorCode.invalid_settings,
+                f"The config file {path} does not exist.",
+                "Fix --config or SCANDROP_CONFIG, or leave both unset to use the defaults.",
+            )
         if path:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(path)))
         return tuple(sources)

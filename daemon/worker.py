@@ -21,7 +21,7 @@ from pipeline.errors import ErrorCode, ErrorInfo
 from pipeline.presets import PipelineConfig
 from pipeline.report import Report
 from pipeline.run import OnEvent, ProgressEvent, run_pipeline, scandrop_version
-from pipeline.stage import StopCheck, never_stop, write_json_atomic
+from pipeline.stage import CANCELLED_HINT, StopCheck, never_stop, write_json_atomic
 
 GRACE_SECONDS = 10.0
 
@@ -46,6 +46,20 @@ def _child(
         should_stop=stop.is_set,
     )
     events.put(("report", report.model_dump_json()))
+
+
+def _drain(events: mp.Queue, on_event: OnEvent | None, wait: float) -> Report | None:
+    """Pass on every queued progress event; return the report if the child sent it."""
+    while True:
+        try:
+            kind, payload = events.get(timeout=wait)
+        except queue.Empty:
+            return None
+        wait = 0.0
+        if kind == "report":
+            return Report.model_validate_json(payload)
+        if on_event is not None:
+            on_event(ProgressEvent.model_validate_json(payload))
 
 
 def _kill_tree(pid: int) -> None:
@@ -83,6 +97,8 @@ def _failed_report(
     )
     report.seconds = round((report.finished_at - started).total_seconds(), 3)  # type: ignore[operator]
     out_dir.mkdir(parents=True, exist_ok=True)
+    for partial in out_dir.rglob(".*.part*"):  # half-written outputs of a killed job
+        partial.unlink(missing_ok=True)
     write_json_atomic(out_dir / "report.json", report.model_dump(mode="json"))
     return report
 
@@ -113,54 +129,44 @@ def run_job(
     report: Report | None = None
     stopping_since: float | None = None
     reason: ErrorInfo | None = None
-    while report is None:
-        try:
-            kind, payload = events.get(timeout=0.2)
-            if kind == "event" and on_event is not None:
-                on_event(ProgressEvent.model_validate_json(payload))
-            elif kind == "report":
-                report = Report.model_validate_json(payload)
-            continue
-        except queue.Empty:
-            pass
-        if not proc.is_alive():
-            # Drain anything sent just before exit, then give up on this process.
-            try:
-                kind, payload = events.get(timeout=1.0)
-                if kind == "report":
-                    report = Report.model_validate_json(payload)
-                    continue
-            except queue.Empty:
-                pass
-            break
-        timed_out = timeout is not None and time.monotonic() - t0 > timeout
-        if stopping_since is None and (should_stop() or timed_out):
+    try:
+        while report is None:
+            report = _drain(events, on_event, wait=0.2)
+            if report is not None:
+                break
+            if not proc.is_alive():
+                report = _drain(events, on_event, wait=1.0)  # whatever it sent just before exiting
+                break
+            timed_out = timeout is not None and time.monotonic() - t0 > timeout
+            if stopping_since is None and (should_stop() or timed_out):
+                stop.set()
+                stopping_since = time.monotonic()
+                if timed_out:
+                    reason = ErrorInfo(
+                        code=ErrorCode.timeout,
+                        message=f"The job ran past its time limit of {timeout:.0f} s.",
+                        hint="Raise job_timeout, use --preset fast, or drop fewer/smaller photos.",
+                    )
+            if stopping_since is not None and time.monotonic() - stopping_since > GRACE_SECONDS:
+                _kill_tree(proc.pid)  # type: ignore[arg-type]
+        proc.join(timeout=GRACE_SECONDS)
+    finally:
+        # Whatever happened here (an exception in a callback, Ctrl-C), the job must not outlive us.
+        if proc.is_alive():
             stop.set()
-            stopping_since = time.monotonic()
-            if timed_out:
-                reason = ErrorInfo(
-                    code=ErrorCode.timeout,
-                    message=f"The job ran past {timeout:.0f} s.",
-                    hint="Raise job_timeout, use --preset fast, or drop fewer/smaller photos.",
-                )
-        if stopping_since is not None and time.monotonic() - stopping_since > GRACE_SECONDS:
             _kill_tree(proc.pid)  # type: ignore[arg-type]
-    proc.join(timeout=GRACE_SECONDS)
-    if proc.is_alive():
-        _kill_tree(proc.pid)  # type: ignore[arg-type]
-        proc.join()
+            proc.join()
     if reason is not None and (report is None or not report.ok):
         return _failed_report(input_dir, out_dir, config, device, started, reason)
     if report is not None:
         return report
     if stopping_since is not None:
-        reason = ErrorInfo(
-            code=ErrorCode.cancelled, message="The job was cancelled.", hint="Drop it again to rerun."
-        )
+        reason = ErrorInfo(code=ErrorCode.cancelled, message="The job was cancelled.", hint=CANCELLED_HINT)
     else:
         reason = ErrorInfo(
             code=ErrorCode.worker_crashed,
-            message=f"The reconstruction process died unexpectedly (exit code {proc.exitcode}).",
+            message="The reconstruction process stopped unexpectedly"
+            + (f" (killed by signal {-proc.exitcode})." if (proc.exitcode or 0) < 0 else "."),
             hint="Out of memory or a bug: try --preset fast; report it with the log if it persists.",
         )
     return _failed_report(input_dir, out_dir, config, device, started, reason)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import fast_simplification
 import numpy as np
+import structlog
 from pydantic import BaseModel, ConfigDict, Field
 from scipy import sparse
 from scipy.spatial import cKDTree
@@ -119,9 +120,10 @@ def _run_child(
     if proc.returncode != 0 or not dst.exists():
         tail = log.read_text(errors="replace").strip().splitlines()[-3:]
         how = f"crashed (signal {-proc.returncode})" if proc.returncode < 0 else f"failed ({proc.returncode})"
+        structlog.get_logger("scandrop.mesh").error("colmap_failed", step=kind, how=how, log_tail=tail)
         raise ScandropError(
             ErrorCode.mesh_failed,
-            f"COLMAP {kind} {how}: {' | '.join(tail) or 'no output'}",
+            f"Building the surface failed ({kind} {how}).",
             "The dense points may be too few or too noisy to mesh; try more photos with more overlap.",
         )
 

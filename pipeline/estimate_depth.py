@@ -17,6 +17,7 @@ import os
 import time
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing import get_context
@@ -147,15 +148,6 @@ def _merge(depths: list[np.ndarray], agree_rel: float) -> tuple[np.ndarray, np.n
     depth[(count >= 2) & (n_agree < 2)] = 0.0
     conf = np.where(depth > 0, n_agree / len(depths), 0.0)
     return depth.astype(np.float32), conf.astype(np.float32)
-
-
-def _view_depth_safe(task: _Task) -> tuple[str, float, str]:
-    """Worker entry: ScandropError does not survive pickling, so its message travels as text."""
-    try:
-        name, fraction = _view_depth(task)
-    except ScandropError as err:
-        return task.ref.name, 0.0, err.message
-    return name, fraction, ""
 
 
 def _view_depth(task: _Task) -> tuple[str, float]:
@@ -314,12 +306,17 @@ def _run_tasks(tasks: list[_Task], workers: int, progress: Progress, should_stop
             while queue or pending:
                 while queue and len(pending) < workers * 2:
                     check_stop(should_stop)
-                    pending.add(pool.submit(_view_depth_safe, queue.pop(0)))
+                    pending.add(pool.submit(_view_depth, queue.pop(0)))
                 done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
                 for fut in done:
-                    name, frac, error = fut.result()
-                    if error:
-                        raise ScandropError(ErrorCode.dense_failed, error, "Rerun the job.")
+                    try:
+                        name, frac = fut.result()
+                    except BrokenProcessPool as exc:  # a worker was killed, most likely out of memory
+                        raise ScandropError(
+                            ErrorCode.dense_failed,
+                            "A depth worker stopped unexpectedly (probably out of memory).",
+                            "Use --preset fast or smaller photos, or give the machine more memory.",
+                        ) from exc
                     fractions.append(frac)
                     progress(len(fractions) / total, f"depth {len(fractions)}/{total}: {name}")
                 check_stop(should_stop)

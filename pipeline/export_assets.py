@@ -14,6 +14,7 @@ An asset whose input an earlier stage did not produce is skipped and named in th
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -177,6 +178,24 @@ def _write_sparse(rec: pycolmap.Reconstruction, out_dir: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _write_images(src: Path, names: list[str], out_dir: Path) -> None:
+    """The photos the cameras describe (upright, at the size the intrinsics are for), so that
+    transforms.json and the COLMAP model work as they are in nerfstudio, COLMAP or a 3DGS trainer."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        for name in names:
+            try:
+                os.link(src / name, tmp / name)  # same filesystem: no copy needed
+            except OSError:
+                shutil.copyfile(src / name, tmp / name)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def run(
     config: ExportConfig, ws: Workspace, out_dir: Path, progress: Progress, should_stop: StopCheck
 ) -> ExportResult:
@@ -235,6 +254,11 @@ def run(
             with atomic_path(out_dir / "cameras" / "transforms.json") as tmp:
                 tmp.write_text(json.dumps(data, indent=2) + "\n")
             _write_sparse(rec, out_dir / "cameras" / "sparse")
+            _write_images(
+                ws.images_dir,
+                [f["file_path"].removeprefix("images/") for f in data["frames"]],
+                out_dir / "cameras" / "images",
+            )
             written.append(out_dir / "cameras" / "transforms.json")
             written += sorted((out_dir / "cameras" / "sparse").iterdir())
         else:

@@ -7,7 +7,10 @@ report.json, on failure too, with the error's code, message and hint.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
+import traceback
 from collections.abc import Callable
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
@@ -97,8 +100,6 @@ def run_pipeline(
     pycolmap.logging.minloglevel = 2  # COLMAP's own INFO lines would drown the job log
     events: OnEvent = on_event or (lambda event: None)
     out_dir.mkdir(parents=True, exist_ok=True)
-    ws = Workspace(work_dir).create()
-    write_json_atomic(ws.root / "config.json", config.model_dump(mode="json"))
     report = Report(
         scandrop_version=scandrop_version(),
         input=str(input_dir),
@@ -110,7 +111,10 @@ def run_pipeline(
     )
     t_start = datetime.now(UTC)
 
+    current = ["start"]
+
     def stage(name: str, fn: Callable[..., BaseModel], *args: Any) -> Any:
+        current[0] = name
         check_stop(should_stop)
         with Meter() as meter:
             result = fn(*args, _stage_progress(name, events), should_stop)
@@ -125,6 +129,7 @@ def run_pipeline(
         return result
 
     try:
+        ws = _prepare_workspace(work_dir, input_dir, config)
         ingested = stage("ingest", ingest_images.run, config.ingest, input_dir, ws)
         report.images.input = ingested.images_in
         report.images.usable = ingested.usable
@@ -157,15 +162,55 @@ def run_pipeline(
             message="The job ran out of memory.",
             hint="Use --preset fast or fewer/smaller photos.",
         )
+    except Exception as exc:  # a bug, not a user problem: say where, keep the traceback in the log
+        traceback.print_exc()
+        report.error = ErrorInfo(
+            code=ErrorCode.internal_error,
+            message=f"Unexpected failure in the {current[0]} stage ({type(exc).__name__}: {exc}).",
+            hint="This is a bug in scandrop: please report it with report.json and the log.",
+        )
     finally:
         report.finished_at = datetime.now(UTC)
         report.seconds = round((report.finished_at - t_start).total_seconds(), 3)
         report.peak_rss_mb = max((s.peak_rss_mb for s in report.stages), default=0.0)
         report.outputs = sorted(
-            str(p.relative_to(out_dir)) for p in out_dir.rglob("*") if p.is_file() and p.name != "report.json"
+            str(rel)
+            for rel in (p.relative_to(out_dir) for p in out_dir.rglob("*") if p.is_file())
+            if rel.name != "report.json" and not any(part.startswith(".") for part in rel.parts)
         )
         write_json_atomic(out_dir / "report.json", report.model_dump(mode="json"))
     return report
+
+
+def _fingerprint(input_dir: Path, config: PipelineConfig) -> str:
+    """What a workspace was made from: the input listing and the settings."""
+    digest = hashlib.sha256(config.model_dump_json().encode())
+    for path in sorted(input_dir.rglob("*")):
+        if path.is_file():
+            st = path.stat()
+            digest.update(f"{path.relative_to(input_dir)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def _prepare_workspace(work_dir: Path, input_dir: Path, config: PipelineConfig) -> Workspace:
+    """Reuse a workspace only for the same input and settings (a resumed job); else start clean."""
+    marker = work_dir / "job.json"
+    fingerprint = _fingerprint(input_dir, config) if input_dir.is_dir() else ""
+    try:
+        same = json.loads(marker.read_text()).get("fingerprint") == fingerprint
+    except (OSError, ValueError):
+        same = False
+    if not same and marker.exists():
+        shutil.rmtree(work_dir, ignore_errors=True)
+    elif not same and work_dir.exists() and any(work_dir.iterdir()):
+        raise ScandropError(
+            ErrorCode.invalid_settings,
+            f"The work folder {work_dir} is not empty and is not a scandrop workspace.",
+            "Give an empty or new folder as the work folder; scandrop deletes its work folders.",
+        )
+    ws = Workspace(work_dir).create()
+    write_json_atomic(marker, {"fingerprint": fingerprint, "config": config.model_dump(mode="json")})
+    return ws
 
 
 def clean_work_dir(work_dir: Path) -> None:

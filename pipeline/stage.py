@@ -17,6 +17,8 @@ from typing import Any
 
 from pipeline.errors import ErrorCode, ScandropError
 
+CANCELLED_HINT = "Run it again to redo it; the daemon reruns jobs that a shutdown stopped."
+
 Progress = Callable[[float, str], None]
 StopCheck = Callable[[], bool]
 
@@ -32,7 +34,7 @@ def never_stop() -> bool:
 def check_stop(should_stop: StopCheck) -> None:
     """Raise the `cancelled` error when the caller asked the job to stop."""
     if should_stop():
-        raise ScandropError(ErrorCode.cancelled, "The job was cancelled.", "Drop it again to rerun.")
+        raise ScandropError(ErrorCode.cancelled, "The job was cancelled.", CANCELLED_HINT)
 
 
 @contextmanager

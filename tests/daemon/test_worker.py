@@ -66,7 +66,7 @@ def test_a_crashed_worker_becomes_a_report(tmp_path: Path) -> None:
 
     report = _run(tmp_path, photos, on_event=kill_worker)
     assert report.error is not None and report.error.code == ErrorCode.worker_crashed
-    assert "exit code" in report.error.message
+    assert "killed by signal 9" in report.error.message
     assert json.loads((tmp_path / "out" / "report.json").read_text())["error"]["code"] == "worker_crashed"
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import pycolmap
 import pytest
 import trimesh
+from PIL import Image
 
 from pipeline import export_assets, make_splats, plyio
 from pipeline.pointcloud import PointCloud, save_points
@@ -88,7 +89,11 @@ def build_workspace(root: Path, per_camera: bool = False) -> tuple[Workspace, di
         ),
     )
     make_splats.run(make_splats.SplatConfig(), ws, no_progress, never_stop)
-    return ws, write_cameras(ws.sparse_dir, per_camera)
+    poses = write_cameras(ws.sparse_dir, per_camera)
+    ws.images_dir.mkdir()
+    for name in poses:
+        Image.fromarray(rng.integers(0, 255, (480, 640, 3), dtype=np.uint8)).save(ws.images_dir / name)
+    return ws, poses
 
 
 def test_exports_have_exact_formats(tmp_path: Path) -> None:
@@ -104,6 +109,9 @@ def test_exports_have_exact_formats(tmp_path: Path) -> None:
         "cameras/transforms.json",
         "cameras/sparse/images.bin",
     } <= set(result.files)
+    # The photos the cameras describe travel with them, byte for byte.
+    for name in ("img_0.jpg", "img_3.jpg"):
+        assert (out / "cameras" / "images" / name).read_bytes() == (ws.images_dir / name).read_bytes()
     for name, size in result.files.items():
         assert (out / name).stat().st_size == size > 0
     assert result.points == 5000 and result.triangles == 20 * 4**4 and result.cameras == 4

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 
 from pipeline import ingest_images, reconstruct_sparse
 from pipeline.bench import metrics, synthetic
+from pipeline.errors import ErrorCode, ScandropError
 from pipeline.reconstruct_sparse import Matching, SparseConfig, choose_matching, features_per_image
 from pipeline.stage import never_stop, no_progress
 from pipeline.workspace import Workspace
@@ -54,3 +56,18 @@ def test_sparser_pairings_still_register_every_view(
     est = {rec.images[i].name: rec.images[i].cam_from_world().rotation.matrix() for i in rec.reg_image_ids()}
     errors = metrics.relative_rotation_errors(est, dict(zip(scene.names, scene.R, strict=True)))
     assert np.median(errors) < 0.1
+
+
+def test_cancel_lands_inside_colmap_calls(
+    photos: tuple[synthetic.SyntheticScene, Path], tmp_path: Path
+) -> None:
+    _, folder = photos
+    ws = Workspace(tmp_path / "ws").create()
+    ingested = ingest_images.run(ingest_images.IngestConfig(), folder, ws, no_progress, never_stop)
+    t0 = time.monotonic()
+    with pytest.raises(ScandropError) as info:
+        reconstruct_sparse.run(
+            SparseConfig(), ws, ingested.camera_groups(), no_progress, lambda: time.monotonic() - t0 > 1.0
+        )
+    assert info.value.code == ErrorCode.cancelled
+    assert time.monotonic() - t0 < 6.0  # a full run of this stage takes well over 10 s here

@@ -28,6 +28,7 @@ OUTPUTS = [
     "cameras/sparse/cameras.bin",
     "cameras/sparse/images.bin",
     "cameras/sparse/points3D.bin",
+    "cameras/images/view_000.png",
     "preview.png",
     "report.json",
 ]

@@ -7,8 +7,11 @@ started. Whatever happens, the caller gets a Report, and report.json in the outp
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
+import os
 import queue
+import signal
 import time
 from datetime import UTC, datetime
 from multiprocessing.synchronize import Event
@@ -35,6 +38,7 @@ def _child(
     events: mp.Queue,
     stop: Event,
 ) -> None:
+    os.setpgid(0, 0)  # the job and every process it starts form one group, killed as one
     config = PipelineConfig.model_validate_json(config_json)
     report = run_pipeline(
         Path(input_dir),
@@ -60,6 +64,12 @@ def _drain(events: mp.Queue, on_event: OnEvent | None, wait: float) -> Report | 
             return Report.model_validate_json(payload)
         if on_event is not None:
             on_event(ProgressEvent.model_validate_json(payload))
+
+
+def _kill_group(pgid: int) -> None:
+    """Kill what is left of a job's process group (e.g. workers orphaned by a crashed job process)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
 
 
 def _kill_tree(pid: int) -> None:
@@ -156,6 +166,7 @@ def run_job(
             stop.set()
             _kill_tree(proc.pid)  # type: ignore[arg-type]
             proc.join()
+        _kill_group(proc.pid)  # type: ignore[arg-type]
     if reason is not None and (report is None or not report.ok):
         return _failed_report(input_dir, out_dir, config, device, started, reason)
     if report is not None:

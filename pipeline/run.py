@@ -116,16 +116,19 @@ def run_pipeline(
     def stage(name: str, fn: Callable[..., BaseModel], *args: Any) -> Any:
         current[0] = name
         check_stop(should_stop)
-        with Meter() as meter:
-            result = fn(*args, _stage_progress(name, events), should_stop)
-        report.stages.append(
-            StageReport(
-                name=name,
-                seconds=round(meter.seconds, 3),
-                peak_rss_mb=round(meter.peak_rss_mb, 1),
-                result=result.model_dump(mode="json"),
+        result: BaseModel | None = None
+        try:
+            with Meter() as meter:
+                result = fn(*args, _stage_progress(name, events), should_stop)
+        finally:  # a failed stage is reported too, with its time and memory up to the failure
+            report.stages.append(
+                StageReport(
+                    name=name,
+                    seconds=round(meter.seconds, 3),
+                    peak_rss_mb=round(meter.peak_rss_mb, 1),
+                    result=result.model_dump(mode="json") if result is not None else {"failed": True},
+                )
             )
-        )
         return result
 
     try:

@@ -32,7 +32,7 @@ class FuseConfig(BaseModel):
     min_consistent: int = Field(2, ge=1, le=10, description="Other views that must agree with a pixel.")
     depth_tolerance: float = Field(0.02, gt=0, lt=0.2, description="Relative depth difference that agrees.")
     max_normal_angle_deg: float = Field(90.0, gt=0, le=180, description="Normals further apart disagree.")
-    neighbours: int = Field(12, ge=1, le=32, description="Views each view is checked against.")
+    neighbours: int = Field(8, ge=1, le=32, description="Most-overlapping views to check each view with.")
     min_points: int = Field(1000, ge=1, description="Fewer fused points than this fails the stage.")
 
 

@@ -43,6 +43,7 @@ _OVERRIDES: dict[Preset, dict[str, dict[str, Any]]] = {
         "ingest": {"max_image_size": 1024},
         "sparse": {"max_num_features": 2048, "small_set_features": 4096},
         "depth": {"partners": 3, "stereo_max_size": 320},
+        "fuse": {"neighbours": 6},
         "mesh": {"depth": 7},
     },
     Preset.balanced: {},
@@ -50,6 +51,7 @@ _OVERRIDES: dict[Preset, dict[str, dict[str, Any]]] = {
         "ingest": {"max_image_size": 2400},
         "sparse": {"max_num_features": 8192},
         "depth": {"stereo_max_size": 1000},
+        "fuse": {"neighbours": 12},
         "mesh": {"depth": 9},
     },
 }

@@ -151,7 +151,7 @@ def median_spacing(xyz: np.ndarray, tree: cKDTree, sample: int = 20_000) -> floa
     """Median distance from a point to its nearest neighbour (on a random sample, for speed)."""
     rng = np.random.default_rng(0)
     idx = rng.choice(len(xyz), size=min(sample, len(xyz)), replace=False)
-    dist, _ = tree.query(xyz[idx], k=2)
+    dist, _ = tree.query(xyz[idx], k=2, workers=-1)
     return float(np.median(dist[:, 1]))
 
 
@@ -220,7 +220,7 @@ def decimate(vertices: np.ndarray, faces: np.ndarray, max_triangles: int) -> tup
 def recolour(vertices: np.ndarray, tree: cKDTree, rgb: np.ndarray, k: int = 4) -> np.ndarray:
     """Vertex colours as the inverse-distance-weighted mean of the k nearest fused points."""
     k = min(k, len(rgb))
-    dist, idx = tree.query(vertices, k=k)
+    dist, idx = tree.query(vertices, k=k, workers=-1)
     dist, idx = dist.reshape(len(vertices), k), idx.reshape(len(vertices), k)
     w = 1.0 / np.maximum(dist, 1e-12)
     w /= w.sum(axis=1, keepdims=True)
@@ -274,7 +274,7 @@ def run(config: MeshConfig, ws: Workspace, progress: Progress, should_stop: Stop
         ]
         # Poisson's smallest cell: faces closer than a cell to the points are not invented.
         limit = config.max_distance_factor * max(median_spacing(cloud.xyz, tree), cell)
-        dist, _ = tree.query(vertices[faces].mean(axis=1), distance_upper_bound=limit)
+        dist, _ = tree.query(vertices[faces].mean(axis=1), distance_upper_bound=limit, workers=-1)
         near = np.isfinite(dist)
         removed_far = int((~near).sum())
         vertices, faces = _compact(vertices, faces, near)

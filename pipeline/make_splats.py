@@ -124,7 +124,7 @@ def splat_shapes(
     for start in range(0, len(xyz), _CHUNK):
         check_stop(should_stop)
         sl = slice(start, start + _CHUNK)
-        dist, idx = tree.query(xyz[sl], k=k)
+        dist, idx = tree.query(xyz[sl], k=k, workers=-1)
         nbrs = xyz[idx.reshape(-1, k)]
         centred = nbrs - nbrs.mean(axis=1, keepdims=True)
         cov = np.einsum("nki,nkj->nij", centred, centred) / k

@@ -21,27 +21,15 @@ from daemon.settings import Settings
 from daemon.worker import run_job
 from models.device import resolve_device
 from pipeline.errors import ErrorCode
+from pipeline.ingest_images import Listing, listing
 from pipeline.presets import preset_config
 from pipeline.run import clean_work_dir
 
 log = structlog.get_logger("scandrop.inbox")
-Listing = tuple[tuple[str, int, int], ...]
 
 
 def job_id_for(drop: Path) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", drop.name).strip("._") or "drop"
-
-
-def listing(drop: Path) -> Listing:
-    entries = []
-    for p in sorted(drop.rglob("*")):
-        try:
-            if p.is_file():
-                st = p.stat()
-                entries.append((str(p.relative_to(drop)), st.st_size, st.st_mtime_ns))
-        except OSError:
-            continue  # vanished while we looked: the next scan sees the change
-    return tuple(entries)
 
 
 def is_done(report_path: Path) -> bool:

@@ -23,7 +23,7 @@ import psutil
 from pipeline.errors import ErrorCode, ErrorInfo
 from pipeline.presets import PipelineConfig
 from pipeline.report import Report
-from pipeline.run import OnEvent, ProgressEvent, run_pipeline, scandrop_version
+from pipeline.run import OnEvent, ProgressEvent, new_report, run_pipeline
 from pipeline.stage import CANCELLED_HINT, StopCheck, never_stop, write_json_atomic
 
 GRACE_SECONDS = 10.0
@@ -94,18 +94,9 @@ def _failed_report(
     started: datetime,
     error: ErrorInfo,
 ) -> Report:
-    report = Report(
-        scandrop_version=scandrop_version(),
-        input=str(input_dir),
-        output=str(out_dir),
-        device=device,
-        preset=config.preset.value,
-        config=config.model_dump(mode="json"),
-        started_at=started,
-        finished_at=datetime.now(UTC),
-        error=error,
-    )
-    report.seconds = round((report.finished_at - started).total_seconds(), 3)  # type: ignore[operator]
+    report = new_report(input_dir, out_dir, config, device, started)
+    report.error = error
+    report.finish()
     out_dir.mkdir(parents=True, exist_ok=True)
     for partial in out_dir.rglob(".*.part*"):  # half-written outputs of a killed job
         partial.unlink(missing_ok=True)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pipeline import plyio
 from pipeline.errors import ErrorCode, ScandropError
 from pipeline.pointcloud import load_points
-from pipeline.stage import Progress, StopCheck, atomic_path, check_stop
+from pipeline.stage import Progress, StopCheck, atomic_dir, atomic_path, check_stop
 from pipeline.workspace import Workspace
 
 SH_C0 = 0.28209479177387814
@@ -165,35 +164,15 @@ def transforms_json(rec: pycolmap.Reconstruction) -> dict:
     return data
 
 
-def _write_sparse(rec: pycolmap.Reconstruction, out_dir: Path) -> None:
-    """Copy the COLMAP model into out_dir, replacing it only once the new copy is complete."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        rec.write_binary(str(tmp))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def _write_images(src: Path, names: list[str], out_dir: Path) -> None:
     """The photos the cameras describe (upright, at the size the intrinsics are for), so that
     transforms.json and the COLMAP model work as they are in nerfstudio, COLMAP or a 3DGS trainer."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         for name in names:
             try:
                 os.link(src / name, tmp / name)  # same filesystem: no copy needed
             except OSError:
                 shutil.copyfile(src / name, tmp / name)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def run(
@@ -253,7 +232,8 @@ def run(
             n_cameras = len(data["frames"])
             with atomic_path(out_dir / "cameras" / "transforms.json") as tmp:
                 tmp.write_text(json.dumps(data, indent=2) + "\n")
-            _write_sparse(rec, out_dir / "cameras" / "sparse")
+            with atomic_dir(out_dir / "cameras" / "sparse") as tmp_sparse:
+                rec.write_binary(str(tmp_sparse))
             _write_images(
                 ws.images_dir,
                 [f["file_path"].removeprefix("images/") for f in data["frames"]],

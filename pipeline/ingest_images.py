@@ -17,7 +17,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.errors import ErrorCode, ScandropError
-from pipeline.stage import Progress, StopCheck, check_stop, write_json_atomic
+from pipeline.stage import Progress, StopCheck, atomic_dir, check_stop, write_json_atomic
 from pipeline.workspace import Workspace
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp"}
@@ -56,6 +56,23 @@ class IngestResult(BaseModel):
     def camera_groups(self) -> list[list[str]]:
         """Images that share intrinsics: one COLMAP camera per group."""
         return [names for _, names in sorted(self.cameras.items())]
+
+
+Listing = tuple[tuple[str, int, int], ...]
+
+
+def listing(folder: Path) -> Listing:
+    """(relative path, size, mtime) of every file below `folder`: what tells a drop is complete
+    (it stops changing) and whether a workspace was made from this very input."""
+    entries = []
+    for p in sorted(folder.rglob("*")):
+        try:
+            if p.is_file():
+                st = p.stat()
+                entries.append((str(p.relative_to(folder)), st.st_size, st.st_mtime_ns))
+        except OSError:
+            continue  # vanished while we looked: the next look sees the change
+    return tuple(entries)
 
 
 def find_images(input_dir: Path) -> list[Path]:
@@ -183,10 +200,7 @@ def run(
             f"No photos found in {input_dir.name}.",
             f"Drop photos of one of these kinds: {kinds}.",
         )
-    staging = ws.root / "images.partial"
-    shutil.rmtree(staging, ignore_errors=True)
     shutil.rmtree(ws.masks_dir, ignore_errors=True)
-    staging.mkdir(parents=True)
     names: list[str] = []
     sources: dict[str, str] = {}
     rejected: list[Rejected] = []
@@ -194,52 +208,51 @@ def run(
     cameras: dict[str, list[str]] = {}
     taken: set[str] = set()
     resized_count = masked = 0
-    for i, path in enumerate(candidates):
-        check_stop(should_stop)
-        progress(i / len(candidates), f"reading {path.name}")
-        rel = str(path.relative_to(input_dir))
-        try:
-            loaded = _load(path, config.max_image_size)
-            mask = None
-            if loaded.alpha is not None:
-                mask = np.where(loaded.alpha >= config.alpha_threshold, 255, 0).astype(np.uint8)
-                if mask.mean() < 255 * 0.001:
-                    raise ValueError("alpha channel is fully transparent: nothing to reconstruct")
-                if mask.min() == 255:
-                    mask = None  # opaque everywhere: no mask needed
-        except ValueError as exc:
-            rejected.append(Rejected(file=rel, reason=str(exc)))
-            continue
-        width, height = loaded.orig_size
-        key = f"{width}x{height}"
-        sizes[key] = [width, height, sizes.get(key, [0, 0, 0])[2] + 1]
-        suffix = ".jpg" if path.suffix.lower() in (".jpg", ".jpeg") else ".png"
-        name = _unique_name(path.stem, suffix, taken)
-        out = staging / name
-        if loaded.pristine:
-            shutil.copyfile(path, out)
-        elif suffix == ".jpg":
-            Image.fromarray(loaded.rgb).save(out, quality=95, exif=loaded.exif)
-        else:
-            Image.fromarray(loaded.rgb).save(out, compress_level=1)
-        if mask is not None:
-            ws.masks_dir.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(mask).save(ws.mask_for(name), compress_level=1)
-            masked += 1
-        resized_count += int(loaded.resized)
-        names.append(name)
-        sources[name] = rel
-        cameras.setdefault(loaded.camera, []).append(name)
-    if len(names) < config.min_images:
-        detail = "; ".join(f"{r.file}: {r.reason}" for r in rejected[:5])
-        raise ScandropError(
-            ErrorCode.too_few_images,
-            f"Only {len(names)} usable photo(s) of {len(candidates)}; "
-            f"at least {config.min_images} are needed." + (f" Skipped: {detail}" if detail else ""),
-            "Drop at least 3 overlapping photos of the object, taken from different positions.",
-        )
-    shutil.rmtree(ws.images_dir, ignore_errors=True)
-    staging.rename(ws.images_dir)
+    with atomic_dir(ws.images_dir) as staging:  # images/ appears only once every photo is in
+        for i, path in enumerate(candidates):
+            check_stop(should_stop)
+            progress(i / len(candidates), f"reading {path.name}")
+            rel = str(path.relative_to(input_dir))
+            try:
+                loaded = _load(path, config.max_image_size)
+                mask = None
+                if loaded.alpha is not None:
+                    mask = np.where(loaded.alpha >= config.alpha_threshold, 255, 0).astype(np.uint8)
+                    if mask.mean() < 255 * 0.001:
+                        raise ValueError("alpha channel is fully transparent: nothing to reconstruct")
+                    if mask.min() == 255:
+                        mask = None  # opaque everywhere: no mask needed
+            except ValueError as exc:
+                rejected.append(Rejected(file=rel, reason=str(exc)))
+                continue
+            width, height = loaded.orig_size
+            key = f"{width}x{height}"
+            sizes[key] = [width, height, sizes.get(key, [0, 0, 0])[2] + 1]
+            suffix = ".jpg" if path.suffix.lower() in (".jpg", ".jpeg") else ".png"
+            name = _unique_name(path.stem, suffix, taken)
+            out = staging / name
+            if loaded.pristine:
+                shutil.copyfile(path, out)
+            elif suffix == ".jpg":
+                Image.fromarray(loaded.rgb).save(out, quality=95, exif=loaded.exif)
+            else:
+                Image.fromarray(loaded.rgb).save(out, compress_level=1)
+            if mask is not None:
+                ws.masks_dir.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(mask).save(ws.mask_for(name), compress_level=1)
+                masked += 1
+            resized_count += int(loaded.resized)
+            names.append(name)
+            sources[name] = rel
+            cameras.setdefault(loaded.camera, []).append(name)
+        if len(names) < config.min_images:
+            detail = "; ".join(f"{r.file}: {r.reason}" for r in rejected[:5])
+            raise ScandropError(
+                ErrorCode.too_few_images,
+                f"Only {len(names)} usable photo(s) of {len(candidates)}; "
+                f"at least {config.min_images} are needed." + (f" Skipped: {detail}" if detail else ""),
+                "Drop at least 3 overlapping photos of the object, taken from different positions.",
+            )
     result = IngestResult(
         images_in=len(candidates),
         usable=len(names),

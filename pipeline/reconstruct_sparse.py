@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline import world_frame
 from pipeline.errors import ErrorCode, ScandropError
-from pipeline.stage import Progress, StopCheck, check_stop, write_json_atomic
+from pipeline.stage import Progress, StopCheck, atomic_dir, check_stop, write_json_atomic
 from pipeline.workspace import Workspace
 
 
@@ -242,12 +242,8 @@ def run(
     progress(0.95, "turning the model upright")
     frame = world_frame.estimate(best)
     best.transform(frame.sim3d())
-    tmp_dir = ws.root / "sparse.partial"
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    tmp_dir.mkdir()
-    best.write_binary(str(tmp_dir))
-    shutil.rmtree(ws.sparse_dir, ignore_errors=True)
-    tmp_dir.rename(ws.sparse_dir)
+    with atomic_dir(ws.sparse_dir) as tmp_dir:
+        best.write_binary(str(tmp_dir))
     shutil.rmtree(raw_dir, ignore_errors=True)
 
     result = SparseResult(

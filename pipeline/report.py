@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import BaseModel, Field
@@ -53,3 +53,7 @@ class Report(BaseModel):
     splat_method: str | None = None
     outputs: list[str] = Field(default_factory=list)
     stages: list[StageReport] = Field(default_factory=list)
+
+    def finish(self) -> None:
+        self.finished_at = datetime.now(UTC)
+        self.seconds = round((self.finished_at - self.started_at).total_seconds(), 3)

@@ -100,16 +100,7 @@ def run_pipeline(
     pycolmap.logging.minloglevel = 2  # COLMAP's own INFO lines would drown the job log
     events: OnEvent = on_event or (lambda event: None)
     out_dir.mkdir(parents=True, exist_ok=True)
-    report = Report(
-        scandrop_version=scandrop_version(),
-        input=str(input_dir),
-        output=str(out_dir),
-        device=device or {"name": "cpu"},
-        preset=config.preset.value,
-        config=config.model_dump(mode="json"),
-        started_at=datetime.now(UTC),
-    )
-    t_start = datetime.now(UTC)
+    report = new_report(input_dir, out_dir, config, device or {"name": "cpu"}, datetime.now(UTC))
 
     current = ["start"]
 
@@ -173,8 +164,7 @@ def run_pipeline(
             hint="This is a bug in scandrop: please report it with report.json and the log.",
         )
     finally:
-        report.finished_at = datetime.now(UTC)
-        report.seconds = round((report.finished_at - t_start).total_seconds(), 3)
+        report.finish()
         report.peak_rss_mb = max((s.peak_rss_mb for s in report.stages), default=0.0)
         report.outputs = sorted(
             str(rel)
@@ -185,13 +175,25 @@ def run_pipeline(
     return report
 
 
+def new_report(
+    input_dir: Path, out_dir: Path, config: PipelineConfig, device: dict[str, Any], started_at: datetime
+) -> Report:
+    """The report of one job, before any stage has run (the worker fills it in when a job dies)."""
+    return Report(
+        scandrop_version=scandrop_version(),
+        input=str(input_dir),
+        output=str(out_dir),
+        device=device,
+        preset=config.preset.value,
+        config=config.model_dump(mode="json"),
+        started_at=started_at,
+    )
+
+
 def _fingerprint(input_dir: Path, config: PipelineConfig) -> str:
     """What a workspace was made from: the input listing and the settings."""
     digest = hashlib.sha256(config.model_dump_json().encode())
-    for path in sorted(input_dir.rglob("*")):
-        if path.is_file():
-            st = path.stat()
-            digest.update(f"{path.relative_to(input_dir)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    digest.update(json.dumps(ingest_images.listing(input_dir)).encode())
     return digest.hexdigest()
 
 

@@ -10,7 +10,6 @@ writes its own outputs atomically, so an interrupted job can resume from the las
       database.db        COLMAP features and matches (sparse)
       sparse/            COLMAP binary model in the scandrop world frame, +y up (sparse)
       sparse.json        sparse stage result
-      dense/             undistorted images and pinhole model for dense stereo (depth)
       depth/<image>.npz  per-view depth (camera z), normals and confidence (depth)
       fused.npz          fused dense point cloud: xyz, normals, rgb (fuse)
       mesh.ply           coloured triangle mesh, decimated (mesh)
@@ -50,10 +49,6 @@ class Workspace:
     @property
     def sparse_json(self) -> Path:
         return self.root / "sparse.json"
-
-    @property
-    def dense_dir(self) -> Path:
-        return self.root / "dense"
 
     @property
     def depth_dir(self) -> Path:

@@ -59,22 +59,18 @@ def score_poses(
     errs = metrics.relative_rotation_errors({n: est[n][0] for n in common}, {n: gt[n][0] for n in common})
     src = np.stack([_centre(*est[n]) for n in common])
     dst = np.stack([_centre(*gt[n]) for n in common])
-    s, r, t = metrics.umeyama(src, dst)
-    centre_err = np.linalg.norm((s * (r @ src.T)).T + t - dst, axis=1)
+    centre_err, sim3 = metrics.centre_errors(src, dst)
     extent = float(np.linalg.norm(dst.max(axis=0) - dst.min(axis=0)))
     return {
         "rot_err_median_deg": float(np.median(errs)) if len(errs) else None,
         "rot_err_max_deg": float(np.max(errs)) if len(errs) else None,
         "centre_err_median_rel": float(np.median(centre_err) / extent) if extent > 0 else None,
-        "sim3": (s, r, t),
+        "sim3": sim3,
     }
 
 
-def score_geometry(
-    out_dir: Path, sim3: tuple[float, np.ndarray, np.ndarray], gt_points: np.ndarray, tau: float
-) -> dict[str, float]:
-    s, r, t = sim3
-    to_gt = lambda p: (s * (r @ np.asarray(p, np.float64).T)).T + t  # noqa: E731
+def score_geometry(out_dir: Path, to_gt: metrics.Sim3, gt_points: np.ndarray, tau: float) -> dict[str, float]:
+    """Points and mesh samples, mapped into the ground-truth frame, against the true surface."""
     points = to_gt(trimesh.load(out_dir / "points.ply").vertices)
     mesh = trimesh.load(out_dir / "model.glb", force="mesh")
     mesh_pts = to_gt(metrics.sample_mesh(np.asarray(mesh.vertices), np.asarray(mesh.faces), 300_000))
@@ -123,8 +119,7 @@ def bench_synthetic(out: Path, preset: str) -> dict[str, Any]:
     report = _run_ours(images, out / "result", preset)
     row = _summary(report)
     if report.ok:
-        gt = dict(zip(scene.names, zip(scene.R, scene.t, strict=True), strict=True))
-        poses = score_poses(estimated_cameras(out / "result"), gt)
+        poses = score_poses(estimated_cameras(out / "result"), scene.cameras())
         row.update(poses)
         row.update(
             score_geometry(

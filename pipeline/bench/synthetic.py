@@ -354,6 +354,10 @@ class SyntheticScene:
     def centres(self) -> np.ndarray:
         return np.array([-r.T @ t for r, t in zip(self.R, self.t, strict=True)])
 
+    def cameras(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Image name -> world-to-camera (R, t), the form load_gt_cameras and the scorers use."""
+        return dict(zip(self.names, zip(self.R, self.t, strict=True), strict=True))
+
     def surface_samples(self, n: int, min_views: int = 2, seed: int = 0) -> np.ndarray:
         """Area-uniform points on the true surface that at least `min_views` cameras see: the
         reference for completeness (a surface no camera sees cannot be asked for)."""

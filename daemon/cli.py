@@ -58,11 +58,13 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _daemon(args: argparse.Namespace) -> int:
-    from daemon.inbox_runner import InboxRunner
+    import asyncio
+
+    from daemon.service import serve
     from daemon.settings import load_settings
 
     settings = load_settings(args.config, inbox=args.inbox, outbox=args.outbox)
-    InboxRunner(settings).run(once=args.once)
+    asyncio.run(serve(settings))
     return 0
 
 
@@ -94,11 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--datasets-dir", type=Path, default=None, help="Default: ../shared/datasets")
     bench.set_defaults(func=_bench)
 
-    dmn = sub.add_parser("daemon", help="Watch the inbox and reconstruct every complete drop.")
+    dmn = sub.add_parser(
+        "daemon",
+        help="Watch the inbox, reconstruct every complete drop, serve status on http_host:http_port.",
+    )
     dmn.add_argument("--config", type=Path, default=None)
     dmn.add_argument("--inbox", type=Path, default=None)
     dmn.add_argument("--outbox", type=Path, default=None)
-    dmn.add_argument("--once", action="store_true", help="Process what is in the inbox now, then exit.")
     dmn.set_defaults(func=_daemon)
 
     cfg = sub.add_parser("config", help="Print the effective settings.")

@@ -13,6 +13,7 @@ import os
 import queue
 import signal
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from multiprocessing.synchronize import Event
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 
 import psutil
 
+from pipeline.child_process import die_with_parent
 from pipeline.errors import ErrorCode, ErrorInfo
 from pipeline.presets import PipelineConfig
 from pipeline.report import Report
@@ -37,8 +39,10 @@ def _child(
     device: dict[str, Any],
     events: mp.Queue,
     stop: Event,
+    parent: int,
 ) -> None:
     os.setpgid(0, 0)  # the job and every process it starts form one group, killed as one
+    die_with_parent(parent)  # a killed daemon takes its job with it
     config = PipelineConfig.model_validate_json(config_json)
     report = run_pipeline(
         Path(input_dir),
@@ -66,7 +70,7 @@ def _drain(events: mp.Queue, on_event: OnEvent | None, wait: float) -> Report | 
             on_event(ProgressEvent.model_validate_json(payload))
 
 
-def _kill_group(pgid: int) -> None:
+def kill_group(pgid: int) -> None:
     """Kill what is left of a job's process group (e.g. workers orphaned by a crashed job process)."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signal.SIGKILL)
@@ -113,8 +117,13 @@ def run_job(
     on_event: OnEvent | None = None,
     should_stop: StopCheck = never_stop,
     timeout: float | None = None,
+    on_start: Callable[[int], None] | None = None,
 ) -> Report:
-    """Run the pipeline in a fresh process; returns its Report even when the process dies."""
+    """Run the pipeline in a fresh process; returns its Report even when the process dies.
+
+    The process dies with the thread that called this (PR_SET_PDEATHSIG): call it from a thread
+    that stays until it returns. `on_start` receives the job's pid (= its process group id).
+    """
     ctx = mp.get_context("spawn")
     events: mp.Queue = ctx.Queue()
     stop = ctx.Event()
@@ -123,9 +132,20 @@ def run_job(
         target=_child,
         name="scandrop-job",
         daemon=False,
-        args=(str(input_dir), str(out_dir), config.model_dump_json(), str(work_dir), device, events, stop),
+        args=(
+            str(input_dir),
+            str(out_dir),
+            config.model_dump_json(),
+            str(work_dir),
+            device,
+            events,
+            stop,
+            os.getpid(),
+        ),
     )
     proc.start()
+    if on_start is not None:
+        on_start(proc.pid)  # type: ignore[arg-type]
     t0 = time.monotonic()
     report: Report | None = None
     stopping_since: float | None = None
@@ -157,7 +177,7 @@ def run_job(
             stop.set()
             _kill_tree(proc.pid)  # type: ignore[arg-type]
             proc.join()
-        _kill_group(proc.pid)  # type: ignore[arg-type]
+        kill_group(proc.pid)  # type: ignore[arg-type]
     if reason is not None and (report is None or not report.ok):
         return _failed_report(input_dir, out_dir, config, device, started, reason)
     if report is not None:

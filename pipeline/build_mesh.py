@@ -29,6 +29,7 @@ from scipy import sparse
 from scipy.spatial import cKDTree
 
 from pipeline import plyio
+from pipeline.child_process import die_with_parent
 from pipeline.errors import ErrorCode, ScandropError
 from pipeline.pointcloud import PointCloud, load_points
 from pipeline.stage import Progress, StopCheck, check_stop
@@ -73,8 +74,9 @@ class MeshResult(BaseModel):
     seconds: dict[str, float]
 
 
-def _child_main() -> None:
+def _child_main(parent: int) -> None:
     """Entry point of the child interpreter: argv = kind, input, output, options JSON."""
+    die_with_parent(parent)
     import pycolmap
 
     kind, src, dst, options = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
@@ -88,7 +90,7 @@ def _run_child(
     kind: str, src: Path, dst: Path, options: dict, config: MeshConfig, should_stop: StopCheck
 ) -> None:
     """Run one pycolmap call in a child interpreter; its crash or failure raises mesh_failed."""
-    code = "from pipeline.build_mesh import _child_main; _child_main()"
+    code = f"from pipeline.build_mesh import _child_main; _child_main({os.getpid()})"
     log = dst.with_suffix(".log")
     with open(log, "wb") as log_fh:
         proc = subprocess.Popen(

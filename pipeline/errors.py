@@ -26,6 +26,13 @@ class ErrorCode(StrEnum):
     cancelled = "cancelled"
     timeout = "timeout"
     internal_error = "internal_error"
+    unsafe_input = "unsafe_input"
+    unsafe_archive = "unsafe_archive"
+    bad_archive = "bad_archive"
+    archive_too_large = "archive_too_large"
+    unsupported_input = "unsupported_input"
+    input_missing = "input_missing"
+    claim_failed = "claim_failed"
 
 
 class ErrorInfo(BaseModel):

@@ -28,6 +28,7 @@ import cv2
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from pipeline.child_process import die_with_parent
 from pipeline.dense_views import DenseView, load_views
 from pipeline.errors import ErrorCode, ScandropError
 from pipeline.pair_stereo import SgbmParams, pair_depth
@@ -299,7 +300,12 @@ def _run_tasks(tasks: list[_Task], workers: int, progress: Progress, should_stop
             fractions.append(frac)
             progress(len(fractions) / total, f"depth {len(fractions)}/{total}: {name}")
         return fractions
-    with _single_threaded_children(), ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+    with (
+        _single_threaded_children(),
+        ProcessPoolExecutor(
+            workers, mp_context=get_context("spawn"), initializer=die_with_parent, initargs=(os.getpid(),)
+        ) as pool,
+    ):
         pending: set[Future] = set()
         queue = list(tasks)
         try:

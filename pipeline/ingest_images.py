@@ -1,5 +1,8 @@
 """Ingest: turn whatever photos a person dropped into clean 8-bit RGB images for COLMAP.
 
+A drop is a folder of photos or a zip of them (unpacked safely into the workspace first). A drop
+may not reach outside itself: a link to a file or folder elsewhere fails the job (`unsafe_input`).
+
 Every later stage may assume: images are readable 8-bit RGB, upright (EXIF orientation applied),
 no larger than `max_image_size`, with a mask beside them when the photo had an alpha channel.
 Files that cannot be used are skipped and named with the reason; the job goes on when enough remain.
@@ -7,6 +10,7 @@ Files that cannot be used are skipped and named with the reason; the job goes on
 
 from __future__ import annotations
 
+import os
 import shutil
 import warnings
 from pathlib import Path
@@ -17,10 +21,11 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.errors import ErrorCode, ScandropError
+from pipeline.input_kind import IMAGE_SUFFIXES, VIDEO_SUFFIXES, InputKind, input_kind
 from pipeline.stage import Progress, StopCheck, atomic_dir, check_stop, write_json_atomic
+from pipeline.unpack_archive import extract_zip
 from pipeline.workspace import Workspace
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp"}
 # Refuse to decode anything bigger than this: a 250-megapixel RGB image is 750 MB in memory.
 MAX_DECODE_PIXELS = 250_000_000
 MIN_SIDE = 64
@@ -32,6 +37,8 @@ class IngestConfig(BaseModel):
     max_image_size: int = Field(1600, ge=256, description="Longest side after ingest, in pixels.")
     min_images: int = Field(3, ge=2, description="Fewer usable photos than this fails the job.")
     alpha_threshold: int = Field(128, ge=1, le=255, description="Alpha at or above this is object.")
+    max_archive_bytes: int = Field(8 * 2**30, ge=1, description="Most bytes a zip drop may unpack to.")
+    max_archive_files: int = Field(10_000, ge=1, description="A zip drop may hold at most this many files.")
 
 
 class Rejected(BaseModel):
@@ -85,6 +92,85 @@ def find_images(input_dir: Path) -> list[Path]:
         if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
             found.append(path)
     return found
+
+
+def _links_out(link: Path, root: Path) -> bool:
+    """Whether the symlink `link` resolves to somewhere outside the folder `root`."""
+    try:
+        return not link.resolve().is_relative_to(root.resolve())
+    except (OSError, RuntimeError):  # a loop of links (RuntimeError before Python 3.13)
+        return True
+
+
+def _unsafe(entry: str) -> ScandropError:
+    return ScandropError(
+        ErrorCode.unsafe_input,
+        f"{entry} is a link to a file or folder outside the drop; scandrop reads only what is in the drop.",
+        "Copy the photos into the drop instead of linking to them.",
+    )
+
+
+def refuse_links_out(drop: Path) -> None:
+    """Fail with `unsafe_input` when the drop, or anything below a folder drop, links outside it.
+
+    Otherwise a drop could make the job read (and publish) any file the daemon can read.
+    Links that stay inside the drop are fine; linked folders are never descended into.
+    """
+    if drop.is_symlink() and _links_out(drop, drop.parent):
+        raise _unsafe(drop.name)
+    if not drop.is_dir():
+        return
+    root = drop.resolve()
+    for folder, dirs, files in os.walk(drop, followlinks=False):
+        for name in sorted((*dirs, *files)):
+            entry = Path(folder) / name
+            if entry.is_symlink() and _links_out(entry, root):
+                raise _unsafe(str(entry.relative_to(drop)))
+
+
+def photo_folder(
+    config: IngestConfig, drop: Path, ws: Workspace, progress: Progress, should_stop: StopCheck
+) -> Path:
+    """The folder to read photos from: the drop itself, or its zip unpacked into the workspace."""
+    if not drop.exists():  # also a link to nothing
+        kind = "link to a missing file" if drop.is_symlink() else "path"
+        raise ScandropError(
+            ErrorCode.input_missing,
+            f"The input {drop} does not exist ({kind}).",
+            "Check the path; the drop may have been moved or deleted before the job started.",
+        )
+    refuse_links_out(drop)
+    kind = input_kind(drop)
+    if kind is InputKind.photos:
+        return drop
+    if kind is InputKind.zip:
+        if not ws.unpacked_dir.is_dir():  # present only when a previous try unpacked it whole
+            progress(0.0, f"unpacking {drop.name}")
+            limits = config.max_archive_bytes, config.max_archive_files
+            extract_zip(drop, ws.unpacked_dir, *limits, should_stop)
+        return ws.unpacked_dir
+    if kind is InputKind.video:
+        raise ScandropError(
+            ErrorCode.unsupported_input,
+            "Video drops are not supported by this version yet.",
+            "Extract the frames (for example: ffmpeg -i video.mp4 -vf fps=2 frames/%04d.jpg) and drop "
+            "that folder, or drop a folder of photos.",
+        )
+    if kind is InputKind.photo:
+        raise ScandropError(
+            ErrorCode.unsupported_input,
+            "A single photo has no multi-view geometry; "
+            "single-photo reconstruction is not in this version yet.",
+            "Drop a folder (or zip) of at least 3 overlapping photos of the object, taken from different "
+            "positions.",
+        )
+    suffix = drop.suffix or "a file without a suffix"
+    raise ScandropError(
+        ErrorCode.unsupported_input,
+        f"{drop.name} is not something scandrop can read ({suffix}).",
+        f"Drop a folder of photos or a .zip of them (photos: {', '.join(sorted(IMAGE_SUFFIXES))}; "
+        f"videos {', '.join(sorted(VIDEO_SUFFIXES))} are not supported yet).",
+    )
 
 
 def _to_rgb8(img: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
@@ -189,15 +275,17 @@ def _unique_name(stem: str, suffix: str, taken: set[str]) -> str:
 def run(
     config: IngestConfig, input_dir: Path, ws: Workspace, progress: Progress, should_stop: StopCheck
 ) -> IngestResult:
-    """Copy usable photos from `input_dir` into the workspace, normalised."""
+    """Copy usable photos from the drop `input_dir` (a folder or a zip) into the workspace, normalised."""
     if ws.ingest_json.exists():
         return IngestResult.model_validate_json(ws.ingest_json.read_text())
+    drop_name = input_dir.name
+    input_dir = photo_folder(config, input_dir, ws, progress, should_stop)
     candidates = find_images(input_dir)
     if not candidates:
         kinds = ", ".join(sorted(IMAGE_SUFFIXES))
         raise ScandropError(
             ErrorCode.no_input,
-            f"No photos found in {input_dir.name}.",
+            f"No photos found in {drop_name}.",
             f"Drop photos of one of these kinds: {kinds}.",
         )
     shutil.rmtree(ws.masks_dir, ignore_errors=True)

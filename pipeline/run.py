@@ -191,16 +191,21 @@ def new_report(
 
 
 def _fingerprint(input_dir: Path, config: PipelineConfig) -> str:
-    """What a workspace was made from: the input listing and the settings."""
+    """What a workspace was made from: the input listing (or the file, for a zip) and the settings."""
     digest = hashlib.sha256(config.model_dump_json().encode())
-    digest.update(json.dumps(ingest_images.listing(input_dir)).encode())
+    if input_dir.is_dir():
+        entries = ingest_images.listing(input_dir)
+    else:
+        st = input_dir.stat()
+        entries = ((input_dir.name, st.st_size, st.st_mtime_ns),)
+    digest.update(json.dumps(entries).encode())
     return digest.hexdigest()
 
 
 def _prepare_workspace(work_dir: Path, input_dir: Path, config: PipelineConfig) -> Workspace:
     """Reuse a workspace only for the same input and settings (a resumed job); else start clean."""
     marker = work_dir / "job.json"
-    fingerprint = _fingerprint(input_dir, config) if input_dir.is_dir() else ""
+    fingerprint = _fingerprint(input_dir, config) if input_dir.exists() else ""
     try:
         same = json.loads(marker.read_text()).get("fingerprint") == fingerprint
     except (OSError, ValueError):

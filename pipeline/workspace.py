@@ -4,6 +4,7 @@ Files are the contract between stages. A stage reads only what earlier stages wr
 writes its own outputs atomically, so an interrupted job can resume from the last finished stage.
 
     <root>/
+      unpacked/          the files of a zip drop, extracted safely (ingest; absent for folder drops)
       images/            normalised 8-bit RGB copies of the usable input photos (ingest)
       masks/             <image name>.png, 255 = object, COLMAP's mask naming (ingest, from alpha)
       ingest.json        what ingest accepted and rejected
@@ -25,6 +26,10 @@ from pathlib import Path
 @dataclass(frozen=True)
 class Workspace:
     root: Path
+
+    @property
+    def unpacked_dir(self) -> Path:
+        return self.root / "unpacked"
 
     @property
     def images_dir(self) -> Path:

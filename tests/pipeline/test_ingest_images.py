@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -132,3 +134,106 @@ def test_mixed_cameras_get_their_own_intrinsics(tmp_path: Path) -> None:
     result = _ingest(src, tmp_path)
     groups = sorted(sorted(g) for g in result.camera_groups())
     assert groups == [[f"dslr_{i}.png" for i in range(3)], [f"phone_{i}.png" for i in range(3)]]
+
+
+def _jpeg(seed: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(_texture(160, 120, seed)).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def test_zip_drop_is_unpacked_and_ingested(tmp_path: Path) -> None:
+    drop = tmp_path / "inbox" / "scan.zip"
+    drop.parent.mkdir()
+    with zipfile.ZipFile(drop, "w") as zf:
+        zf.writestr("scan/a.jpg", _jpeg(0))
+        zf.writestr("scan/b.jpg", _jpeg(1))
+        zf.writestr("scan/more/c.jpg", _jpeg(2))
+        zf.writestr("__MACOSX/scan/._a.jpg", b"resource fork, not a photo")
+        zf.writestr("scan/notes.txt", "not a photo")
+    ws = Workspace(tmp_path / "ws").create()
+    result = ingest_images.run(ingest_images.IngestConfig(), drop, ws, no_progress, never_stop)
+    assert result.usable == 3 and not result.rejected
+    assert sorted(result.sources.values()) == ["scan/a.jpg", "scan/b.jpg", "scan/more/c.jpg"]
+    assert (ws.images_dir / "a.jpg").read_bytes() == _jpeg(0)
+
+
+def test_zip_drop_limits_come_from_the_config(tmp_path: Path) -> None:
+    drop = tmp_path / "scan.zip"
+    with zipfile.ZipFile(drop, "w") as zf:
+        for i in range(3):
+            zf.writestr(f"p{i}.jpg", _jpeg(i))
+    with pytest.raises(ScandropError) as info:
+        _ingest(drop, tmp_path, max_archive_files=2)
+    assert info.value.code == ErrorCode.archive_too_large
+
+
+def test_zip_without_photos_is_no_input(tmp_path: Path) -> None:
+    drop = tmp_path / "scan.zip"
+    with zipfile.ZipFile(drop, "w") as zf:
+        zf.writestr("readme.txt", "x")
+    with pytest.raises(ScandropError) as info:
+        _ingest(drop, tmp_path)
+    assert info.value.code == ErrorCode.no_input
+    assert "scan.zip" in info.value.message
+
+
+def _photos(folder: Path, count: int = 3) -> Path:
+    folder.mkdir(parents=True)
+    for i in range(count):
+        (folder / f"p{i}.jpg").write_bytes(_jpeg(i))
+    return folder
+
+
+@pytest.mark.parametrize("link", ["outside.jpg", "sub/outside.jpg", "elsewhere"])
+def test_links_out_of_the_drop_are_refused(tmp_path: Path, link: str) -> None:
+    outside = _photos(tmp_path / "private")
+    drop = _photos(tmp_path / "inbox" / "drop")
+    (drop / "sub").mkdir()
+    target = outside if link == "elsewhere" else outside / "p0.jpg"
+    (drop / link).symlink_to(target)
+    with pytest.raises(ScandropError) as info:
+        _ingest(drop, tmp_path)
+    assert info.value.code == ErrorCode.unsafe_input
+    assert link in info.value.message
+    assert "copy" in info.value.hint.lower()
+
+
+def test_a_drop_that_is_a_link_out_of_the_inbox_is_refused(tmp_path: Path) -> None:
+    outside = _photos(tmp_path / "private")
+    (tmp_path / "inbox").mkdir()
+    (tmp_path / "inbox" / "drop").symlink_to(outside)
+    with pytest.raises(ScandropError) as info:
+        _ingest(tmp_path / "inbox" / "drop", tmp_path)
+    assert info.value.code == ErrorCode.unsafe_input
+
+
+def test_links_inside_the_drop_are_fine(tmp_path: Path) -> None:
+    drop = _photos(tmp_path / "drop" / "real")
+    (drop.parent / "alias").symlink_to(drop, target_is_directory=True)  # a linked folder: not descended
+    (drop.parent / "extra.jpg").symlink_to(drop / "p0.jpg")  # a linked file: read like any other
+    result = _ingest(drop.parent, tmp_path)
+    assert sorted(result.sources.values()) == ["extra.jpg", "real/p0.jpg", "real/p1.jpg", "real/p2.jpg"]
+
+
+@pytest.mark.parametrize(
+    ("name", "words"),
+    [("walk.mp4", "Video"), ("walk.MOV", "Video"), ("one.jpg", "single photo"), ("scan.rar", ".rar")],
+)
+def test_unsupported_drops_say_what_to_drop(tmp_path: Path, name: str, words: str) -> None:
+    drop = tmp_path / name
+    drop.write_bytes(_jpeg(0))
+    with pytest.raises(ScandropError) as info:
+        _ingest(drop, tmp_path)
+    assert info.value.code == ErrorCode.unsupported_input
+    assert words in info.value.message
+    assert "folder" in info.value.hint
+
+
+def test_missing_drop_is_input_missing(tmp_path: Path) -> None:
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")
+    for drop in (tmp_path / "gone", tmp_path / "gone.zip", tmp_path / "dangling"):
+        with pytest.raises(ScandropError) as info:
+            _ingest(drop, tmp_path)
+        assert info.value.code == ErrorCode.input_missing
+        assert info.value.hint

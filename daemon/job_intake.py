@@ -1,0 +1,129 @@
+"""From a complete drop to a queued job, and back to a consistent state after any crash.
+
+Order matters for kill -9 at any moment: the job's row is committed before the drop is renamed
+into the working area, so a restart always finds either the drop still in the inbox (and claims it
+again) or the claimed input (and runs it). `recover` settles whatever a crash left half done.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from pathlib import Path
+
+import structlog
+
+from daemon.drops import Drop
+from daemon.job_book import JobBook
+from daemon.job_status import InputInfo, JobState, JobStatus, now
+from daemon.spool import Spool
+from pipeline.errors import ErrorCode, ErrorInfo
+from pipeline.input_kind import InputKind
+
+log = structlog.get_logger("scandrop.intake")
+
+JOB_KINDS = {
+    InputKind.photos: "multi_view",
+    InputKind.zip: "multi_view",
+    InputKind.video: "video",
+    InputKind.photo: "single_photo",
+}
+
+
+def new_job_id(name: str) -> str:
+    """Sortable, readable and unique: 20261126-081500-<drop name>-<4 hex>."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name).stem).strip("._-")[:40] or "drop"
+    return f"{now():%Y%m%d-%H%M%S}-{slug}-{secrets.token_hex(2)}"
+
+
+class JobIntake:
+    def __init__(self, book: JobBook, spool: Spool, outbox: Path) -> None:
+        self.book = book
+        self.spool = spool
+        self.outbox = outbox
+
+    def take(self, drop: Drop) -> JobStatus | None:
+        """Claim a complete drop as a new queued job; None if the drop vanished meanwhile."""
+        job_id = new_job_id(drop.name)
+        stamp = now()
+        status = JobStatus(
+            job_id=job_id,
+            kind=JOB_KINDS.get(drop.kind, "unknown") if drop.kind else "unknown",
+            input=InputInfo(
+                name=drop.name,
+                format=drop.kind.value if drop.kind else "unknown",
+                original=str(drop.path),
+                location=str(self.spool.work_path(job_id, drop.name)),
+                files=len(drop.listing),
+                bytes=drop.size,
+            ),
+            outbox=str(self.outbox / job_id),
+            forced=drop.forced,
+            message="queued",
+            created_at=stamp,
+            updated_at=stamp,
+        )
+        self.book.store.save(status)  # durable before the rename (see module docstring)
+        try:
+            self.spool.move(drop.path, Path(status.input.location))
+        except FileNotFoundError:
+            self.book.store.delete(job_id)  # the person took the drop back: nothing happened
+            return None
+        except OSError as exc:
+            status.input.location = str(drop.path)
+            self._fail(
+                status,
+                ErrorCode.claim_failed,
+                f"Could not move {drop.name} into {self.spool.root}: {exc.strerror or exc}.",
+                "Give the scandrop user write access to the inbox.",
+            )
+            return status
+        Path(status.outbox).mkdir(parents=True, exist_ok=True)
+        self.book.commit(status, "created")
+        log.info("job_created", job_id=job_id, input=drop.name, kind=status.kind, files=status.input.files)
+        return status
+
+    def recover(self) -> None:
+        """After a crash: re-queue interrupted jobs, claim half-claimed drops, settle finished ones."""
+        store = self.book.store
+        for status in store.in_states(JobState.queued, JobState.running):
+            location, original = Path(status.input.location), Path(status.input.original)
+            if not location.exists() and original.exists():
+                self.spool.move(original, location)  # crashed between the row and the rename
+            elif not location.exists():
+                self._fail(
+                    status,
+                    ErrorCode.input_missing,
+                    f"The input {status.input.name} is gone from {location.parent}.",
+                    "Drop it into the inbox again.",
+                )
+                continue
+            if status.state == JobState.running:
+                status.state = JobState.queued
+                status.message = "interrupted by a restart; resumes"
+                log.warning("job_requeued", job_id=status.job_id, stage=status.stage)
+            Path(status.outbox).mkdir(parents=True, exist_ok=True)
+            self.book.commit(status, "state")
+        self.settle_claimed()
+
+    def settle_claimed(self) -> None:
+        """Finished jobs whose input is still in the working area (the move was interrupted or the
+        inbox was unreachable): move it to done/ or failed/ now."""
+        for job_id in self.spool.claimed():
+            status = self.book.store.get(job_id)
+            if status is None or not status.state.terminal:
+                continue
+            source = self.spool.work_path(job_id, status.input.name)
+            target = Path(status.input.location)
+            if source.exists() and source != target:
+                self.spool.move(source, target)
+                self.book.commit(status, "state")
+
+    def _fail(self, status: JobStatus, code: ErrorCode, message: str, hint: str) -> None:
+        status.state = JobState.failed
+        status.error = ErrorInfo(code=code, message=message, hint=hint)
+        status.message = message
+        status.finished_at = now()
+        Path(status.outbox).mkdir(parents=True, exist_ok=True)
+        self.book.commit(status, "state")
+        log.error("job_failed", job_id=status.job_id, code=code.value, message=message, hint=hint)

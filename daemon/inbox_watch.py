@@ -11,6 +11,7 @@ settles, and a recursive watch would cost one inotify watch per folder of every 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -48,8 +49,9 @@ NETWORK_FILESYSTEMS = {
 
 
 def _unescape(field: str) -> str:
-    """mountinfo escapes space, tab, newline and backslash as octal (\\040 ...)."""
-    return field.encode().decode("unicode_escape") if "\\" in field else field
+    """mountinfo escapes space, tab, newline and backslash as octal (\\040 ...); other bytes are raw
+    UTF-8, so only the escapes are decoded (unicode_escape would turn "ü" into mojibake)."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
 def filesystem_type(path: Path, mountinfo: Path = Path("/proc/self/mountinfo")) -> str:
@@ -117,7 +119,7 @@ class InboxWatch:
         except OSError:
             self.stop()
             return
-        if self._observer is not None and self._observer.is_alive() and identity == self._watched:
+        if self._watching() and identity == self._watched:
             return
         self.stop()
         observer = Observer()
@@ -128,6 +130,12 @@ class InboxWatch:
             log.warning("native_watch_failed", inbox=str(self.inbox), error=str(exc))
             return
         self._observer, self._watched = observer, identity
+
+    def _watching(self) -> bool:
+        """The observer runs and its inotify watch too: watchdog ends the watch (not the observer) when
+        the inbox is deleted, and a folder re-created at once often gets the same inode back."""
+        observer = self._observer
+        return observer is not None and observer.is_alive() and all(e.is_alive() for e in observer.emitters)
 
     def stop(self) -> None:
         if self._observer is not None:

@@ -86,11 +86,14 @@ class JobIntake:
     def recover(self) -> None:
         """After a crash: re-queue interrupted jobs, claim half-claimed drops, settle finished ones."""
         store = self.book.store
+        inbox_there = self.spool.root.parent.is_dir()  # an unmounted share: decide when it is back
         for status in store.in_states(JobState.queued, JobState.running):
             location, original = Path(status.input.location), Path(status.input.original)
-            if not location.exists() and original.exists():
+            if not inbox_there or location.exists() or location.is_symlink():
+                pass
+            elif original.exists() or original.is_symlink():
                 self.spool.move(original, location)  # crashed between the row and the rename
-            elif not location.exists():
+            else:
                 self._fail(
                     status,
                     ErrorCode.input_missing,

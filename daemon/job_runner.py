@@ -78,7 +78,10 @@ class JobRunner:
             self._wake.clear()
             if self.inbox_ok():  # inputs live on the inbox's filesystem
                 free = self.settings.concurrency - len(self.running)
-                for status in self.book.store.in_states(JobState.queued)[: max(0, free)]:
+                waiting = [
+                    s for s in self.book.store.in_states(JobState.queued) if s.job_id not in self.running
+                ]
+                for status in waiting[: max(0, free)]:  # a started job stays queued while it is hashed
                     self._start(status)
             self._refresh_running()
             with contextlib.suppress(TimeoutError):

@@ -132,6 +132,10 @@ class Service:
 
 
 async def serve(settings: Settings) -> None:
+    # Absolute paths in status.json and the API, whatever the working directory was.
+    settings = settings.model_copy(
+        update={name: getattr(settings, name).absolute() for name in ("inbox", "outbox", "state_dir")}
+    )
     service = Service(settings)
     runner = web.AppRunner(build_app(service), handle_signals=False, access_log=None)
     await runner.setup()

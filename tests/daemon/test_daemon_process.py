@@ -148,8 +148,16 @@ def test_slow_copy_waits_then_succeeds_with_live_events(daemon: Daemon, photos: 
 
 
 def _job_processes(daemon: Daemon) -> list[psutil.Process]:
+    """The daemon's descendants in a job's process group (not multiprocessing's resource tracker)."""
     assert daemon.proc is not None
-    return psutil.Process(daemon.proc.pid).children(recursive=True)
+    found = []
+    for proc in psutil.Process(daemon.proc.pid).children(recursive=True):
+        try:
+            if os.getpgid(proc.pid) != os.getpgid(daemon.proc.pid):
+                found.append(proc)
+        except ProcessLookupError:
+            continue
+    return found
 
 
 def test_kill_9_and_sigterm_mid_job_then_it_completes_once(daemon: Daemon, photos: Path) -> None:
@@ -303,9 +311,32 @@ def test_hundred_small_drops_are_all_processed_with_bounded_memory(tmp_path: Pat
         jobs = daemon.jobs()
         assert {j["error"]["code"] for j in jobs} == {"too_few_images"}
         assert len({j["job_id"] for j in jobs}) == 100
-        print(
-            f"\n100 drops in {seconds:.1f} s; daemon RSS idle {idle_kb / 1024:.0f} MB, peak {peak_kb / 1024:.0f} MB"
-        )
-        assert peak_kb - idle_kb < 64 * 1024, f"daemon grew from {idle_kb // 1024} to {peak_kb // 1024} MB"
+        idle, peak = idle_kb // 1024, peak_kb // 1024
+        print(f"\n100 drops in {seconds:.1f} s; daemon RSS idle {idle} MB, peak {peak} MB")
+        assert peak_kb - idle_kb < 64 * 1024, f"daemon grew from {idle} to {peak} MB"
     finally:
         daemon.stop()
+
+
+def test_crashed_job_is_retried_and_a_cancelled_one_keeps_its_input(daemon: Daemon, photos: Path) -> None:
+    daemon.start()
+    shutil.copytree(photos, daemon.inbox / "robot")
+    (daemon.inbox / "robot" / "READY").touch()
+    job = daemon.wait_job(lambda j: j["stage"] == "sparse", 60, "the job to start")
+    leader = next(p for p in _job_processes(daemon) if os.getpgid(p.pid) == p.pid)
+    leader.kill()  # the job process dies as if the OOM killer took it
+    retried = daemon.wait_job(lambda j: j["attempts"] == 2 and j["state"] == "running", 60, "a retry")
+    assert retried["job_id"] == job["job_id"]
+
+    status, body = daemon.request("POST", f"/api/jobs/{job['job_id']}/cancel")
+    assert status == 202 and body["job_id"] == job["job_id"]
+    done = daemon.wait_job(lambda j: j["state"] == "cancelled", 30, "the job to be cancelled")
+    assert done["error"]["code"] == "cancelled"
+    kept = Path(done["input"]["location"])
+    assert kept.parent.parent.name == "failed" and len(list(kept.glob("*.png"))) == 24
+    assert wait_for(lambda: not _job_processes(daemon), 15, "the job's processes to end")
+    status, body = daemon.request("POST", f"/api/jobs/{job['job_id']}/cancel")
+    assert status == 409 and body["error"]["code"] == "conflict"
+    status, body = daemon.request("GET", "/api/jobs/no-such-job")
+    assert status == 404 and body["error"]["code"] == "not_found"
+    assert daemon.request("GET", "/api/jobs?limit=0")[0] == 400

@@ -12,16 +12,17 @@ from pydantic import ValidationError
 
 from daemon import logs
 from pipeline.errors import ScandropError
-from pipeline.presets import Preset, preset_config
+from pipeline.job_spec import JobSpec, Preset
 
 
 def _reconstruct(args: argparse.Namespace) -> int:
     from daemon.worker import run_job
     from models.device import resolve_device
-    from pipeline.run import clean_work_dir
+    from pipeline.workspace import clean_work_dir
 
     device = resolve_device(args.device)
-    config = preset_config(args.preset, {"mesh": {"max_triangles": args.max_triangles}})
+    spec = JobSpec(preset=args.preset, overrides={"mesh": {"max_triangles": args.max_triangles}})
+    spec.resolve()  # a bad value stops here with one line, not inside the job process
     work = args.work_dir or (args.outdir / ".scandrop-work")
     last = [""]
 
@@ -35,7 +36,7 @@ def _reconstruct(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     report = run_job(
-        args.input, args.outdir, config, work, device.model_dump(), on_event=show, should_stop=stop.is_set
+        args.input, args.outdir, spec, work, device.model_dump(), on_event=show, should_stop=stop.is_set
     )
     if report.ok and not args.keep_work:
         clean_work_dir(work)

@@ -22,6 +22,10 @@ from pipeline.input_kind import InputKind
 
 log = structlog.get_logger("scandrop.intake")
 
+# A job that was running every time the daemon died (it may be what kills it, e.g. the OOM killer
+# taking the whole service) is failed after this many starts instead of looping forever.
+MAX_INTERRUPTED_STARTS = 3
+
 JOB_KINDS = {
     InputKind.photos: "multi_view",
     InputKind.zip: "multi_view",
@@ -101,6 +105,14 @@ class JobIntake:
                     "Drop it into the inbox again.",
                 )
                 continue
+            if status.state == JobState.running and status.attempts >= MAX_INTERRUPTED_STARTS:
+                self._fail(
+                    status,
+                    ErrorCode.worker_crashed,
+                    f"The daemon stopped {status.attempts} times while running this job.",
+                    "It may exhaust the machine's memory: try preset fast or fewer/smaller photos.",
+                )
+                continue
             if status.state == JobState.running:
                 status.state = JobState.queued
                 status.message = "interrupted by a restart; resumes"
@@ -123,10 +135,5 @@ class JobIntake:
                 self.book.commit(status, "state")
 
     def _fail(self, status: JobStatus, code: ErrorCode, message: str, hint: str) -> None:
-        status.state = JobState.failed
-        status.error = ErrorInfo(code=code, message=message, hint=hint)
-        status.message = message
-        status.finished_at = now()
         Path(status.outbox).mkdir(parents=True, exist_ok=True)
-        self.book.commit(status, "state")
-        log.error("job_failed", job_id=status.job_id, code=code.value, message=message, hint=hint)
+        self.book.finish(status, ErrorInfo(code=code, message=message, hint=hint))

@@ -29,15 +29,15 @@ from daemon.settings import Settings
 from daemon.spool import Spool
 from daemon.worker import GRACE_SECONDS, kill_group, run_job
 from pipeline.errors import ErrorCode, ErrorInfo
-from pipeline.presets import preset_config
+from pipeline.job_spec import JobSpec
 from pipeline.report import Report
-from pipeline.run import ProgressEvent, clean_work_dir
+from pipeline.stage import ProgressEvent
+from pipeline.workspace import clean_work_dir
 
 log = structlog.get_logger("scandrop.runner")
 
 PROGRESS_EVENT_SECONDS = 0.25  # WebSocket progress events per job at most this often
 STATUS_WRITE_SECONDS = 2.0  # status.json rewritten at least this often while a job runs
-RESTARTS_BEFORE_GIVING_UP = 3  # interrupted starts (daemon killed mid-job) before a job is failed
 
 
 @dataclass
@@ -170,7 +170,9 @@ class JobRunner:
         """In a worker thread: the job process lives exactly as long as this call."""
         status = entry.status
         loop = self._loop
-        config = preset_config(self.settings.preset, {"mesh": {"max_triangles": self.settings.max_triangles}})
+        spec = JobSpec(
+            preset=self.settings.preset, overrides={"mesh": {"max_triangles": self.settings.max_triangles}}
+        )
 
         def started(pid: int) -> None:
             with contextlib.suppress(psutil.Error):
@@ -180,7 +182,7 @@ class JobRunner:
         return run_job(
             Path(status.input.location),
             Path(status.outbox),
-            config,
+            spec,
             self.work_dir(status.job_id),
             self.device,
             on_event=lambda e: loop.call_soon_threadsafe(self._progress, entry, e),
@@ -249,35 +251,7 @@ class JobRunner:
         self._finish(status, None)
 
     def _finish(self, status: JobStatus, error: ErrorInfo | None) -> None:
-        """Record the outcome (durable first), then move the input to done/ or failed/."""
-        ok = error is None
-        status.state = (
-            JobState.succeeded
-            if ok
-            else (JobState.cancelled if error.code == ErrorCode.cancelled else JobState.failed)
-        )
-        status.error = error
-        status.finished_at = now()
-        if ok:
-            status.progress, status.stage_progress = 1.0, 1.0
-        status.message = status.message if ok and status.duplicate_of else ("done" if ok else error.message)
-        source = Path(status.input.location)
-        target = self.spool.final_path(status.job_id, status.input.name, ok)
-        if source.parent.parent == self.spool.root / "work":
-            status.input.location = str(target)
-        self.book.commit(status, "state")
-        bound = log.bind(job_id=status.job_id)
-        if ok:
-            bound.info("job_succeeded", duplicate_of=status.duplicate_of, outputs=len(status.outputs))
-        else:
-            bound.error(
-                "job_" + status.state.value, code=error.code.value, message=error.message, hint=error.hint
-            )
-        try:
-            if source != target and source.parent.parent == self.spool.root / "work":
-                self.spool.move(source, target)
-        except OSError as exc:  # inbox unreachable: settled when it is back (JobIntake.settle_claimed)
-            bound.warning("input_move_deferred", error=str(exc))
+        self.book.finish(status, error)
         clean_work_dir(self.work_dir(status.job_id))
 
     def kill_orphans(self) -> None:

@@ -28,9 +28,9 @@ from daemon.job_store import JobStore
 from daemon.settings import Settings
 from daemon.spool import Spool
 from daemon.systemd_notify import notify, watchdog_interval
-from models.device import resolve_device
+from models.device import resolve_device_in_child
 from pipeline.errors import ErrorCode, ScandropError
-from pipeline.run import scandrop_version
+from pipeline.report import scandrop_version
 
 log = structlog.get_logger("scandrop.daemon")
 
@@ -40,12 +40,13 @@ STATUS_SECONDS = 2.0  # systemd STATUS= line refresh
 class Service:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.device = resolve_device(settings.device)  # once: an impossible request stops start-up
+        # Once, in a child: an impossible request stops start-up; CUDA libraries never load here.
+        self.device = resolve_device_in_child(settings.device)
         self.started_at = now()
         self.store = JobStore(settings.state_dir / "jobs.sqlite3")
         self.bus = EventBus()
-        self.book = JobBook(self.store, self.bus)
         self.spool = Spool(settings.spool)
+        self.book = JobBook(self.store, self.bus, self.spool)
         self.intake = JobIntake(self.book, self.spool, settings.outbox)
         self.runner = JobRunner(
             settings, self.book, self.spool, self.device.model_dump(), inbox_ok=lambda: self.scanner.healthy

@@ -23,7 +23,7 @@ from pydantic_settings import (
 
 from models.device import DeviceRequest
 from pipeline.errors import ErrorCode, ScandropError
-from pipeline.presets import Preset
+from pipeline.job_spec import Preset
 
 DEFAULT_CONFIG_FILE = Path("/etc/scandrop/scandrop.toml")
 

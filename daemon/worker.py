@@ -23,10 +23,9 @@ import psutil
 
 from pipeline.child_process import die_with_parent
 from pipeline.errors import ErrorCode, ErrorInfo
-from pipeline.presets import PipelineConfig
-from pipeline.report import Report
-from pipeline.run import OnEvent, ProgressEvent, new_report, run_pipeline
-from pipeline.stage import CANCELLED_HINT, StopCheck, never_stop, write_json_atomic
+from pipeline.job_spec import JobSpec
+from pipeline.report import Report, new_report
+from pipeline.stage import CANCELLED_HINT, OnEvent, ProgressEvent, StopCheck, never_stop, write_json_atomic
 
 GRACE_SECONDS = 10.0
 
@@ -34,7 +33,7 @@ GRACE_SECONDS = 10.0
 def _child(
     input_dir: str,
     out_dir: str,
-    config_json: str,
+    spec_json: str,
     work_dir: str,
     device: dict[str, Any],
     events: mp.Queue,
@@ -43,7 +42,9 @@ def _child(
 ) -> None:
     os.setpgid(0, 0)  # the job and every process it starts form one group, killed as one
     die_with_parent(parent)  # a killed daemon takes its job with it
-    config = PipelineConfig.model_validate_json(config_json)
+    from pipeline.run import run_pipeline  # only the job process loads the stages
+
+    config = JobSpec.model_validate_json(spec_json).resolve()
     report = run_pipeline(
         Path(input_dir),
         Path(out_dir),
@@ -93,12 +94,12 @@ def _kill_tree(pid: int) -> None:
 def _failed_report(
     input_dir: Path,
     out_dir: Path,
-    config: PipelineConfig,
+    spec: JobSpec,
     device: dict[str, Any],
     started: datetime,
     error: ErrorInfo,
 ) -> Report:
-    report = new_report(input_dir, out_dir, config, device, started)
+    report = new_report(input_dir, out_dir, spec.preset.value, spec.model_dump(mode="json"), device, started)
     report.error = error
     report.finish()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -111,7 +112,7 @@ def _failed_report(
 def run_job(
     input_dir: Path,
     out_dir: Path,
-    config: PipelineConfig,
+    spec: JobSpec,
     work_dir: Path,
     device: dict[str, Any],
     on_event: OnEvent | None = None,
@@ -135,7 +136,7 @@ def run_job(
         args=(
             str(input_dir),
             str(out_dir),
-            config.model_dump_json(),
+            spec.model_dump_json(),
             str(work_dir),
             device,
             events,
@@ -179,7 +180,7 @@ def run_job(
             proc.join()
         kill_group(proc.pid)  # type: ignore[arg-type]
     if reason is not None and (report is None or not report.ok):
-        return _failed_report(input_dir, out_dir, config, device, started, reason)
+        return _failed_report(input_dir, out_dir, spec, device, started, reason)
     if report is not None:
         return report
     if stopping_since is not None:
@@ -191,4 +192,4 @@ def run_job(
             + (f" (killed by signal {-proc.exitcode})." if (proc.exitcode or 0) < 0 else "."),
             hint="Out of memory or a bug: try --preset fast; report it with the log if it persists.",
         )
-    return _failed_report(input_dir, out_dir, config, device, started, reason)
+    return _failed_report(input_dir, out_dir, spec, device, started, reason)

@@ -1,16 +1,21 @@
 """Device selection: find what the machine offers, resolve a request once per job, say why.
 
-CUDA-capable packages are imported lazily so a CPU-only box never loads them.
+CUDA-capable packages are imported lazily so a CPU-only box never loads them, and a long-running
+process probes in a throwaway child (`resolve_device_in_child`) so it never holds them at all
+(torch alone is several hundred MB resident).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
+import subprocess
+import sys
 from enum import StrEnum
 
 from pydantic import BaseModel
 
-from pipeline.errors import ErrorCode, ScandropError
+from pipeline.errors import ErrorCode, ErrorInfo, ScandropError
 
 
 class DeviceRequest(StrEnum):
@@ -71,3 +76,33 @@ def resolve_device(request: DeviceRequest | str = DeviceRequest.auto) -> DeviceI
     if any_cuda:
         return DeviceInfo(name="cuda", reason="auto: a CUDA device is usable", **flags)
     return DeviceInfo(name="cpu", reason="auto: no CUDA device found", **flags)
+
+
+def resolve_device_in_child(request: DeviceRequest | str = DeviceRequest.auto) -> DeviceInfo:
+    """resolve_device, run in a separate interpreter; raises the same errors."""
+    done = subprocess.run(
+        [sys.executable, "-m", "models.device", str(DeviceRequest(request))],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    try:
+        answer = json.loads(done.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        raise ScandropError(
+            ErrorCode.internal_error,
+            f"The device probe failed (exit {done.returncode}): {done.stderr.strip()[-300:]}",
+            "This is a bug or a broken install: reinstall scandrop and its dependencies.",
+        ) from None
+    if "error" in answer:
+        error = ErrorInfo.model_validate(answer["error"])
+        raise ScandropError(error.code, error.message, error.hint)
+    return DeviceInfo.model_validate(answer)
+
+
+if __name__ == "__main__":
+    try:
+        print(resolve_device(sys.argv[1] if len(sys.argv) > 1 else "auto").model_dump_json())
+    except ScandropError as exc:
+        print(json.dumps({"error": exc.info().model_dump(mode="json")}))

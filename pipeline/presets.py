@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from enum import StrEnum
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
@@ -12,15 +11,10 @@ from pipeline.estimate_depth import DepthConfig
 from pipeline.export_assets import ExportConfig
 from pipeline.fuse_depth import FuseConfig
 from pipeline.ingest_images import IngestConfig
+from pipeline.job_spec import Preset
 from pipeline.make_splats import SplatConfig
 from pipeline.reconstruct_sparse import SparseConfig
 from pipeline.render_preview import PreviewConfig
-
-
-class Preset(StrEnum):
-    fast = "fast"
-    balanced = "balanced"
-    quality = "quality"
 
 
 class PipelineConfig(BaseModel):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, Field
@@ -57,3 +59,30 @@ class Report(BaseModel):
     def finish(self) -> None:
         self.finished_at = datetime.now(UTC)
         self.seconds = round((self.finished_at - self.started_at).total_seconds(), 3)
+
+
+def scandrop_version() -> str:
+    try:
+        return version("scandrop")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def new_report(
+    input_dir: Path,
+    out_dir: Path,
+    preset: str,
+    config: dict[str, Any],
+    device: dict[str, Any],
+    started_at: datetime,
+) -> Report:
+    """The report of one job, before any stage has run (the worker fills it in when a job dies)."""
+    return Report(
+        scandrop_version=scandrop_version(),
+        input=str(input_dir),
+        output=str(out_dir),
+        device=device,
+        preset=preset,
+        config=config,
+        started_at=started_at,
+    )

@@ -13,7 +13,6 @@ import shutil
 import traceback
 from collections.abc import Callable
 from datetime import UTC, datetime
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +31,9 @@ from pipeline import (
 )
 from pipeline.errors import ErrorCode, ErrorInfo, ScandropError
 from pipeline.presets import PipelineConfig
-from pipeline.report import Report, StageReport
+from pipeline.report import Report, StageReport, new_report
 from pipeline.resources import Meter
-from pipeline.stage import StopCheck, check_stop, never_stop, write_json_atomic
+from pipeline.stage import OnEvent, ProgressEvent, StopCheck, check_stop, never_stop, write_json_atomic
 from pipeline.workspace import Workspace
 
 # Share of the whole job each stage takes on a typical CPU run; drives the overall progress bar.
@@ -49,25 +48,6 @@ STAGE_WEIGHTS: dict[str, float] = {
     "preview": 0.02,
 }
 STAGES = list(STAGE_WEIGHTS)
-
-
-class ProgressEvent(BaseModel):
-    """One progress update of a running job; crosses the worker-process boundary."""
-
-    stage: str
-    stage_progress: float
-    progress: float
-    message: str
-
-
-OnEvent = Callable[[ProgressEvent], None]
-
-
-def scandrop_version() -> str:
-    try:
-        return version("scandrop")
-    except PackageNotFoundError:
-        return "0+unknown"
 
 
 def _stage_progress(stage: str, on_event: OnEvent) -> Callable[[float, str], None]:
@@ -100,7 +80,14 @@ def run_pipeline(
     pycolmap.logging.minloglevel = 2  # COLMAP's own INFO lines would drown the job log
     events: OnEvent = on_event or (lambda event: None)
     out_dir.mkdir(parents=True, exist_ok=True)
-    report = new_report(input_dir, out_dir, config, device or {"name": "cpu"}, datetime.now(UTC))
+    report = new_report(
+        input_dir,
+        out_dir,
+        config.preset.value,
+        config.model_dump(mode="json"),
+        device or {"name": "cpu"},
+        datetime.now(UTC),
+    )
 
     current = ["start"]
 
@@ -175,21 +162,6 @@ def run_pipeline(
     return report
 
 
-def new_report(
-    input_dir: Path, out_dir: Path, config: PipelineConfig, device: dict[str, Any], started_at: datetime
-) -> Report:
-    """The report of one job, before any stage has run (the worker fills it in when a job dies)."""
-    return Report(
-        scandrop_version=scandrop_version(),
-        input=str(input_dir),
-        output=str(out_dir),
-        device=device,
-        preset=config.preset.value,
-        config=config.model_dump(mode="json"),
-        started_at=started_at,
-    )
-
-
 def _fingerprint(input_dir: Path, config: PipelineConfig) -> str:
     """What a workspace was made from: the input listing (or the file, for a zip) and the settings."""
     digest = hashlib.sha256(config.model_dump_json().encode())
@@ -221,7 +193,3 @@ def _prepare_workspace(work_dir: Path, input_dir: Path, config: PipelineConfig) 
     ws = Workspace(work_dir).create()
     write_json_atomic(marker, {"fingerprint": fingerprint, "config": config.model_dump(mode="json")})
     return ws
-
-
-def clean_work_dir(work_dir: Path) -> None:
-    shutil.rmtree(work_dir, ignore_errors=True)

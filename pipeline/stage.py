@@ -16,6 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel
+
 from pipeline.errors import ErrorCode, ScandropError
 
 CANCELLED_HINT = "Run it again to redo it; the daemon reruns jobs that a shutdown stopped."
@@ -89,3 +91,15 @@ def atomic_dir(final: Path) -> Iterator[Path]:
 def write_json_atomic(path: Path, data: Any) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+
+
+class ProgressEvent(BaseModel):
+    """One progress update of a running job; crosses the worker-process boundary."""
+
+    stage: str
+    stage_progress: float
+    progress: float
+    message: str
+
+
+OnEvent = Callable[[ProgressEvent], None]

@@ -19,6 +19,7 @@ writes its own outputs atomically, so an interrupted job can resume from the las
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,3 +78,7 @@ class Workspace:
     def create(self) -> Workspace:
         self.root.mkdir(parents=True, exist_ok=True)
         return self
+
+
+def clean_work_dir(work_dir: Path) -> None:
+    shutil.rmtree(work_dir, ignore_errors=True)

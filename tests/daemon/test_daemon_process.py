@@ -7,6 +7,8 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import zipfile
@@ -19,6 +21,7 @@ import pytest
 from daemon_process import Daemon, EventListener, wait_for
 from PIL import Image
 
+from models.device import resolve_device
 from pipeline.bench.synthetic import render_scene, write_scene
 
 OUTPUTS = ["model.glb", "points.ply", "splats.splat", "splats.ply", "cameras/transforms.json", "preview.png"]
@@ -340,3 +343,18 @@ def test_crashed_job_is_retried_and_a_cancelled_one_keeps_its_input(daemon: Daem
     status, body = daemon.request("GET", "/api/jobs/no-such-job")
     assert status == 404 and body["error"]["code"] == "not_found"
     assert daemon.request("GET", "/api/jobs?limit=0")[0] == 400
+
+
+def test_an_impossible_device_request_stops_start_up_with_one_line(tmp_path: Path) -> None:
+    daemon = Daemon(tmp_path, device="cuda")
+    if resolve_device("auto").name == "cuda":
+        pytest.skip("this machine has CUDA: the request can be met")
+    done = subprocess.run(
+        [sys.executable, "-m", "daemon.cli", "daemon"],
+        env=daemon.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert done.stderr.startswith("error [device_unavailable]: ") and "hint: " in done.stderr

@@ -38,7 +38,7 @@ def _make(tmp_path: Path, inbox: Path) -> Daemon:
     store = JobStore(tmp_path / "state" / "jobs.sqlite3")
     bus = EventBus()
     spool = Spool(inbox / ".scandrop")
-    return Daemon(inbox, outbox, store, bus, spool, JobIntake(JobBook(store, bus), spool, outbox))
+    return Daemon(inbox, outbox, store, bus, spool, JobIntake(JobBook(store, bus, spool), spool, outbox))
 
 
 @pytest.fixture
@@ -182,6 +182,20 @@ def test_recover_requeues_an_interrupted_running_job(daemon: Daemon) -> None:
     assert stored.attempts == 1
     assert d.spool.work_path("job-b", "shoot").is_dir()
     assert _status_file(d, "job-b")["state"] == "queued"
+
+
+def test_recover_gives_up_on_a_job_running_at_every_daemon_death(daemon: Daemon) -> None:
+    d = daemon
+    _photos(d.inbox)
+    d.spool.move(d.inbox / "shoot", d.spool.work_path("job-k", "shoot"))
+    d.store.save(_status(d, "job-k", "shoot", state=JobState.running, stage="depth", attempts=3))
+    d.intake.recover()
+    stored = d.store.get("job-k")
+    assert stored is not None and stored.state == JobState.failed
+    assert stored.error is not None and stored.error.code == ErrorCode.worker_crashed
+    assert "3 times" in stored.error.message
+    kept = d.spool.final_path("job-k", "shoot", ok=False)
+    assert stored.input.location == str(kept) and len(list(kept.iterdir())) == 3
 
 
 def test_recover_fails_a_job_whose_input_is_gone(daemon: Daemon) -> None:

@@ -16,9 +16,9 @@ from PIL import Image
 
 from daemon.worker import run_job
 from pipeline.errors import ErrorCode
-from pipeline.presets import preset_config
+from pipeline.job_spec import JobSpec
 from pipeline.report import Report
-from pipeline.run import ProgressEvent
+from pipeline.stage import ProgressEvent
 
 
 def _noise_photos(folder: Path, n: int) -> Path:
@@ -30,7 +30,7 @@ def _noise_photos(folder: Path, n: int) -> Path:
 
 
 def _run(tmp_path: Path, photos: Path, **kw: Any) -> Report:
-    return run_job(photos, tmp_path / "out", preset_config("fast"), tmp_path / "work", {"name": "cpu"}, **kw)
+    return run_job(photos, tmp_path / "out", JobSpec(preset="fast"), tmp_path / "work", {"name": "cpu"}, **kw)
 
 
 def test_photos_that_do_not_overlap_fail_clearly(tmp_path: Path) -> None:

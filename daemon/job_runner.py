@@ -36,6 +36,11 @@ from pipeline.workspace import clean_work_dir
 
 log = structlog.get_logger("scandrop.runner")
 
+CANCELLED_BEFORE_START = ErrorInfo(
+    code=ErrorCode.cancelled,
+    message="Cancelled before it started.",
+    hint="The input is kept in failed/; move it back into the inbox to run it.",
+)
 PROGRESS_EVENT_SECONDS = 0.25  # WebSocket progress events per job at most this often
 STATUS_WRITE_SECONDS = 2.0  # status.json rewritten at least this often while a job runs
 
@@ -103,7 +108,7 @@ class JobRunner:
         status = self.book.store.get(job_id)
         if status is None or status.state != JobState.queued:
             return None
-        self._finish(status, ErrorInfo(code=ErrorCode.cancelled, message="Cancelled before it started."))
+        self._finish(status, CANCELLED_BEFORE_START)
         return status
 
     async def shutdown(self) -> None:
@@ -133,6 +138,11 @@ class JobRunner:
                 return
             if status.content_hash is None:
                 status.content_hash = await asyncio.to_thread(content_hash, input_path, self.settings.ignore)
+            if entry.shutdown:
+                return  # stopping while it was hashed: it is still queued
+            if entry.stop.is_set():
+                self._finish(status, CANCELLED_BEFORE_START)
+                return
             earlier = None if status.forced else self.book.store.succeeded_with(status.content_hash)
             if earlier is not None and earlier.job_id != status.job_id:
                 self._finish_duplicate(status, earlier)

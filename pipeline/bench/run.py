@@ -25,6 +25,7 @@ import trimesh
 from daemon.worker import run_job
 from models.device import resolve_device
 from pipeline.bench import baseline, metrics, synthetic
+from pipeline.job_spec import JobSpec
 from pipeline.presets import preset_config
 from pipeline.report import Report
 
@@ -90,7 +91,7 @@ def _run_ours(images: Path, out: Path, preset: str) -> Report:
     """One job as the daemon runs it; `seconds` becomes the wall time of the whole job process."""
     device = resolve_device("auto")
     t0 = time.perf_counter()
-    report = run_job(images, out, preset_config(preset), out / ".work", device.model_dump())
+    report = run_job(images, out, JobSpec(preset=preset), out / ".work", device.model_dump())
     report.seconds = round(time.perf_counter() - t0, 3)
     return report
 

@@ -14,6 +14,7 @@ from daemon.worker import run_job
 from pipeline.bench import baseline, metrics, synthetic
 from pipeline.bench.run import default_datasets_dir, estimated_cameras
 from pipeline.errors import ErrorCode
+from pipeline.job_spec import JobSpec
 from pipeline.presets import preset_config
 
 DATASETS = default_datasets_dir()
@@ -30,7 +31,7 @@ def _dataset(name: str) -> Path:
 def test_herz_jesu_registers_all_and_matches_surveyed_rotations(tmp_path: Path) -> None:
     root = _dataset("strecha_herz_jesus_p8")
     report = run_job(
-        root / "images", tmp_path / "out", preset_config("balanced"), tmp_path / "w", {"name": "cpu"}
+        root / "images", tmp_path / "out", JobSpec(preset="balanced"), tmp_path / "w", {"name": "cpu"}
     )
     assert report.ok, report.error
     assert report.images.registered == 8
@@ -52,7 +53,7 @@ def test_herz_jesu_registers_all_and_matches_surveyed_rotations(tmp_path: Path) 
 def test_kitchen_registers_at_least_24_of_25(tmp_path: Path) -> None:
     root = _dataset("vggt_kitchen")
     report = run_job(
-        root / "images", tmp_path / "out", preset_config("balanced"), tmp_path / "w", {"name": "cpu"}
+        root / "images", tmp_path / "out", JobSpec(preset="balanced"), tmp_path / "w", {"name": "cpu"}
     )
     assert report.ok, report.error
     assert report.images.registered >= 24
@@ -71,7 +72,7 @@ def test_kitchen_registers_at_least_24_of_25(tmp_path: Path) -> None:
 def test_room_with_barely_overlapping_photos_fails_clearly_or_names_what_it_left_out(tmp_path: Path) -> None:
     root = _dataset("vggt_room")
     report = run_job(
-        root / "images", tmp_path / "out", preset_config("balanced"), tmp_path / "w", {"name": "cpu"}
+        root / "images", tmp_path / "out", JobSpec(preset="balanced"), tmp_path / "w", {"name": "cpu"}
     )
     if report.ok:
         assert report.images.registered + len(report.images.unregistered) == report.images.usable

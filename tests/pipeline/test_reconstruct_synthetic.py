@@ -17,7 +17,7 @@ import trimesh
 from daemon.worker import run_job
 from pipeline.bench import metrics, synthetic
 from pipeline.bench.run import estimated_cameras, score_geometry, score_poses
-from pipeline.presets import preset_config
+from pipeline.job_spec import JobSpec
 from pipeline.report import Report
 
 OUTPUTS = [
@@ -45,7 +45,7 @@ def job(scene: synthetic.SyntheticScene, tmp_path_factory: pytest.TempPathFactor
     root = tmp_path_factory.mktemp("synthetic")
     synthetic.write_scene(scene, root / "photos")
     out = root / "out"
-    report = run_job(root / "photos", out, preset_config("balanced"), root / "work", {"name": "cpu"})
+    report = run_job(root / "photos", out, JobSpec(preset="balanced"), root / "work", {"name": "cpu"})
     return report, out
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from daemon import logs
+from models.device import DeviceRequest
 from pipeline.errors import ScandropError
 from pipeline.job_spec import JobSpec, Preset
 
@@ -76,6 +77,42 @@ def _config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _models(args: argparse.Namespace) -> int:
+    from daemon.settings import load_settings
+    from models import model_store
+    from models.registry import REGISTRY, get_spec
+
+    models_dir = load_settings(args.config, models_dir=args.models_dir).models_dir
+    if args.action == "list":
+        rows = [("NAME", "LICENCE", "INSTALLED", "SHA256", "PURPOSE")]
+        for spec in REGISTRY.values():
+            st = model_store.state(spec, models_dir)
+            installed = "yes" if st.installed else "no"
+            rows.append((spec.name, spec.licence, installed, st.sha256_source, spec.purpose))
+        widths = [max(len(row[i]) for row in rows) for i in range(4)]
+        for row in rows:
+            print("  ".join(cell.ljust(w) for cell, w in zip(row[:4], widths, strict=True)) + "  " + row[4])
+        print(f"models_dir: {models_dir}")
+        return 0
+    if args.action == "pull":
+        spec = get_spec(args.name)
+        path = model_store.pull(spec, models_dir)
+        how = "pinned" if spec.sha256 else "recorded on first use"
+        print(f"{spec.name}: {path} (sha256 {model_store.read_lock(models_dir)[spec.name]['sha256']}, {how})")
+        return 0
+    if args.action == "path":
+        print(model_store.model_path(get_spec(args.name), models_dir))
+        return 0
+    failed = 0
+    for spec in [get_spec(args.name)] if args.name else list(REGISTRY.values()):
+        try:
+            print(f"ok  {spec.name}  {model_store.verify(spec, models_dir)}")
+        except ScandropError as exc:
+            failed += 1
+            print(f"error [{exc.code.value}]: {exc.message}\nhint: {exc.hint}", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scandrop", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -83,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     rec = sub.add_parser("reconstruct", help="Reconstruct one folder of photos into OUTDIR.")
     rec.add_argument("input", type=Path)
     rec.add_argument("outdir", type=Path)
-    rec.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    rec.add_argument("--device", choices=[d.value for d in DeviceRequest], default="auto")
     rec.add_argument("--preset", choices=[p.value for p in Preset], default="balanced")
     rec.add_argument("--max-triangles", type=int, default=300_000)
     rec.add_argument("--work-dir", type=Path, default=None, help="Workspace (default OUTDIR/.scandrop-work).")
@@ -109,6 +146,19 @@ def build_parser() -> argparse.ArgumentParser:
     cfg = sub.add_parser("config", help="Print the effective settings.")
     cfg.add_argument("--config", type=Path, default=None)
     cfg.set_defaults(func=_config)
+
+    mdl = sub.add_parser("models", help="List, install (pull), verify and locate the learned models.")
+    mdl.add_argument("--config", type=Path, default=None)
+    mdl.add_argument("--models-dir", type=Path, default=None, help="Default: the models_dir setting.")
+    msub = mdl.add_subparsers(dest="action", required=True)
+    msub.add_parser("list", help="Every registered model, its licence and whether it is installed.")
+    pull = msub.add_parser("pull", help="Download NAME from the Hugging Face hub and check its sha256.")
+    pull.add_argument("name")
+    ver = msub.add_parser("verify", help="Check installed models' sha256 (all when NAME is omitted).")
+    ver.add_argument("name", nargs="?")
+    pth = msub.add_parser("path", help="Print the verified path of NAME.")
+    pth.add_argument("name")
+    mdl.set_defaults(func=_models)
     return parser
 
 

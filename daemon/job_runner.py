@@ -181,7 +181,12 @@ class JobRunner:
         status = entry.status
         loop = self._loop
         spec = JobSpec(
-            preset=self.settings.preset, overrides={"mesh": {"max_triangles": self.settings.max_triangles}}
+            preset=self.settings.preset,
+            overrides={
+                "mesh": {"max_triangles": self.settings.max_triangles},
+                "single_view": {"models_dir": str(self.settings.models_dir)},
+                "fill": {"models_dir": str(self.settings.models_dir)},
+            },
         )
 
         def started(pid: int) -> None:

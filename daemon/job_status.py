@@ -112,7 +112,12 @@ def quality_summary(report: Report) -> dict[str, Any]:
         "seconds": report.seconds,
         "peak_rss_mb": report.peak_rss_mb,
         "preset": report.preset,
+        "kind": report.kind,
+        "frames": report.frames,
+        "single_view": report.single_view,
+        "mono_depth": report.mono_depth,
         "stages": [
-            {"name": s.name, "seconds": s.seconds, "peak_rss_mb": s.peak_rss_mb} for s in report.stages
+            {"name": s.name, "backend": s.backend, "seconds": s.seconds, "peak_rss_mb": s.peak_rss_mb}
+            for s in report.stages
         ],
     }

@@ -30,6 +30,7 @@ from daemon.spool import Spool
 from daemon.systemd_notify import notify, watchdog_interval
 from models.device import resolve_device_in_child
 from pipeline.errors import ErrorCode, ScandropError
+from pipeline.plan import kinds_plan
 from pipeline.report import scandrop_version
 
 log = structlog.get_logger("scandrop.daemon")
@@ -70,6 +71,10 @@ class Service:
             "version": scandrop_version(),
             "started_at": self.started_at.isoformat(),
             "device": self.device.model_dump(mode="json"),
+            "plan": {
+                kind: [p.model_dump() for p in plan]
+                for kind, plan in kinds_plan(self.device.model_dump()).items()
+            },
             "health": self.health(),
             "watcher": self.scanner.health.model_dump(mode="json"),
             "queue": {

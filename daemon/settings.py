@@ -22,6 +22,7 @@ from pydantic_settings import (
 )
 
 from models.device import DeviceRequest
+from models.model_store import user_models_dir
 from pipeline.errors import ErrorCode, ScandropError
 from pipeline.job_spec import Preset
 
@@ -68,7 +69,7 @@ class Settings(BaseSettings):
     token: SecretStr | None = Field(
         None, description="Bearer token for the API; required when http_host is not loopback."
     )
-    device: DeviceRequest = Field(DeviceRequest.auto, description="auto, cpu or cuda.")
+    device: DeviceRequest = Field(DeviceRequest.auto, description="auto, cpu, cuda or mps.")
     preset: Preset = Field(Preset.balanced, description="Pipeline preset for daemon jobs.")
     watch_mode: WatchMode = Field(
         WatchMode.auto, description="native (inotify), poll, or auto: poll on network/fuse filesystems."
@@ -90,6 +91,11 @@ class Settings(BaseSettings):
     job_timeout: float = Field(3600.0, gt=0, description="Seconds before a job is stopped as timed out.")
     max_retries: int = Field(1, ge=0, le=10, description="Re-runs of a job whose process crashed.")
     max_triangles: int = Field(300_000, ge=1000, description="Triangle cap of model.glb.")
+    models_dir: Path = Field(
+        default_factory=user_models_dir,
+        description="Installed learned models (`scandrop models pull`); default ~/.cache/scandrop/models "
+        "(XDG_CACHE_HOME), shared by every working directory; the service sets its own.",
+    )
 
     @model_validator(mode="after")
     def _token_beyond_loopback(self) -> Self:

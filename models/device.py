@@ -22,6 +22,7 @@ class DeviceRequest(StrEnum):
     auto = "auto"
     cpu = "cpu"
     cuda = "cuda"
+    mps = "mps"
 
 
 class DeviceInfo(BaseModel):
@@ -30,6 +31,7 @@ class DeviceInfo(BaseModel):
     torch_cuda: bool
     onnxruntime_cuda: bool
     pycolmap_cuda: bool
+    torch_mps: bool = False
 
 
 def _torch_cuda() -> bool:
@@ -38,6 +40,15 @@ def _torch_cuda() -> bool:
     import torch  # lazy: large import, optional extra
 
     return bool(torch.cuda.is_available())
+
+
+def _torch_mps() -> bool:
+    """Apple-silicon GPU through torch; detected and reported, used by no stage yet."""
+    if importlib.util.find_spec("torch") is None:
+        return False
+    import torch
+
+    return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
 
 
 def _onnxruntime_cuda() -> bool:
@@ -63,8 +74,22 @@ def resolve_device(request: DeviceRequest | str = DeviceRequest.auto) -> DeviceI
         "pycolmap_cuda": _pycolmap_cuda(),
     }
     any_cuda = any(flags.values())
+    mps = _torch_mps()
     if request == DeviceRequest.cpu:
-        return DeviceInfo(name="cpu", reason="requested", **flags)
+        return DeviceInfo(name="cpu", reason="requested", torch_mps=mps, **flags)
+    if request == DeviceRequest.mps:
+        if not mps:
+            raise ScandropError(
+                ErrorCode.device_unavailable,
+                "MPS (Apple GPU) was requested but torch sees none on this machine.",
+                "Use --device cpu or auto.",
+            )
+        return DeviceInfo(
+            name="mps",
+            reason="requested; no stage has an MPS path yet, they run on the CPU",
+            torch_mps=mps,
+            **flags,
+        )
     if request == DeviceRequest.cuda:
         if not any_cuda:
             raise ScandropError(
@@ -72,10 +97,11 @@ def resolve_device(request: DeviceRequest | str = DeviceRequest.auto) -> DeviceI
                 "CUDA was requested but no CUDA device is usable (torch, onnxruntime and pycolmap see none).",
                 "Use --device cpu or auto, or install the CUDA builds (see README, 'GPU').",
             )
-        return DeviceInfo(name="cuda", reason="requested", **flags)
+        return DeviceInfo(name="cuda", reason="requested", torch_mps=mps, **flags)
     if any_cuda:
-        return DeviceInfo(name="cuda", reason="auto: a CUDA device is usable", **flags)
-    return DeviceInfo(name="cpu", reason="auto: no CUDA device found", **flags)
+        return DeviceInfo(name="cuda", reason="auto: a CUDA device is usable", torch_mps=mps, **flags)
+    why = "auto: no CUDA device found" + ("; MPS found but no stage uses it yet" if mps else "")
+    return DeviceInfo(name="cpu", reason=why, torch_mps=mps, **flags)
 
 
 def resolve_device_in_child(request: DeviceRequest | str = DeviceRequest.auto) -> DeviceInfo:

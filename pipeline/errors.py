@@ -33,6 +33,8 @@ class ErrorCode(StrEnum):
     unsupported_input = "unsupported_input"
     input_missing = "input_missing"
     claim_failed = "claim_failed"
+    unreadable_video = "unreadable_video"
+    model_corrupt = "model_corrupt"
 
 
 class ErrorInfo(BaseModel):

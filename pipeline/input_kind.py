@@ -10,7 +10,8 @@ from enum import StrEnum
 from pathlib import Path
 
 # Defined here, not in ingest_images, which imports this module (one definition, no import cycle).
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp"}
+# HEIC/HEIF (what iPhones save by default) are read through pillow-heif and converted to JPEG.
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".heic", ".heif"}
 VIDEO_SUFFIXES = {".mp4", ".mov", ".m4v", ".mkv", ".avi", ".webm"}
 
 

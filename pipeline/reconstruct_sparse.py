@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import StrEnum
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pycolmap
@@ -52,6 +53,9 @@ class SparseConfig(BaseModel):
     retrieval_neighbors: int = Field(20, ge=2, description="Images retrieved per image in retrieval mode.")
     camera_model: str = Field("SIMPLE_RADIAL", description="COLMAP camera model for unknown cameras.")
     min_registered: int = Field(3, ge=2, description="A model with fewer registered images fails the job.")
+    device: Literal["cpu", "cuda"] = Field(
+        "cpu", description="Where SIFT extraction and matching run (set by the device plan)."
+    )
 
 
 class SparseResult(BaseModel):
@@ -141,7 +145,12 @@ def _match(
 ) -> None:
     matching = pycolmap.FeatureMatchingOptions()
     if strategy == Matching.exhaustive:
-        pycolmap.match_exhaustive(ws.database, matching_options=matching, cancellation_token=token)
+        pycolmap.match_exhaustive(
+            ws.database,
+            matching_options=matching,
+            device=pycolmap.Device(config.device),
+            cancellation_token=token,
+        )
     elif strategy == Matching.sequential:
         pairing = pycolmap.SequentialPairingOptions()
         pairing.overlap = config.sequential_overlap
@@ -150,14 +159,22 @@ def _match(
             pairing.loop_detection_period = max(1, config.sequential_overlap // 2)
             pairing.vocab_tree_path = str(_build_visual_index(ws, ws.root / "vocab_tree.bin", num_images))
         pycolmap.match_sequential(
-            ws.database, matching_options=matching, pairing_options=pairing, cancellation_token=token
+            ws.database,
+            matching_options=matching,
+            pairing_options=pairing,
+            device=pycolmap.Device(config.device),
+            cancellation_token=token,
         )
     else:
         pairing = pycolmap.VocabTreePairingOptions()
         pairing.num_images = config.retrieval_neighbors
         pairing.vocab_tree_path = str(_build_visual_index(ws, ws.root / "vocab_tree.bin", num_images))
         pycolmap.match_vocabtree(
-            ws.database, matching_options=matching, pairing_options=pairing, cancellation_token=token
+            ws.database,
+            matching_options=matching,
+            pairing_options=pairing,
+            device=pycolmap.Device(config.device),
+            cancellation_token=token,
         )
 
 
@@ -198,6 +215,7 @@ def run(
                 camera_mode=pycolmap.CameraMode.SINGLE,
                 reader_options=reader,
                 extraction_options=extraction,
+                device=pycolmap.Device(config.device),
                 cancellation_token=token,
             )
         check_stop(should_stop)

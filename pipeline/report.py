@@ -48,6 +48,18 @@ class Report(BaseModel):
     seconds: float = 0.0
     peak_rss_mb: float = 0.0
     images: ImagesReport = Field(default_factory=ImagesReport)
+    plan: list[dict[str, str]] = Field(
+        default_factory=list, description="The device plan: each stage's backend and why (pipeline/plan.py)."
+    )
+    mono_depth: dict[str, Any] | None = Field(
+        None, description="Multi-view jobs: whether monocular depth filled stereo holes, and how much."
+    )
+    single_view: dict[str, Any] | None = Field(
+        None, description="Single-photo drops: the depth model used and the relief's assumptions."
+    )
+    frames: dict[str, Any] | None = Field(
+        None, description="Video drops: frames decoded, kept (and when), rejected as blurred or redundant."
+    )
     mean_reprojection_error_px: float | None = None
     points: int | None = None
     triangles: int | None = None

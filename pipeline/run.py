@@ -21,37 +21,57 @@ from pydantic import BaseModel
 
 from pipeline import (
     build_mesh,
+    drop_input,
     estimate_depth,
     export_assets,
+    extract_frames,
+    fill_depth,
     fuse_depth,
     ingest_images,
     make_splats,
     reconstruct_sparse,
     render_preview,
+    single_view,
 )
 from pipeline.errors import ErrorCode, ErrorInfo, ScandropError
+from pipeline.input_kind import InputKind, input_kind
+from pipeline.plan import backend_device, build_plan, plan_stages
 from pipeline.presets import PipelineConfig
 from pipeline.report import Report, StageReport, new_report
 from pipeline.resources import Meter
-from pipeline.stage import OnEvent, ProgressEvent, StopCheck, check_stop, never_stop, write_json_atomic
+from pipeline.stage import (
+    OnEvent,
+    Progress,
+    ProgressEvent,
+    StopCheck,
+    atomic_dir,
+    check_stop,
+    never_stop,
+    write_json_atomic,
+)
 from pipeline.workspace import Workspace
 
 # Share of the whole job each stage takes on a typical CPU run; drives the overall progress bar.
 STAGE_WEIGHTS: dict[str, float] = {
+    "frames": 0.05,  # video drops only
     "ingest": 0.03,
     "sparse": 0.40,
     "depth": 0.30,
+    "fill": 0.03,  # monocular depth in stereo holes (when the depth model is installed)
     "fuse": 0.07,
     "mesh": 0.12,
     "splats": 0.03,
     "export": 0.03,
     "preview": 0.02,
+    "single_view": 0.5,  # single-photo drops only, instead of sparse..mesh
 }
-STAGES = list(STAGE_WEIGHTS)
 
 
-def _stage_progress(stage: str, on_event: OnEvent) -> Callable[[float, str], None]:
-    before = sum(STAGE_WEIGHTS[s] for s in STAGES[: STAGES.index(stage)])
+def _stage_progress(stage: str, plan: list[str], on_event: OnEvent) -> Callable[[float, str], None]:
+    """Map a stage's own 0..1 onto the whole job, over the stages this job runs."""
+    total = sum(STAGE_WEIGHTS[s] for s in plan)
+    before = sum(STAGE_WEIGHTS[s] for s in plan[: plan.index(stage)]) / total
+    weight = STAGE_WEIGHTS[stage] / total
 
     def progress(fraction: float, message: str) -> None:
         fraction = min(1.0, max(0.0, float(fraction)))
@@ -59,7 +79,7 @@ def _stage_progress(stage: str, on_event: OnEvent) -> Callable[[float, str], Non
             ProgressEvent(
                 stage=stage,
                 stage_progress=fraction,
-                progress=before + STAGE_WEIGHTS[stage] * fraction,
+                progress=before + weight * fraction,
                 message=message,
             )
         )
@@ -89,6 +109,10 @@ def run_pipeline(
         datetime.now(UTC),
     )
 
+    kind = input_kind(input_dir)
+    plan = plan_stages(kind)
+    backends = build_plan(plan, device or {"name": "cpu"})
+    report.plan = [b.model_dump() for b in backends]
     current = ["start"]
 
     def stage(name: str, fn: Callable[..., BaseModel], *args: Any) -> Any:
@@ -97,13 +121,14 @@ def run_pipeline(
         result: BaseModel | None = None
         try:
             with Meter() as meter:
-                result = fn(*args, _stage_progress(name, events), should_stop)
+                result = fn(*args, _stage_progress(name, plan, events), should_stop)
         finally:  # a failed stage is reported too, with its time and memory up to the failure
             report.stages.append(
                 StageReport(
                     name=name,
                     seconds=round(meter.seconds, 3),
                     peak_rss_mb=round(meter.peak_rss_mb, 1),
+                    backend=next(b.backend for b in backends if b.stage == name),
                     result=result.model_dump(mode="json") if result is not None else {"failed": True},
                 )
             )
@@ -111,17 +136,37 @@ def run_pipeline(
 
     try:
         ws = _prepare_workspace(work_dir, input_dir, config)
-        ingested = stage("ingest", ingest_images.run, config.ingest, input_dir, ws)
+        photos, sparse_config, ingest_config = input_dir, config.sparse, config.ingest
+        if kind is InputKind.video:  # keyframes become the photos; their order lets SfM match neighbours
+            report.kind = "video"
+            frames = stage("frames", _extract_frames, config.frames, input_dir, ws)
+            report.frames = _frames_summary(frames)
+            photos, sparse_config = ws.frames_dir, config.sparse.model_copy(update={"ordered": True})
+        elif kind is InputKind.photo:  # ingested like a set of one: orientation, alpha, limits
+            report.kind = "single_photo"
+            photos = _single_photo_folder(input_dir, ws)
+            ingest_config = config.ingest.model_copy(update={"min_images": 1})
+        ingested = stage("ingest", ingest_images.run, ingest_config, photos, ws)
         report.images.input = ingested.images_in
         report.images.usable = ingested.usable
         report.images.rejected = [r.model_dump() for r in ingested.rejected]
-        sparse = stage("sparse", reconstruct_sparse.run, config.sparse, ws, ingested.camera_groups())
-        report.images.registered = sparse.registered
-        report.images.unregistered = sparse.unregistered
-        report.mean_reprojection_error_px = sparse.mean_reprojection_error_px
-        stage("depth", estimate_depth.run, config.depth, ws)
-        stage("fuse", fuse_depth.run, config.fuse, ws)
-        stage("mesh", build_mesh.run, config.mesh, ws)
+        if kind is InputKind.photo:
+            on = backend_device(backends, "single_view")
+            view = stage("single_view", single_view.run, config.single_view, ws, on)
+            report.images.registered = 1
+            report.single_view = view.model_dump(mode="json")
+        else:
+            sparse_config = sparse_config.model_copy(update={"device": backend_device(backends, "sparse")})
+            sparse = stage("sparse", reconstruct_sparse.run, sparse_config, ws, ingested.camera_groups())
+            report.images.registered = sparse.registered
+            report.images.unregistered = sparse.unregistered
+            report.mean_reprojection_error_px = sparse.mean_reprojection_error_px
+            stage("depth", estimate_depth.run, config.depth, ws)
+            on = backend_device(backends, "fill")
+            filled = stage("fill", fill_depth.run, config.fill, ws, config.depth.max_image_size, on)
+            report.mono_depth = filled.model_dump(mode="json", exclude={"per_view"})
+            stage("fuse", fuse_depth.run, config.fuse, ws)
+            stage("mesh", build_mesh.run, config.mesh, ws)
         splats = stage("splats", make_splats.run, config.splats, ws)
         report.splat_method = splats.method
         exported = stage("export", export_assets.run, config.export, ws, out_dir)
@@ -193,3 +238,35 @@ def _prepare_workspace(work_dir: Path, input_dir: Path, config: PipelineConfig) 
     ws = Workspace(work_dir).create()
     write_json_atomic(marker, {"fingerprint": fingerprint, "config": config.model_dump(mode="json")})
     return ws
+
+
+def _extract_frames(
+    config: extract_frames.FramesConfig,
+    video: Path,
+    ws: Workspace,
+    progress: Progress,
+    should_stop: StopCheck,
+) -> extract_frames.FramesResult:
+    """Keyframes of a video drop, reused when a resumed job already has them."""
+    if ws.frames_json.exists() and ws.frames_dir.is_dir():
+        return extract_frames.FramesResult.model_validate_json(ws.frames_json.read_text())
+    result = extract_frames.run(config, video, ws.frames_dir, progress, should_stop)
+    write_json_atomic(ws.frames_json, result.model_dump(mode="json"))
+    return result
+
+
+def _frames_summary(frames: extract_frames.FramesResult) -> dict[str, Any]:
+    summary = frames.model_dump(mode="json", exclude={"kept"})
+    summary["kept"] = len(frames.kept)
+    summary["kept_times_s"] = [round(f.time_s, 3) for f in frames.kept]
+    return summary
+
+
+def _single_photo_folder(photo: Path, ws: Workspace) -> Path:
+    """A folder holding just the dropped photo, so ingest treats it like any set."""
+    drop_input.refuse_links_out(photo)
+    folder = ws.root / "single"
+    if not (folder / photo.name).is_file():
+        with atomic_dir(folder) as tmp:
+            shutil.copy2(photo, tmp / photo.name)
+    return folder

@@ -4,6 +4,8 @@ Files are the contract between stages. A stage reads only what earlier stages wr
 writes its own outputs atomically, so an interrupted job can resume from the last finished stage.
 
     <root>/
+      frames/            keyframes of a video drop, frame_<index>.jpg (frames; absent otherwise)
+      frames.json        which frames were kept and why (frames)
       unpacked/          the files of a zip drop, extracted safely (ingest; absent for folder drops)
       images/            normalised 8-bit RGB copies of the usable input photos (ingest)
       masks/             <image name>.png, 255 = object, COLMAP's mask naming (ingest, from alpha)
@@ -27,6 +29,14 @@ from pathlib import Path
 @dataclass(frozen=True)
 class Workspace:
     root: Path
+
+    @property
+    def frames_dir(self) -> Path:
+        return self.root / "frames"
+
+    @property
+    def frames_json(self) -> Path:
+        return self.root / "frames.json"
 
     @property
     def unpacked_dir(self) -> Path:

@@ -6,7 +6,11 @@ Datasets:
   pycolmap run at the same image size;
 - kitchen: ../shared/datasets/vggt_kitchen, timed side by side with a plain pycolmap sparse run;
 - room: ../shared/datasets/vggt_room, photos that barely overlap (must fail clearly or say what
-  it left out).
+  it left out);
+- apple: ../shared/datasets/video_cotracker_apple/apple.mp4, a hand-held video arc (>= 90% of the
+  kept frames must register);
+- video: a rendered orbit clip of 240 frames run at two frame budgets (50 and 200 keyframes): the
+  time ratio (target <= 4 for 4x the frames), registered fractions and pose accuracy.
 """
 
 from __future__ import annotations
@@ -29,8 +33,14 @@ from pipeline.job_spec import JobSpec
 from pipeline.presets import preset_config
 from pipeline.report import Report
 
-DEFAULT_DATASETS = ["synthetic", "herzjesu", "kitchen", "room"]
-SHARED_NAMES = {"herzjesu": "strecha_herz_jesus_p8", "kitchen": "vggt_kitchen", "room": "vggt_room"}
+DEFAULT_DATASETS = ["synthetic", "herzjesu", "kitchen", "room", "apple", "video"]
+SHARED_NAMES = {
+    "herzjesu": "strecha_herz_jesus_p8",
+    "kitchen": "vggt_kitchen",
+    "room": "vggt_room",
+    "apple": "video_cotracker_apple",
+}
+VIDEO_BUDGETS = (50, 200)
 
 
 def default_datasets_dir() -> Path:
@@ -87,11 +97,14 @@ def score_geometry(out_dir: Path, to_gt: metrics.Sim3, gt_points: np.ndarray, ta
     }
 
 
-def _run_ours(images: Path, out: Path, preset: str) -> Report:
+def _run_ours(
+    images: Path, out: Path, preset: str, overrides: dict[str, dict[str, Any]] | None = None
+) -> Report:
     """One job as the daemon runs it; `seconds` becomes the wall time of the whole job process."""
     device = resolve_device("auto")
     t0 = time.perf_counter()
-    report = run_job(images, out, JobSpec(preset=preset), out / ".work", device.model_dump())
+    spec = JobSpec(preset=preset, overrides=overrides or {})
+    report = run_job(images, out, spec, out / ".work", device.model_dump())
     report.seconds = round(time.perf_counter() - t0, 3)
     return report
 
@@ -165,6 +178,40 @@ def bench_room(root: Path, out: Path, preset: str) -> dict[str, Any]:
     return _summary(_run_ours(root / "images", out / "result", preset))
 
 
+def _frames_row(report: Report) -> dict[str, Any]:
+    row = _summary(report)
+    kept = (report.frames or {}).get("kept", 0)
+    row["frames_kept"] = kept
+    row["registered_fraction"] = report.images.registered / kept if kept else None
+    return row
+
+
+def bench_apple(root: Path, out: Path, preset: str) -> dict[str, Any]:
+    return _frames_row(_run_ours(root / "apple.mp4", out / "result", preset))
+
+
+def bench_video(out: Path, preset: str) -> dict[str, dict[str, Any]]:
+    """The same rendered clip at two frame budgets: how cost grows with the number of keyframes."""
+    scene = synthetic.render_scene(n_views=240, width=320, height=240, seed=0, path="video")
+    clip = out / "orbit.mp4"
+    synthetic.write_video(scene, clip)
+    truth = {f"frame_{i:06d}.jpg": cam for i, cam in enumerate(scene.cameras().values())}
+    rows = {}
+    for budget in VIDEO_BUDGETS:
+        # target_motion 0 lets the budget alone decide how many keyframes are kept
+        overrides = {"frames": {"max_frames": budget, "target_motion": 0.0}}
+        report = _run_ours(clip, out / f"budget-{budget}", preset, overrides)
+        row = _frames_row(report)
+        if report.ok:
+            row.update(score_poses(estimated_cameras(out / f"budget-{budget}"), truth))
+            row.pop("sim3", None)
+        rows[f"video-{budget}"] = row
+    small, big = (rows[f"video-{b}"] for b in VIDEO_BUDGETS)
+    if small.get("seconds") and big.get("seconds"):
+        big["time_ratio"] = big["seconds"] / small["seconds"]
+    return rows
+
+
 def _fmt(v: Any, spec: str = "") -> str:
     if v is None:
         return "-"
@@ -198,6 +245,13 @@ def print_table(rows: dict[str, dict[str, Any]], file: Any = sys.stdout) -> None
             print(f"{'':10} error {r['error']['code']}: {r['error']['message']}", file=file)
         if r.get("unregistered"):
             print(f"{'':10} left out: {', '.join(r['unregistered'])}", file=file)
+        if "frames_kept" in r:
+            print(
+                f"{'':10} video: {r['frames_kept']} keyframes kept, registered fraction "
+                f"{_fmt(r.get('registered_fraction'), '.2f')}"
+                + (f", time x{r['time_ratio']:.2f} of video-{VIDEO_BUDGETS[0]}" if "time_ratio" in r else ""),
+                file=file,
+            )
         if "plain_seconds" in r:
             print(
                 f"{'':10} plain pycolmap: {r['plain_registered']} registered, {r['plain_seconds']:.1f} s, "
@@ -215,6 +269,9 @@ def main(names: list[str], out: Path, preset: str, datasets_dir: Path | None = N
         if name == "synthetic":
             rows[name] = bench_synthetic(work, preset)
             continue
+        if name == "video":
+            rows.update(bench_video(work, preset))
+            continue
         root = datasets_dir / SHARED_NAMES.get(name, name)
         if not root.exists():
             print(
@@ -222,7 +279,12 @@ def main(names: list[str], out: Path, preset: str, datasets_dir: Path | None = N
                 file=sys.stderr,
             )
             continue
-        runner = {"herzjesu": bench_herzjesu, "kitchen": bench_kitchen, "room": bench_room}.get(name)
+        runner = {
+            "herzjesu": bench_herzjesu,
+            "kitchen": bench_kitchen,
+            "room": bench_room,
+            "apple": bench_apple,
+        }.get(name)
         if runner is None:
             print(f"unknown dataset {name!r}; known: {', '.join(DEFAULT_DATASETS)}", file=sys.stderr)
             return 2

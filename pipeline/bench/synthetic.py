@@ -463,6 +463,22 @@ def _render_view(
     return colour, cover
 
 
+def video_cameras(n_frames: int, turns: float = 1.0) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """World-to-camera (R, t) along a smooth hand-held-like path: `turns` orbits around the object
+    while the elevation swings between 15 and 45 degrees, so neighbouring frames overlap heavily."""
+    rs, ts = [], []
+    for k in range(n_frames):
+        u = k / max(1, n_frames - 1)
+        az = 2 * math.pi * turns * u
+        el = math.radians(30 + 15 * math.sin(2 * math.pi * u))
+        dirn = np.array([math.cos(el) * math.sin(az), math.sin(el), math.cos(el) * math.cos(az)])
+        centre = _TARGET + _DISTANCE * dirn
+        r = _look_at(centre, _TARGET)
+        rs.append(r)
+        ts.append(-r @ centre)
+    return rs, ts
+
+
 def render_scene(
     n_views: int = 24,
     width: int = 640,
@@ -470,12 +486,16 @@ def render_scene(
     seed: int = 0,
     alpha: bool = False,
     texture: str = "rich",
+    path: str = "rings",
 ) -> SyntheticScene:
-    """Render the test object from `n_views` cameras orbiting it at two elevations.
+    """Render the test object from `n_views` cameras orbiting it at two elevations (path="rings"),
+    or along one smooth video-like path (path="video", frames in time order).
 
     `seed` picks the texture; cameras and geometry are fixed. texture="weak" leaves the sphere
     almost uniform, the hard case for feature matching and stereo.
     """
+    if path not in ("rings", "video"):
+        raise ValueError(f"path must be 'rings' or 'video', not {path!r}")
     if texture not in ("rich", "weak"):
         raise ValueError(f"texture must be 'rich' or 'weak', not {texture!r}")
     if n_views < 2 or width < 16 or height < 16:
@@ -488,7 +508,7 @@ def render_scene(
     lo = np.min([p.bounds()[0] for p in primitives], axis=0)
     hi = np.max([p.bounds()[1] for p in primitives], axis=0)
     k = _intrinsics(width, height)
-    rs, ts = orbit_cameras(n_views)
+    rs, ts = orbit_cameras(n_views) if path == "rings" else video_cameras(n_views)
     sub = np.array([0.25, 0.75])  # 2x2 supersampling inside each pixel
     uu, vv = np.meshgrid(
         (np.arange(width)[:, None] + sub).ravel(), (np.arange(height)[:, None] + sub).ravel()
@@ -534,6 +554,24 @@ def write_scene(scene: SyntheticScene, folder: Path) -> None:
         "cameras": cameras,
     }
     (folder / "gt_cameras.json").write_text(json.dumps(data, indent=1))
+
+
+def write_video(scene: SyntheticScene, path: Path, fps: int = 30) -> None:
+    """The scene's frames as an H.264 (or MPEG-4 Part 2) video, in the order they were rendered."""
+    import av  # only the video benchmark and tests need it
+
+    with av.open(str(path), "w") as container:
+        codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = scene.width, scene.height, "yuv420p"
+        if codec == "libx264":
+            stream.options = {"crf": "18", "preset": "veryfast"}
+        else:
+            stream.bit_rate = 8_000_000
+        for image in scene.images:
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image[..., :3]), format="rgb24")
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
 
 
 def load_gt_cameras(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:

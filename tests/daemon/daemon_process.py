@@ -50,6 +50,7 @@ class Daemon:
             "SCANDROP_INBOX": str(self.inbox),
             "SCANDROP_OUTBOX": str(self.outbox),
             "SCANDROP_STATE_DIR": str(self.state),
+            "SCANDROP_MODELS_DIR": str(root / "models"),  # empty: no learned model is installed
             "SCANDROP_HTTP_PORT": str(self.port),
             "SCANDROP_PRESET": "fast",
             "SCANDROP_STABILITY_SECONDS": "1",

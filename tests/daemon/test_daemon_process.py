@@ -25,7 +25,7 @@ from models.device import resolve_device
 from pipeline.bench.synthetic import render_scene, write_scene
 
 OUTPUTS = ["model.glb", "points.ply", "splats.splat", "splats.ply", "cameras/transforms.json", "preview.png"]
-PIPELINE_STAGES = ["ingest", "sparse", "depth", "fuse", "mesh", "splats", "export", "preview"]
+PIPELINE_STAGES = ["ingest", "sparse", "depth", "fill", "fuse", "mesh", "splats", "export", "preview"]
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,16 @@ class FakeSystemd:
         self._sock.close()
 
 
-def test_slow_copy_waits_then_succeeds_with_live_events(daemon: Daemon, photos: Path) -> None:
+@pytest.fixture
+def patient_daemon(tmp_path: Path) -> Iterator[Daemon]:
+    """A daemon with the default 5 s stability window of local disks."""
+    d = Daemon(tmp_path, stability_seconds=5)
+    yield d
+    d.stop()
+
+
+def test_slow_copy_waits_then_succeeds_with_live_events(patient_daemon: Daemon, photos: Path) -> None:
+    daemon = patient_daemon
     systemd = FakeSystemd(daemon.root / "notify.sock")
     try:
         daemon.start({"NOTIFY_SOCKET": str(systemd.path), "WATCHDOG_USEC": "1000000"})
@@ -88,12 +97,12 @@ def test_slow_copy_waits_then_succeeds_with_live_events(daemon: Daemon, photos: 
             files = sorted(photos.iterdir())
             for f in files[:18]:
                 shutil.copy2(f, drop / f.name)
-            for f in files[18:]:  # a slow copy: one file every 2 s (longer than the 1 s window)
-                time.sleep(0.6)
+            for f in files[18:]:  # a slow copy: a file every 2.5 s, the drop never still for 5 s
+                time.sleep(1.25)
                 assert daemon.jobs() == [], "a job started before the drop was complete"
                 waiting = daemon.get("/api/status")["queue"]["waiting"]
                 assert [w["name"] for w in waiting] == [drop.name]
-                time.sleep(0.6)
+                time.sleep(1.25)
                 shutil.copy2(f, drop / f.name)
             copied_at = time.time()
             job = daemon.wait_job(lambda j: j["state"] == "succeeded", 180, "the job to succeed")
@@ -218,6 +227,8 @@ def _bad_drops(inbox: Path, outside: Path) -> dict[str, str]:
     (linked / "photo.png").symlink_to(outside / "secret.png")
     (inbox / "a link to elsewhere").symlink_to(outside, target_is_directory=True)
     (inbox / "readme.txt").write_text("what is this?")
+    (inbox / "broken clip.mp4").write_bytes(os.urandom(5000))
+    Image.fromarray(np.zeros((100, 100, 3), np.uint8)).save(inbox / "lonely photo.jpg")
     return {
         "nur Notizen – ü": "no_input",
         "kaputt ë": "too_few_images",
@@ -226,6 +237,8 @@ def _bad_drops(inbox: Path, outside: Path) -> dict[str, str]:
         "linked – out": "unsafe_input",
         "a link to elsewhere": "unsafe_input",
         "readme.txt": "unsupported_input",
+        "broken clip.mp4": "unreadable_video",
+        "lonely photo.jpg": "model_missing",  # single-photo relief needs the depth model, not installed here
     }
 
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFilter
 
-from pipeline import ingest_images
+from pipeline import ingest_images, photo_hygiene
 from pipeline.errors import ErrorCode, ScandropError
 from pipeline.stage import never_stop, no_progress
 from pipeline.workspace import Workspace
@@ -213,7 +213,9 @@ def test_links_inside_the_drop_are_fine(tmp_path: Path) -> None:
     (drop.parent / "alias").symlink_to(drop, target_is_directory=True)  # a linked folder: not descended
     (drop.parent / "extra.jpg").symlink_to(drop / "p0.jpg")  # a linked file: read like any other
     result = _ingest(drop.parent, tmp_path)
-    assert sorted(result.sources.values()) == ["extra.jpg", "real/p0.jpg", "real/p1.jpg", "real/p2.jpg"]
+    # The linked file is read; being byte-identical to real/p0.jpg, only the first of the two is used.
+    assert sorted(result.sources.values()) == ["extra.jpg", "real/p1.jpg", "real/p2.jpg"]
+    assert result.duplicates == [["extra.jpg", "real/p0.jpg"]]
 
 
 @pytest.mark.parametrize(
@@ -237,3 +239,234 @@ def test_missing_drop_is_input_missing(tmp_path: Path) -> None:
             _ingest(drop, tmp_path)
         assert info.value.code == ErrorCode.input_missing
         assert info.value.hint
+
+
+# --- masks beside photos -------------------------------------------------------------------------
+
+
+def _rect_mask(w: int, h: int, box: tuple[float, float, float, float]) -> np.ndarray:
+    """255 inside the box given as fractions (x0, y0, x1, y1) of the image, sampled at pixel centres."""
+    u = (np.arange(w) + 0.5) / w
+    v = (np.arange(h) + 0.5) / h
+    inside = ((u >= box[0]) & (u < box[2]))[None, :] & ((v >= box[1]) & (v < box[3]))[:, None]
+    return np.where(inside, 255, 0).astype(np.uint8)
+
+
+def _agreement(ws: Workspace, name: str, expected: np.ndarray) -> float:
+    got = np.asarray(Image.open(ws.mask_for(name)))
+    assert got.shape == expected.shape
+    return float(np.mean((got > 127) == (expected > 127)))
+
+
+BOX = (0.2, 0.25, 0.7, 0.8)
+
+
+def test_mask_files_beside_photos_follow_the_resize(tmp_path: Path) -> None:
+    src = tmp_path / "drop"
+    src.mkdir()
+    for i in range(3):
+        Image.fromarray(_texture(400, 300, i)).save(src / f"p{i}.jpg")
+    Image.fromarray(_rect_mask(400, 300, BOX)).save(src / "p0_mask.png")
+    Image.fromarray(_rect_mask(200, 150, BOX)).save(src / "p1-MASK.PNG")  # half size, any case
+    Image.fromarray(_rect_mask(400, 300, BOX)).save(src / "p2_mask.jpg", quality=80)  # JPEG noise
+    ws = Workspace(tmp_path / "ws").create()
+    config = ingest_images.IngestConfig(max_image_size=256)
+    result = ingest_images.run(config, src, ws, no_progress, never_stop)
+    assert result.images_in == 3 and result.usable == 3 and not result.rejected  # masks are not photos
+    assert result.masked == 3 and result.masks_from_files == 3
+    expected = _rect_mask(256, 192, BOX)
+    for name in result.names:
+        assert _agreement(ws, name, expected) > 0.99, name
+
+
+def test_masks_folder_variants(tmp_path: Path) -> None:
+    src = tmp_path / "drop"
+    (src / "masks").mkdir(parents=True)
+    (src / "sub" / "Masks").mkdir(parents=True)  # any case
+    photos = ["a.jpg", "b.jpg", "sub/c.jpg", "sub/d.jpg", "e.jpg"]
+    for i, rel in enumerate(photos):
+        Image.fromarray(_texture(160, 120, i)).save(src / rel)
+    Image.fromarray(_rect_mask(160, 120, BOX)).save(src / "masks" / "a.jpg.png")  # COLMAP naming
+    Image.fromarray(_rect_mask(160, 120, BOX)).save(src / "masks" / "b.png")
+    Image.fromarray(_rect_mask(160, 120, BOX)).save(src / "masks" / "c.bmp")  # drop root, photo in sub/
+    Image.fromarray(_rect_mask(80, 60, BOX)).save(src / "sub" / "Masks" / "d.jpg.png")
+    result = _ingest(src, tmp_path)
+    assert result.images_in == 5 and result.usable == 5
+    assert result.masked == 4 and result.masks_from_files == 4
+    ws = Workspace(tmp_path / "ws")
+    for name in ("a.jpg", "b.jpg", "c.jpg", "d.jpg"):
+        assert _agreement(ws, name, _rect_mask(160, 120, BOX)) > 0.99, name
+    assert not ws.mask_for("e.jpg").exists()
+
+
+def test_alpha_and_mask_file_intersect(tmp_path: Path) -> None:
+    src = tmp_path / "drop"
+    src.mkdir()
+    for i in range(3):
+        rgba = np.dstack([_texture(200, 100, i), _rect_mask(200, 100, (0.0, 0.0, 0.5, 1.0))])  # left half
+        Image.fromarray(rgba, "RGBA").save(src / f"cut{i}.png")
+    Image.fromarray(_rect_mask(200, 100, (0.0, 0.0, 1.0, 0.5))).save(src / "cut0_mask.png")  # top half
+    result = _ingest(src, tmp_path)
+    assert result.masked == 3 and result.masks_from_files == 1
+    ws = Workspace(tmp_path / "ws")
+    assert _agreement(ws, "cut0.png", _rect_mask(200, 100, (0.0, 0.0, 0.5, 0.5))) == 1.0
+    assert _agreement(ws, "cut1.png", _rect_mask(200, 100, (0.0, 0.0, 0.5, 1.0))) == 1.0
+
+
+def test_unusable_masks_skip_their_photo(tmp_path: Path) -> None:
+    src = tmp_path / "drop"
+    src.mkdir()
+    for i in range(5):
+        Image.fromarray(_texture(160, 120, i)).save(src / f"p{i}.jpg")
+    Image.fromarray(_rect_mask(120, 120, BOX)).save(src / "p3_mask.png")  # square mask, 4:3 photo
+    Image.fromarray(np.zeros((120, 160), np.uint8)).save(src / "p4_mask.png")
+    Image.fromarray(_texture(160, 120, 9)[..., 0]).save(src / "gone_mask.png")  # its photo was deleted
+    result = _ingest(src, tmp_path)
+    assert result.usable == 3 and result.masked == 0
+    reasons = {r.file: r.reason for r in result.rejected}
+    assert set(reasons) == {"p3.jpg", "p4.jpg", "gone_mask.png"}
+    assert "p3_mask.png is 120x120" in reasons["p3.jpg"] and "aspect" in reasons["p3.jpg"]
+    assert "all background" in reasons["p4.jpg"]
+    assert "no photo named gone.*" in reasons["gone_mask.png"]
+
+
+def test_masks_follow_exif_orientation(tmp_path: Path) -> None:
+    """The photo is stored 300x200 with "rotate 90" and shows 200x300: a mask in either orientation
+    lands on the same object pixels."""
+    src = tmp_path / "drop"
+    src.mkdir()
+    stored_box = (0.1, 0.1, 0.4, 0.5)  # a box in the stored (landscape) pixels
+    for i in range(3):
+        img = Image.fromarray(_texture(300, 200, i))
+        exif = img.getexif()
+        exif[0x0112] = 6
+        img.save(src / f"r{i}.jpg", exif=exif)
+    stored = Image.fromarray(_rect_mask(300, 200, stored_box))
+    shown = stored.transpose(Image.Transpose.ROTATE_270)  # what exif_transpose does for orientation 6
+    stored.save(src / "r0_mask.png")
+    shown.save(src / "r1_mask.png")
+    shown.resize((100, 150), Image.Resampling.NEAREST).save(src / "r2_mask.png")
+    result = _ingest(src, tmp_path)
+    assert result.masks_from_files == 3
+    ws = Workspace(tmp_path / "ws")
+    expected = np.asarray(shown)
+    assert expected.shape == (300, 200)
+    for name in ("r0.jpg", "r1.jpg", "r2.jpg"):
+        assert _agreement(ws, name, expected) > 0.99, name
+
+
+def test_file_masks_reach_feature_extraction(tmp_path: Path) -> None:
+    """COLMAP reads the ingested masks (masks/<image>.png): no keypoint lies outside the object."""
+    pycolmap = pytest.importorskip("pycolmap")
+    src = tmp_path / "drop"
+    src.mkdir()
+    for i in range(3):
+        Image.fromarray(_texture(320, 240, i)).save(src / f"p{i}.png")
+        Image.fromarray(_rect_mask(320, 240, BOX)).save(src / f"p{i}_mask.png")
+    ws = Workspace(tmp_path / "ws").create()
+    result = ingest_images.run(ingest_images.IngestConfig(), src, ws, no_progress, never_stop)
+    reader = pycolmap.ImageReaderOptions()
+    reader.mask_path = str(ws.masks_dir)
+    pycolmap.extract_features(ws.database, ws.images_dir, image_names=result.names, reader_options=reader)
+    db = pycolmap.Database.open(ws.database)
+    for image in db.read_all_images():
+        xy = db.read_keypoints(image.image_id)[:, :2]
+        assert len(xy) > 50
+        u, v = xy[:, 0] / 320, xy[:, 1] / 240
+        inside = (u > BOX[0] - 0.01) & (u < BOX[2] + 0.01) & (v > BOX[1] - 0.01) & (v < BOX[3] + 0.01)
+        assert inside.all(), image.name
+    db.close()
+
+
+# --- hygiene -------------------------------------------------------------------------------------
+
+
+def _scene(w: int, h: int, seed: int) -> np.ndarray:
+    """Photo-like texture: blobs of several sizes, not pixel noise."""
+    rng = np.random.default_rng(seed)
+    out = np.zeros((h, w, 3), np.float64)
+    for cell in (4, 16, 64):
+        coarse = rng.random((h // cell + 2, w // cell + 2, 3))
+        up = np.asarray(Image.fromarray((coarse * 255).astype(np.uint8)).resize((w + 2 * cell, h + 2 * cell)))
+        out += up[cell : cell + h, cell : cell + w] / 3
+    return out.astype(np.uint8)
+
+
+def test_blurred_photos_are_reported_and_can_be_dropped(tmp_path: Path) -> None:
+    src = tmp_path / "drop"
+    src.mkdir()
+    for i in range(5):
+        Image.fromarray(_scene(480, 360, i)).save(src / f"p{i}.png")
+    Image.fromarray(_scene(480, 360, 7)).filter(ImageFilter.GaussianBlur(3)).save(src / "shaky.png")
+    result = _ingest(src, tmp_path)
+    assert result.blurred == ["shaky.png"]
+    assert result.usable == 6 and not result.rejected  # reported, kept by default
+    dropped = _ingest(src, tmp_path / "again", drop_blurred=True)
+    assert dropped.blurred == ["shaky.png"] and dropped.usable == 5
+    assert [r.file for r in dropped.rejected] == ["shaky.png"]
+    assert "blurred" in dropped.rejected[0].reason
+    assert not (tmp_path / "again" / "ws" / "images" / "shaky.png").exists()
+
+
+def test_identical_files_are_skipped_and_near_duplicates_reported(tmp_path: Path) -> None:
+    src = tmp_path / "drop"
+    src.mkdir()
+    for i in range(4):
+        Image.fromarray(_scene(320, 240, i)).save(src / f"p{i}.png")
+    (src / "p9 copy.png").write_bytes((src / "p0.png").read_bytes())
+    nudged = _scene(320, 240, 2).astype(np.int16)
+    nudged[::7, ::5] += 20  # a re-saved, slightly edited copy: not the same bytes, nearly the same view
+    Image.fromarray(np.clip(nudged, 0, 255).astype(np.uint8)).save(src / "p2b.png")
+    result = _ingest(src, tmp_path)
+    assert result.duplicates == [["p0.png", "p9 copy.png"]]
+    assert [(r.file, r.reason) for r in result.rejected] == [("p9 copy.png", "identical to p0.png")]
+    assert result.near_duplicates == [["p2.png", "p2b.png"]]
+    assert result.usable == 5  # near duplicates are kept
+
+
+def test_near_duplicate_search_matches_all_pairs() -> None:
+    """The k-d tree search finds exactly the pairs an all-pairs comparison finds."""
+    rng = np.random.default_rng(0)
+    n = 160
+    thumbs = rng.uniform(0, 255, (n, 64, 64)).astype(np.float32)
+    twins = rng.choice(n, size=(30, 2), replace=False)  # scattered in name order
+    for a, b in twins:
+        thumbs[b] = thumbs[a] + rng.normal(0, 1.0, (64, 64)).astype(np.float32)
+    sizes = [(640, 480)] * n
+    sizes[int(twins[0, 1])] = (480, 640)  # same picture, another size: not a near duplicate
+    found = photo_hygiene.near_duplicate_pairs(thumbs, sizes, 2.0)
+    brute = [
+        (i, j)
+        for i in range(n)
+        for j in np.flatnonzero(np.abs(thumbs[i + 1 :] - thumbs[i]).mean(axis=(1, 2)) < 2.0) + i + 1
+        if sizes[i] == sizes[j]
+    ]
+    assert found == brute and len(brute) == 29
+    assert sum(j - i > 1 for i, j in found) > 20  # most were found by the tree, not by name order
+
+
+# --- HEIC ---------------------------------------------------------------------------------------
+
+
+def test_heic_is_read_upright_and_converted_to_jpeg(tmp_path: Path) -> None:
+    pytest.importorskip("pillow_heif")
+    src = tmp_path / "drop"
+    src.mkdir()
+    stored = []
+    for i in range(3):
+        arr = _scene(300, 200, i)
+        arr[:40, :60] = (255, 0, 0)  # a red corner in the stored top-left
+        stored.append(arr)
+        img = Image.fromarray(arr)
+        exif = img.getexif()
+        exif[0x0112] = 6
+        img.save(src / f"phone{i}.HEIC", format="HEIF", exif=exif.tobytes(), quality=90)
+    ws = Workspace(tmp_path / "ws").create()
+    result = ingest_images.run(ingest_images.IngestConfig(), src, ws, no_progress, never_stop)
+    assert result.names == ["phone0.jpg", "phone1.jpg", "phone2.jpg"] and not result.rejected
+    out = Image.open(ws.images_dir / "phone0.jpg")
+    assert out.format == "JPEG" and out.size == (200, 300)
+    got = np.asarray(out).astype(np.float64)
+    upright = np.rot90(stored[0], k=-1).astype(np.float64)  # orientation 6: turn 90 degrees clockwise
+    assert np.abs(got - upright).mean() < 8.0
+    assert got[5, -5, 0] > 200 and got[5, -5, 1] < 60  # the red corner is now top-right

@@ -19,6 +19,8 @@ from pipeline.input_kind import InputKind, input_kind
         ("clip.webm", InputKind.video),
         ("one.jpg", InputKind.photo),
         ("one.TIFF", InputKind.photo),
+        ("iphone.HEIC", InputKind.photo),
+        ("burst.heif", InputKind.photo),
         ("notes.txt", None),
         ("noext", None),
     ],

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from daemon.worker import run_job
 from pipeline.bench import baseline, metrics, synthetic
@@ -85,3 +86,24 @@ def test_room_with_barely_overlapping_photos_fails_clearly_or_names_what_it_left
         )
         assert report.error.message and report.error.hint
     assert (tmp_path / "out" / "report.json").is_file()
+
+
+def test_apple_video_registers_its_keyframes_and_previews_the_apple(tmp_path: Path) -> None:
+    clip = DATASETS / "video_cotracker_apple" / "apple.mp4"
+    if not clip.is_file():
+        pytest.skip(f"{clip} not found: the shared datasets live in ../shared/datasets beside the project")
+    report = run_job(clip, tmp_path / "out", JobSpec(preset="balanced"), tmp_path / "w", {"name": "cpu"})
+    assert report.ok, report.error
+    assert report.kind == "video" and report.frames is not None
+    kept = report.frames["kept"]
+    assert report.frames["decoded"] == 50 and kept >= 15
+    assert report.images.registered >= 0.9 * kept, (report.images.registered, kept)
+    assert (report.triangles or 0) > 5000
+    preview = np.asarray(Image.open(tmp_path / "out" / "preview.png").convert("RGB"), dtype=np.float32)
+    # The apple is red: a clear cluster of red-dominant pixels must be in the rendered view.
+    red = (
+        (preview[..., 0] > 90)
+        & (preview[..., 0] > 1.4 * preview[..., 1])
+        & (preview[..., 0] > 1.4 * preview[..., 2])
+    )
+    assert red.mean() > 0.01, f"only {red.mean():.3%} red pixels in preview.png"

@@ -65,6 +65,7 @@ def test_job_succeeds_with_every_output(job: tuple[Report, Path]) -> None:
         "ingest",
         "sparse",
         "depth",
+        "fill",
         "fuse",
         "mesh",
         "splats",

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+from pydantic import ValidationError
 
 from pipeline.child_process import die_with_parent
 from pipeline.errors import ErrorCode, ErrorInfo
@@ -44,7 +45,19 @@ def _child(
     die_with_parent(parent)  # a killed daemon takes its job with it
     from pipeline.run import run_pipeline  # only the job process loads the stages
 
-    config = JobSpec.model_validate_json(spec_json).resolve()
+    spec = JobSpec.model_validate_json(spec_json)
+    try:
+        config = spec.resolve()
+    except ValidationError as exc:  # a bad override: the job's fault, said as such, not a crash
+        first = exc.errors()[0]
+        error = ErrorInfo(
+            code=ErrorCode.invalid_settings,
+            message=f"Invalid job setting {'.'.join(str(p) for p in first['loc'])}: {first['msg']}.",
+            hint="Fix the setting (see `scandrop config` and the README's settings).",
+        )
+        report = _failed_report(Path(input_dir), Path(out_dir), spec, device, datetime.now(UTC), error)
+        events.put(("report", report.model_dump_json()))
+        return
     report = run_pipeline(
         Path(input_dir),
         Path(out_dir),

@@ -255,7 +255,9 @@ def run(
                 ErrorCode.too_few_images,
                 f"Only {len(kept)} usable photo(s) of {len(candidates)}; "
                 f"at least {config.min_images} are needed." + (f" Skipped: {detail}" if detail else ""),
-                "Drop at least 3 overlapping photos of the object, taken from different positions.",
+                "Drop at least 3 overlapping photos of the object, taken from different positions."
+                if config.min_images > 1
+                else "Drop a readable photo of at least 64 px showing the object (not fully transparent).",
             )
     sizes: dict[str, list[int]] = {}
     cameras: dict[str, list[str]] = {}

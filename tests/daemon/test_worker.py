@@ -101,3 +101,13 @@ def test_cli_refuses_cuda_without_a_gpu(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2
     assert "device_unavailable" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_an_invalid_job_setting_is_reported_not_a_crash(tmp_path: Path) -> None:
+    photos = _noise_photos(tmp_path / "photos", 3)
+    spec = JobSpec(preset="fast", overrides={"frames": {"target_motion": 0.0}})
+    report = run_job(photos, tmp_path / "out", spec, tmp_path / "work", {"name": "cpu"})
+    assert not report.ok and report.error is not None
+    assert report.error.code == ErrorCode.invalid_settings
+    assert "frames.target_motion" in report.error.message
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["error"]["code"] == "invalid_settings"

@@ -140,3 +140,20 @@ def test_depth_jumps_cut_the_grid() -> None:
     assert len(faces) == 2 * 3 * 4  # 5 cells per row minus the one across the step, times 3 rows
     cols = faces % 6
     assert not ((cols.min(axis=1) <= 2) & (cols.max(axis=1) >= 3)).any()
+
+
+@pytest.mark.parametrize(
+    ("pixels", "why"),
+    [
+        (np.zeros((1, 1, 3), np.uint8), "too small"),
+        (np.zeros((200, 200, 4), np.uint8), "fully transparent"),  # alpha 0 everywhere
+    ],
+)
+def test_a_broken_single_photo_fails_clearly(tmp_path: Path, pixels: np.ndarray, why: str) -> None:
+    Image.fromarray(pixels).save(tmp_path / "photo.png")
+    report = run_pipeline(
+        tmp_path / "photo.png", tmp_path / "out", JobSpec(preset="fast").resolve(), tmp_path / "w"
+    )
+    assert not report.ok and report.error is not None
+    assert report.error.code == ErrorCode.too_few_images
+    assert why in report.error.message and report.error.hint

@@ -64,6 +64,9 @@ class DepthConfig(BaseModel):
     agree_rel: float = Field(0.01, gt=0, lt=0.2, description="Relative depth difference partners may have.")
     max_grazing_deg: float = Field(80.0, gt=30, le=90, description="Drop pixels seen more obliquely.")
     workers: int = Field(0, ge=0, le=64, description="Worker processes; 0 = one per CPU core.")
+    backend: Literal["sgbm", "patchmatch-cuda"] = Field(
+        "sgbm", description="CPU pair stereo, or COLMAP PatchMatch on CUDA (set by the device plan)."
+    )
 
     def sgbm(self, grid_size: tuple[int, int]) -> SgbmParams:
         """Matcher settings for a view whose depth grid has this (width, height)."""
@@ -226,6 +229,10 @@ def run(config: DepthConfig, ws: Workspace, progress: Progress, should_stop: Sto
     """Compute a depth map for every registered view of the sparse model."""
     start = time.monotonic()
     check_stop(should_stop)
+    if config.backend == "patchmatch-cuda":
+        from pipeline import patchmatch_depth
+
+        return patchmatch_depth.run(config, ws, progress, should_stop)
     views = load_views(ws.sparse_dir, config.max_image_size)
     if len(views) < 2:
         raise ScandropError(

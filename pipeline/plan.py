@@ -39,6 +39,15 @@ def _sparse(device: dict[str, Any]) -> StagePlan:
     return StagePlan(stage="sparse", backend="pycolmap-cpu", reason=why)
 
 
+def _depth(device: dict[str, Any]) -> StagePlan:
+    if device.get("name") == "cuda" and device.get("pycolmap_cuda"):
+        return StagePlan(
+            stage="depth", backend="colmap-patchmatch-cuda", reason="PatchMatch stereo on the GPU"
+        )
+    why = "CPU device" if device.get("name") != "cuda" else "PatchMatch needs the CUDA build of pycolmap"
+    return StagePlan(stage="depth", backend="opencv-sgbm-cpu", reason=why)
+
+
 def _onnx(stage: str, device: dict[str, Any]) -> StagePlan:
     if device.get("name") == "cuda" and device.get("onnxruntime_cuda"):
         return StagePlan(stage=stage, backend="onnxruntime-cuda", reason="CUDA execution provider")
@@ -49,7 +58,6 @@ def _onnx(stage: str, device: dict[str, Any]) -> StagePlan:
 _CPU_ONLY = {
     "frames": ("pyav-cpu", "video decoding and keyframe analysis"),
     "ingest": ("cpu", "image decoding and checks"),
-    "depth": ("opencv-sgbm-cpu", "no GPU dense method in this version (PatchMatch needs pycolmap-cuda)"),
     "fuse": ("numpy-cpu", "geometric-consistency fusion"),
     "mesh": ("pycolmap-poisson-cpu", "screened Poisson has no GPU path"),
     "splats": ("initialised-cpu", "no splat optimisation (gsplat) in this version: splats are initialised"),
@@ -64,6 +72,8 @@ def build_plan(stages: list[str], device: dict[str, Any]) -> list[StagePlan]:
     for stage in stages:
         if stage == "sparse":
             plan.append(_sparse(device))
+        elif stage == "depth":
+            plan.append(_depth(device))
         elif stage in ONNX_STAGES:
             plan.append(_onnx(stage, device))
         else:

@@ -161,7 +161,11 @@ def run_pipeline(
             report.images.registered = sparse.registered
             report.images.unregistered = sparse.unregistered
             report.mean_reprojection_error_px = sparse.mean_reprojection_error_px
-            stage("depth", estimate_depth.run, config.depth, ws)
+            on_gpu = backend_device(backends, "depth") == "cuda"
+            depth_config = config.depth.model_copy(
+                update={"backend": "patchmatch-cuda" if on_gpu else "sgbm"}
+            )
+            stage("depth", estimate_depth.run, depth_config, ws)
             on = backend_device(backends, "fill")
             filled = stage("fill", fill_depth.run, config.fill, ws, config.depth.max_image_size, on)
             report.mono_depth = filled.model_dump(mode="json", exclude={"per_view"})

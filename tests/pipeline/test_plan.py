@@ -26,8 +26,13 @@ def test_cpu_plan_is_all_cpu() -> None:
 def test_cuda_plan_uses_the_gpu_only_where_a_library_offers_it() -> None:
     plan = {p.stage: p for p in build_plan(plan_stages(InputKind.photos), CUDA_ALL)}
     assert plan["sparse"].backend == "pycolmap-cuda" and plan["fill"].backend == "onnxruntime-cuda"
-    assert plan["depth"].backend == "opencv-sgbm-cpu" and "no GPU dense method" in plan["depth"].reason
+    assert plan["depth"].backend == "colmap-patchmatch-cuda"
     assert plan["splats"].backend == "initialised-cpu"
+    torch_only = {p.stage: p for p in build_plan(plan_stages(InputKind.photos), CUDA_TORCH_ONLY)}
+    assert (
+        torch_only["depth"].backend == "opencv-sgbm-cpu"
+        and "CUDA build of pycolmap" in torch_only["depth"].reason
+    )
     partial = {p.stage: p for p in build_plan(plan_stages(InputKind.photo), CUDA_TORCH_ONLY)}
     assert partial["single_view"].backend == "onnxruntime-cpu"
     assert "no CUDA provider" in partial["single_view"].reason

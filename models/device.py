@@ -32,6 +32,7 @@ class DeviceInfo(BaseModel):
     onnxruntime_cuda: bool
     pycolmap_cuda: bool
     torch_mps: bool = False
+    gsplat: bool = False  # gsplat importable (splat optimisation on CUDA)
 
 
 def _torch_cuda() -> bool:
@@ -74,6 +75,7 @@ def resolve_device(request: DeviceRequest | str = DeviceRequest.auto) -> DeviceI
         "pycolmap_cuda": _pycolmap_cuda(),
     }
     any_cuda = any(flags.values())
+    flags["gsplat"] = importlib.util.find_spec("gsplat") is not None
     mps = _torch_mps()
     if request == DeviceRequest.cpu:
         return DeviceInfo(name="cpu", reason="requested", torch_mps=mps, **flags)

@@ -15,7 +15,7 @@ from pydantic import BaseModel
 from pipeline.input_kind import InputKind
 
 ONNX_STAGES = ("single_view", "fill")
-MULTI_VIEW = ["ingest", "sparse", "depth", "fill", "fuse", "mesh", "splats", "export", "preview"]
+MULTI_VIEW = ["ingest", "sparse", "depth", "fill", "fuse", "mesh", "splats", "optimise", "export", "preview"]
 SINGLE_VIEW = ["ingest", "single_view", "splats", "export", "preview"]
 
 
@@ -48,6 +48,13 @@ def _depth(device: dict[str, Any]) -> StagePlan:
     return StagePlan(stage="depth", backend="opencv-sgbm-cpu", reason=why)
 
 
+def _optimise(device: dict[str, Any]) -> StagePlan:
+    if device.get("name") == "cuda" and device.get("torch_cuda") and device.get("gsplat"):
+        return StagePlan(stage="optimise", backend="gsplat-cuda", reason="splats trained against the photos")
+    why = "CPU device" if device.get("name") != "cuda" else "needs torch with CUDA and gsplat"
+    return StagePlan(stage="optimise", backend="skipped", reason=f"splats stay initialised: {why}")
+
+
 def _onnx(stage: str, device: dict[str, Any]) -> StagePlan:
     if device.get("name") == "cuda" and device.get("onnxruntime_cuda"):
         return StagePlan(stage=stage, backend="onnxruntime-cuda", reason="CUDA execution provider")
@@ -60,7 +67,7 @@ _CPU_ONLY = {
     "ingest": ("cpu", "image decoding and checks"),
     "fuse": ("numpy-cpu", "geometric-consistency fusion"),
     "mesh": ("pycolmap-poisson-cpu", "screened Poisson has no GPU path"),
-    "splats": ("initialised-cpu", "no splat optimisation (gsplat) in this version: splats are initialised"),
+    "splats": ("initialised-cpu", "one splat per dense point, shaped by its neighbours"),
     "export": ("cpu", "file writing"),
     "preview": ("cpu", "software rendering"),
 }
@@ -74,6 +81,8 @@ def build_plan(stages: list[str], device: dict[str, Any]) -> list[StagePlan]:
             plan.append(_sparse(device))
         elif stage == "depth":
             plan.append(_depth(device))
+        elif stage == "optimise":
+            plan.append(_optimise(device))
         elif stage in ONNX_STAGES:
             plan.append(_onnx(stage, device))
         else:

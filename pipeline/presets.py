@@ -15,6 +15,7 @@ from pipeline.fuse_depth import FuseConfig
 from pipeline.ingest_images import IngestConfig
 from pipeline.job_spec import Preset
 from pipeline.make_splats import SplatConfig
+from pipeline.optimise_splats import OptimiseConfig
 from pipeline.reconstruct_sparse import SparseConfig
 from pipeline.render_preview import PreviewConfig
 from pipeline.single_view import SingleViewConfig
@@ -32,6 +33,7 @@ class PipelineConfig(BaseModel):
     fuse: FuseConfig = FuseConfig()
     mesh: MeshConfig = MeshConfig()
     splats: SplatConfig = SplatConfig()
+    optimise: OptimiseConfig = OptimiseConfig()
     export: ExportConfig = ExportConfig()
     preview: PreviewConfig = PreviewConfig()
     single_view: SingleViewConfig = SingleViewConfig()

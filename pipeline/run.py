@@ -29,6 +29,7 @@ from pipeline import (
     fuse_depth,
     ingest_images,
     make_splats,
+    optimise_splats,
     reconstruct_sparse,
     render_preview,
     single_view,
@@ -61,6 +62,7 @@ STAGE_WEIGHTS: dict[str, float] = {
     "fuse": 0.07,
     "mesh": 0.12,
     "splats": 0.03,
+    "optimise": 0.05,  # splat training on CUDA (skipped elsewhere)
     "export": 0.03,
     "preview": 0.02,
     "single_view": 0.5,  # single-photo drops only, instead of sparse..mesh
@@ -173,6 +175,11 @@ def run_pipeline(
             stage("mesh", build_mesh.run, config.mesh, ws)
         splats = stage("splats", make_splats.run, config.splats, ws)
         report.splat_method = splats.method
+        if "optimise" in plan:
+            on = backend_device(backends, "optimise")
+            trained = stage("optimise", _optimise_splats, config.optimise, ws, on)
+            if isinstance(trained, optimise_splats.OptimiseResult):
+                report.splat_method = f"{splats.method}; {trained.method}"
         exported = stage("export", export_assets.run, config.export, ws, out_dir)
         report.points, report.triangles, report.splats = exported.points, exported.triangles, exported.splats
         stage("preview", render_preview.run, config.preview, ws, out_dir)
@@ -274,3 +281,19 @@ def _single_photo_folder(photo: Path, ws: Workspace) -> Path:
         with atomic_dir(folder) as tmp:
             shutil.copy2(photo, tmp / photo.name)
     return folder
+
+
+class SkippedStage(BaseModel):
+    skipped: bool = True
+    reason: str
+
+
+def _optimise_splats(
+    config: optimise_splats.OptimiseConfig, ws: Workspace, on: str, progress: Progress, should_stop: StopCheck
+) -> BaseModel:
+    """Train the splats against the photos where the plan has a GPU rasteriser; else say why not."""
+    if on != "cuda":
+        reason = "splats stay initialised: no CUDA splat rasteriser (gsplat) on this device"
+        progress(1.0, reason)
+        return SkippedStage(reason=reason)
+    return optimise_splats.run(config, ws, on, progress, should_stop)

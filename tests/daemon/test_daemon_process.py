@@ -25,7 +25,18 @@ from models.device import resolve_device
 from pipeline.bench.synthetic import render_scene, write_scene
 
 OUTPUTS = ["model.glb", "points.ply", "splats.splat", "splats.ply", "cameras/transforms.json", "preview.png"]
-PIPELINE_STAGES = ["ingest", "sparse", "depth", "fill", "fuse", "mesh", "splats", "export", "preview"]
+PIPELINE_STAGES = [
+    "ingest",
+    "sparse",
+    "depth",
+    "fill",
+    "fuse",
+    "mesh",
+    "splats",
+    "optimise",
+    "export",
+    "preview",
+]
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,13 @@ from pipeline.input_kind import InputKind
 from pipeline.plan import backend_device, build_plan, kinds_plan, plan_stages
 
 CPU = {"name": "cpu", "torch_cuda": False, "onnxruntime_cuda": False, "pycolmap_cuda": False}
-CUDA_ALL = {"name": "cuda", "torch_cuda": True, "onnxruntime_cuda": True, "pycolmap_cuda": True}
+CUDA_ALL = {
+    "name": "cuda",
+    "torch_cuda": True,
+    "onnxruntime_cuda": True,
+    "pycolmap_cuda": True,
+    "gsplat": True,
+}
 CUDA_TORCH_ONLY = {"name": "cuda", "torch_cuda": True, "onnxruntime_cuda": False, "pycolmap_cuda": False}
 
 
@@ -27,12 +33,13 @@ def test_cuda_plan_uses_the_gpu_only_where_a_library_offers_it() -> None:
     plan = {p.stage: p for p in build_plan(plan_stages(InputKind.photos), CUDA_ALL)}
     assert plan["sparse"].backend == "pycolmap-cuda" and plan["fill"].backend == "onnxruntime-cuda"
     assert plan["depth"].backend == "colmap-patchmatch-cuda"
-    assert plan["splats"].backend == "initialised-cpu"
+    assert plan["splats"].backend == "initialised-cpu" and plan["optimise"].backend == "gsplat-cuda"
     torch_only = {p.stage: p for p in build_plan(plan_stages(InputKind.photos), CUDA_TORCH_ONLY)}
     assert (
         torch_only["depth"].backend == "opencv-sgbm-cpu"
         and "CUDA build of pycolmap" in torch_only["depth"].reason
     )
+    assert torch_only["optimise"].backend == "skipped" and "gsplat" in torch_only["optimise"].reason
     partial = {p.stage: p for p in build_plan(plan_stages(InputKind.photo), CUDA_TORCH_ONLY)}
     assert partial["single_view"].backend == "onnxruntime-cpu"
     assert "no CUDA provider" in partial["single_view"].reason

@@ -23,20 +23,11 @@ from PIL import Image
 
 from models.device import resolve_device
 from pipeline.bench.synthetic import render_scene, write_scene
+from pipeline.input_kind import InputKind
+from pipeline.plan import plan_stages
 
 OUTPUTS = ["model.glb", "points.ply", "splats.splat", "splats.ply", "cameras/transforms.json", "preview.png"]
-PIPELINE_STAGES = [
-    "ingest",
-    "sparse",
-    "depth",
-    "fill",
-    "fuse",
-    "mesh",
-    "splats",
-    "optimise",
-    "export",
-    "preview",
-]
+PIPELINE_STAGES = plan_stages(InputKind.photos)  # every stage must stream its events
 
 
 @pytest.fixture(scope="module")

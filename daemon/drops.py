@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.input_kind import InputKind, input_kind
+from pipeline.stage import sha256_file
 
 Listing = tuple[tuple[str, int, int], ...]
 
@@ -137,9 +138,5 @@ def content_hash(root: Path, patterns: list[str]) -> str:
         if os.path.islink(path):
             digest.update(b"link:" + os.readlink(path).encode())
             continue
-        file_digest = hashlib.sha256()
-        with open(path, "rb") as fh:
-            while chunk := fh.read(1 << 20):
-                file_digest.update(chunk)
-        digest.update(f"{st.st_size}:".encode() + file_digest.digest())
+        digest.update(f"{st.st_size}:".encode() + bytes.fromhex(sha256_file(path)))
     return digest.hexdigest()

@@ -6,7 +6,6 @@ file, fsync, rename) at every state and stage change and every few seconds while
 
 from __future__ import annotations
 
-import hashlib
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
@@ -16,7 +15,7 @@ from pydantic import BaseModel, Field
 
 from pipeline.errors import ErrorInfo
 from pipeline.report import Report
-from pipeline.stage import write_json_atomic
+from pipeline.stage import sha256_file, write_json_atomic
 
 STATUS_SCHEMA_VERSION = 1
 STATUS_FILE = "status.json"
@@ -80,14 +79,6 @@ def now() -> datetime:
 
 def write_status(status: JobStatus) -> None:
     write_json_atomic(Path(status.outbox) / STATUS_FILE, status.model_dump(mode="json"))
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def list_outputs(folder: Path, names: list[str]) -> list[OutputFile]:

@@ -10,7 +10,6 @@ is an error that names the command that fixes it; there is never a fallback to s
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 import os
@@ -22,7 +21,7 @@ from pydantic import BaseModel
 
 from models.registry import ModelSpec
 from pipeline.errors import ErrorCode, ScandropError
-from pipeline.stage import write_json_atomic
+from pipeline.stage import sha256_file, write_json_atomic
 
 LOCK_FILE = "models.lock.json"
 HUB_DIR = "hub"  # huggingface_hub's cache layout (models--owner--name/blobs, snapshots, refs) lives here
@@ -144,14 +143,6 @@ def state(spec: ModelSpec, models_dir: Path) -> ModelState:
         path=str(path) if path is not None else None,
         sha256_source=source if expected is not None else "none",
     )
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_lock(models_dir: Path) -> dict[str, dict[str, Any]]:

@@ -329,14 +329,18 @@ def orbit_cameras(n_views: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
     rings = [n_views - n_views // 2, n_views // 2]
     for ring, (count, elev) in enumerate(zip(rings, _ELEVATIONS_DEG, strict=True)):
         for k in range(count):
-            az = 2 * math.pi * (k + 0.5 * ring) / count
-            el = math.radians(elev)
-            dirn = np.array([math.cos(el) * math.sin(az), math.sin(el), math.cos(el) * math.cos(az)])
-            centre = _TARGET + _DISTANCE * dirn
-            r = _look_at(centre, _TARGET)
+            r, t = _camera_at(2 * math.pi * (k + 0.5 * ring) / count, math.radians(elev))
             rs.append(r)
-            ts.append(-r @ centre)
+            ts.append(t)
     return rs, ts
+
+
+def _camera_at(az: float, el: float) -> tuple[np.ndarray, np.ndarray]:
+    """World-to-camera (R, t) of a camera at azimuth/elevation (radians) looking at the target."""
+    dirn = np.array([math.cos(el) * math.sin(az), math.sin(el), math.cos(el) * math.cos(az)])
+    centre = _TARGET + _DISTANCE * dirn
+    r = _look_at(centre, _TARGET)
+    return r, -r @ centre
 
 
 @dataclass(frozen=True)
@@ -469,13 +473,9 @@ def video_cameras(n_frames: int, turns: float = 1.0) -> tuple[list[np.ndarray], 
     rs, ts = [], []
     for k in range(n_frames):
         u = k / max(1, n_frames - 1)
-        az = 2 * math.pi * turns * u
-        el = math.radians(30 + 15 * math.sin(2 * math.pi * u))
-        dirn = np.array([math.cos(el) * math.sin(az), math.sin(el), math.cos(el) * math.cos(az)])
-        centre = _TARGET + _DISTANCE * dirn
-        r = _look_at(centre, _TARGET)
+        r, t = _camera_at(2 * math.pi * turns * u, math.radians(30 + 15 * math.sin(2 * math.pi * u)))
         rs.append(r)
-        ts.append(-r @ centre)
+        ts.append(t)
     return rs, ts
 
 

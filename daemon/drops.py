@@ -8,44 +8,14 @@ the stability window. An empty folder is never complete: people create it before
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.input_kind import InputKind, input_kind
+from pipeline.input_kind import InputKind, Listing, input_kind, is_ignored, listing
 from pipeline.stage import sha256_file
-
-Listing = tuple[tuple[str, int, int], ...]
-
-
-def is_ignored(name: str, patterns: list[str]) -> bool:
-    lowered = name.lower()
-    return any(fnmatch.fnmatchcase(lowered, p.lower()) for p in patterns)
-
-
-def _entries(root: Path, patterns: list[str]) -> list[tuple[str, os.stat_result]]:
-    """(relative path, lstat) of every non-ignored file below `root`; symlinks are not followed."""
-    if not root.is_dir() or root.is_symlink():
-        return [(root.name, root.lstat())]
-    found = []
-    for folder, dirs, files in os.walk(root, followlinks=False):
-        dirs[:] = sorted(d for d in dirs if not is_ignored(d, patterns))
-        base = Path(folder)
-        for name in sorted(files):
-            if is_ignored(name, patterns):
-                continue
-            try:
-                found.append((str((base / name).relative_to(root)), (base / name).lstat()))
-            except OSError:
-                continue  # vanished while we looked: the next look sees the change
-    return found
-
-
-def drop_listing(root: Path, patterns: list[str]) -> Listing:
-    return tuple((rel, st.st_size, st.st_mtime_ns) for rel, st in _entries(root, patterns))
 
 
 @dataclass(frozen=True)
@@ -89,12 +59,12 @@ def scan_inbox(inbox: Path, patterns: list[str], ready_marker: str, force_marker
         try:
             kind = input_kind(path)
             is_folder = entry.is_dir(follow_symlinks=False)
-            listing = drop_listing(path, inner if is_folder else [])
+            entries = listing(path, inner if is_folder else [])
             ready = is_folder and any((path / m).exists() for m in markers)
             forced = is_folder and (path / force_marker).exists()
         except OSError:
             continue  # vanished or unreadable for a moment: the next scan decides
-        drops.append(Drop(path=path, kind=kind, listing=listing, ready=ready, forced=forced))
+        drops.append(Drop(path=path, kind=kind, listing=entries, ready=ready, forced=forced))
     return drops
 
 
@@ -131,12 +101,13 @@ class Settling:
 def content_hash(root: Path, patterns: list[str]) -> str:
     """What the drop contains, independent of its name and timestamps: a re-drop hashes the same."""
     digest = hashlib.sha256()
-    for rel, st in _entries(root, patterns):
-        path = root / rel if root.is_dir() and not root.is_symlink() else root
-        digest.update(rel.encode() if path != root else b"")
+    folder = root.is_dir() and not root.is_symlink()
+    for rel, size, _ in listing(root, patterns):
+        path = root / rel if folder else root
+        digest.update(rel.encode() if folder else b"")
         digest.update(b"\0")
         if os.path.islink(path):
             digest.update(b"link:" + os.readlink(path).encode())
             continue
-        digest.update(f"{st.st_size}:".encode() + bytes.fromhex(sha256_file(path)))
+        digest.update(f"{size}:".encode() + bytes.fromhex(sha256_file(path)))
     return digest.hexdigest()

@@ -14,9 +14,10 @@ import hmac
 import weakref
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from aiohttp import WSMsgType, web
+from pydantic import BaseModel
 
 from daemon.events import Event
 from daemon.job_status import JobState, JobStatus
@@ -35,11 +36,8 @@ def _error(status: int, code: str, message: str) -> web.Response:
     return web.json_response({"error": {"code": code, "message": message}}, status=status)
 
 
-def _json(model: Any, status: int = 200) -> web.Response:
-    body = model.model_dump_json() if hasattr(model, "model_dump_json") else None
-    if body is None:
-        return web.json_response(model, status=status)
-    return web.Response(text=body, status=status, content_type="application/json")
+def _json(model: BaseModel, status: int = 200) -> web.Response:
+    return web.Response(text=model.model_dump_json(), status=status, content_type="application/json")
 
 
 @web.middleware

@@ -128,12 +128,12 @@ class InboxScanner:
             if self._refused.get(drop.name) == drop.listing:
                 continue  # could not be claimed (see the job's error); changes to it are a new try
             if self._settling.complete(drop, self.health.stability_seconds):
-                await self._take(drop)
+                self._take(drop)
             else:
                 waiting.append(self._waiting(drop))
         self.waiting = waiting
 
-    async def _take(self, drop: Drop) -> None:
+    def _take(self, drop: Drop) -> None:
         self._settling.forget(drop.name)
         status = self.intake.take(drop)  # on the loop: the job book is not shared across threads
         if status is None:

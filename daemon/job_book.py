@@ -51,7 +51,7 @@ class JobBook:
         status.error = error
         status.finished_at = now()
         source = Path(status.input.location)
-        claimed = source.parent.parent == self.spool.root / "work"
+        claimed = self.spool.is_claimed(source)
         target = self.spool.final_path(status.job_id, status.input.name, ok)
         if claimed:
             status.input.location = str(target)

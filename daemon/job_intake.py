@@ -15,23 +15,18 @@ import structlog
 
 from daemon.drops import Drop
 from daemon.job_book import JobBook
-from daemon.job_status import InputInfo, JobState, JobStatus, now
+from daemon.job_status import InputInfo, JobState, JobStatus, missing_input, now
 from daemon.spool import Spool
 from pipeline.errors import ErrorCode, ErrorInfo
-from pipeline.input_kind import InputKind
+from pipeline.input_kind import job_kind
 
 log = structlog.get_logger("scandrop.intake")
 
 # A job that was running every time the daemon died (it may be what kills it, e.g. the OOM killer
 # taking the whole service) is failed after this many starts instead of looping forever.
+# `attempts` also counts crash retries (max_retries), so with max_retries >= 3 a retried job can hit
+# this on the next restart; one counter for both is a known simplification.
 MAX_INTERRUPTED_STARTS = 3
-
-JOB_KINDS = {
-    InputKind.photos: "multi_view",
-    InputKind.zip: "multi_view",
-    InputKind.video: "video",
-    InputKind.photo: "single_photo",
-}
 
 
 def new_job_id(name: str) -> str:
@@ -52,7 +47,7 @@ class JobIntake:
         stamp = now()
         status = JobStatus(
             job_id=job_id,
-            kind=JOB_KINDS.get(drop.kind, "unknown") if drop.kind else "unknown",
+            kind=job_kind(drop.kind),
             input=InputInfo(
                 name=drop.name,
                 format=drop.kind.value if drop.kind else "unknown",
@@ -77,12 +72,13 @@ class JobIntake:
             status.input.location = str(drop.path)
             self._fail(
                 status,
-                ErrorCode.claim_failed,
-                f"Could not move {drop.name} into {self.spool.root}: {exc.strerror or exc}.",
-                "Give the scandrop user write access to the inbox.",
+                ErrorInfo(
+                    code=ErrorCode.claim_failed,
+                    message=f"Could not move {drop.name} into {self.spool.root}: {exc.strerror or exc}.",
+                    hint="Give the scandrop user write access to the inbox.",
+                ),
             )
             return status
-        Path(status.outbox).mkdir(parents=True, exist_ok=True)
         self.book.commit(status, "created")
         log.info("job_created", job_id=job_id, input=drop.name, kind=status.kind, files=status.input.files)
         return status
@@ -98,26 +94,22 @@ class JobIntake:
             elif original.exists() or original.is_symlink():
                 self.spool.move(original, location)  # crashed between the row and the rename
             else:
-                self._fail(
-                    status,
-                    ErrorCode.input_missing,
-                    f"The input {status.input.name} is gone from {location.parent}.",
-                    "Drop it into the inbox again.",
-                )
+                self._fail(status, missing_input(status))
                 continue
             if status.state == JobState.running and status.attempts >= MAX_INTERRUPTED_STARTS:
                 self._fail(
                     status,
-                    ErrorCode.worker_crashed,
-                    f"The daemon stopped {status.attempts} times while running this job.",
-                    "It may exhaust the machine's memory: try preset fast or fewer/smaller photos.",
+                    ErrorInfo(
+                        code=ErrorCode.worker_crashed,
+                        message=f"The daemon stopped {status.attempts} times while running this job.",
+                        hint="It may exhaust the machine's memory: try preset fast or fewer/smaller photos.",
+                    ),
                 )
                 continue
             if status.state == JobState.running:
                 status.state = JobState.queued
                 status.message = "interrupted by a restart; resumes"
                 log.warning("job_requeued", job_id=status.job_id, stage=status.stage)
-            Path(status.outbox).mkdir(parents=True, exist_ok=True)
             self.book.commit(status, "state")
         self.settle_claimed()
 
@@ -134,6 +126,5 @@ class JobIntake:
                 self.spool.move(source, target)
                 self.book.commit(status, "state")
 
-    def _fail(self, status: JobStatus, code: ErrorCode, message: str, hint: str) -> None:
-        Path(status.outbox).mkdir(parents=True, exist_ok=True)
-        self.book.finish(status, ErrorInfo(code=code, message=message, hint=hint))
+    def _fail(self, status: JobStatus, error: ErrorInfo) -> None:
+        self.book.finish(status, error)

@@ -22,9 +22,9 @@ from typing import Any
 import psutil
 import structlog
 
-from daemon.drops import content_hash
+from daemon.drops import content_hash, content_patterns
 from daemon.job_book import JobBook
-from daemon.job_status import JobState, JobStatus, list_outputs, now, quality_summary
+from daemon.job_status import JobState, JobStatus, list_outputs, missing_input, now, quality_summary
 from daemon.settings import Settings
 from daemon.spool import Spool
 from daemon.worker import GRACE_SECONDS, kill_group, run_job
@@ -127,17 +127,12 @@ class JobRunner:
         try:
             input_path = Path(status.input.location)
             if not input_path.exists() and not input_path.is_symlink():
-                self._finish(
-                    status,
-                    ErrorInfo(
-                        code=ErrorCode.input_missing,
-                        message=f"The input {status.input.name} is gone from {input_path.parent}.",
-                        hint="Drop it into the inbox again.",
-                    ),
-                )
+                self._finish(status, missing_input(status))
                 return
-            if status.content_hash is None:
-                status.content_hash = await asyncio.to_thread(content_hash, input_path, self.settings.ignore)
+            if status.content_hash is None:  # what the scanner compares: junk and markers left out
+                s = self.settings
+                patterns = content_patterns(s.ignore, s.ready_marker, s.force_marker)
+                status.content_hash = await asyncio.to_thread(content_hash, input_path, patterns)
             if entry.shutdown:
                 return  # stopping while it was hashed: it is still queued
             if entry.stop.is_set():

@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from pipeline.errors import ErrorInfo
+from pipeline.errors import ErrorCode, ErrorInfo
 from pipeline.report import Report
 from pipeline.stage import sha256_file, write_json_atomic
 
@@ -75,6 +75,15 @@ class JobStatus(BaseModel):
 
 def now() -> datetime:
     return datetime.now(UTC)
+
+
+def missing_input(status: JobStatus) -> ErrorInfo:
+    """The error of a job whose input vanished from where status.json says it is."""
+    return ErrorInfo(
+        code=ErrorCode.input_missing,
+        message=f"The input {status.input.name} is gone from {Path(status.input.location).parent}.",
+        hint="Drop it into the inbox again.",
+    )
 
 
 def write_status(status: JobStatus) -> None:

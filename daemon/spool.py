@@ -24,6 +24,10 @@ class Spool:
     def final_path(self, job_id: str, name: str, ok: bool) -> Path:
         return self.root / ("done" if ok else "failed") / job_id / name
 
+    def is_claimed(self, path: Path) -> bool:
+        """Whether `path` is a drop in the working area (work/<job id>/<name>)."""
+        return path.parent.parent == self.root / "work"
+
     def claimed(self) -> list[str]:
         """Job ids with an input still in the working area."""
         work = self.root / "work"
@@ -35,6 +39,6 @@ class Spool:
         os.rename(source, target)
         fsync_dir(target.parent)
         fsync_dir(source.parent)
-        if source.parent.parent == self.root / "work":
+        if self.is_claimed(source):
             with contextlib.suppress(OSError):
                 source.parent.rmdir()  # the per-job folder, now empty

@@ -20,10 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from pydantic import ValidationError
 
 from pipeline.child_process import die_with_parent
-from pipeline.errors import ErrorCode, ErrorInfo
+from pipeline.errors import ErrorCode, ErrorInfo, ScandropError
 from pipeline.job_spec import JobSpec
 from pipeline.report import Report, new_report
 from pipeline.stage import CANCELLED_HINT, OnEvent, ProgressEvent, StopCheck, never_stop, write_json_atomic
@@ -48,14 +47,8 @@ def _child(
     spec = JobSpec.model_validate_json(spec_json)
     try:
         config = spec.resolve()
-    except ValidationError as exc:  # a bad override: the job's fault, said as such, not a crash
-        first = exc.errors()[0]
-        error = ErrorInfo(
-            code=ErrorCode.invalid_settings,
-            message=f"Invalid job setting {'.'.join(str(p) for p in first['loc'])}: {first['msg']}.",
-            hint="Fix the setting (see `scandrop config` and the README's settings).",
-        )
-        report = _failed_report(Path(input_dir), Path(out_dir), spec, device, datetime.now(UTC), error)
+    except ScandropError as exc:  # a bad override: the job's fault, said as such, not a crash
+        report = _failed_report(Path(input_dir), Path(out_dir), spec, device, datetime.now(UTC), exc.info())
         events.put(("report", report.model_dump_json()))
         return
     report = run_pipeline(
@@ -183,10 +176,11 @@ def run_job(
                         hint="Raise job_timeout, use --preset fast, or drop fewer/smaller photos.",
                     )
             if stopping_since is not None and time.monotonic() - stopping_since > GRACE_SECONDS:
-                _kill_tree(proc.pid)  # type: ignore[arg-type]
+                kill_group(proc.pid)  # type: ignore[arg-type]  # the job and everything it started
         proc.join(timeout=GRACE_SECONDS)
     finally:
-        # Whatever happened here (an exception in a callback, Ctrl-C), the job must not outlive us.
+        # Whatever happened here (an exception in a callback, Ctrl-C), the job must not outlive us;
+        # the tree walk also covers the moment before the child has made its own process group.
         if proc.is_alive():
             stop.set()
             _kill_tree(proc.pid)  # type: ignore[arg-type]

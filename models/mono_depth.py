@@ -179,3 +179,14 @@ class MonoDepth:
                 "The model file may be damaged: download it again, or run on the CPU.",
             )
         return cv2.resize(pred, (width, height), interpolation=cv2.INTER_LINEAR)
+
+
+def open_depth_model(name: str, models_dir: str | Path | None, device: str) -> MonoDepth:
+    """The registry's model `name`, found offline in `models_dir` (default: SCANDROP_MODELS_DIR or
+    the user's cache), checksum-verified, opened on `device`; model_missing names the pull command."""
+    from models.model_store import default_models_dir, model_path
+    from models.registry import get_spec
+
+    return MonoDepth(
+        model_path(get_spec(name), Path(models_dir) if models_dir else default_models_dir()), device
+    )

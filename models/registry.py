@@ -76,6 +76,7 @@ DEPTH_ANYTHING_V2_SMALL = ModelSpec(
 )
 
 REGISTRY: dict[str, ModelSpec] = {spec.name: spec for spec in [DEPTH_ANYTHING_V2_SMALL]}
+DEPTH_MODEL = DEPTH_ANYTHING_V2_SMALL.name  # the monocular depth model stages use by default
 
 
 def get_spec(name: str) -> ModelSpec:

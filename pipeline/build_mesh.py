@@ -203,10 +203,10 @@ def _component_face_counts(n_vertices: int, faces: np.ndarray) -> np.ndarray:
 
 def decimate(vertices: np.ndarray, faces: np.ndarray, max_triangles: int) -> tuple[np.ndarray, np.ndarray]:
     """Quadric decimation to at most `max_triangles`, keeping hole outlines when that reaches it."""
-    v, f = vertices, faces.astype(np.int32)
+    faces32 = faces.astype(np.int32)
     for preserve_border in (True, False):
         v, f = fast_simplification.simplify(
-            vertices, faces.astype(np.int32), target_count=max_triangles, preserve_border=preserve_border
+            vertices, faces32, target_count=max_triangles, preserve_border=preserve_border
         )
         if len(f) <= max_triangles:
             break

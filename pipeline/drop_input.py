@@ -83,24 +83,22 @@ def photo_folder(
     if kind is InputKind.video:
         raise ScandropError(
             ErrorCode.unsupported_input,
-            "Video drops are not supported by this version yet.",
-            "Extract the frames (for example: ffmpeg -i video.mp4 -vf fps=2 frames/%04d.jpg) and drop "
-            "that folder, or drop a folder of photos.",
+            "Video drops are read by the frames stage, not by photo ingest.",
+            "Drop the video itself into the inbox (it becomes a video job), or drop a folder of photos.",
         )
     if kind is InputKind.photo:
         raise ScandropError(
             ErrorCode.unsupported_input,
-            "A single photo has no multi-view geometry; "
-            "single-photo reconstruction is not in this version yet.",
-            "Drop a folder (or zip) of at least 3 overlapping photos of the object, taken from different "
-            "positions.",
+            "A single photo is read through the single-photo path, not by multi-view ingest.",
+            "Drop the photo itself into the inbox (it becomes a single-photo job), or a folder (or zip) "
+            "of at least 3 overlapping photos.",
         )
     suffix = drop.suffix or "a file without a suffix"
     raise ScandropError(
         ErrorCode.unsupported_input,
         f"{drop.name} is not something scandrop can read ({suffix}).",
-        f"Drop a folder of photos or a .zip of them (photos: {', '.join(sorted(IMAGE_SUFFIXES))}; "
-        f"videos {', '.join(sorted(VIDEO_SUFFIXES))} are not supported yet).",
+        f"Drop a folder of photos or a .zip of them (photos: {', '.join(sorted(IMAGE_SUFFIXES))}), "
+        f"one photo, or a video ({', '.join(sorted(VIDEO_SUFFIXES))}).",
     )
 
 
@@ -119,11 +117,6 @@ def find_files(input_dir: Path) -> tuple[list[Path], list[Path]]:
         elif path.suffix.lower() in IMAGE_SUFFIXES:
             photos.append(path)
     return photos, masks
-
-
-def find_images(input_dir: Path) -> list[Path]:
-    """Candidate photo files below `input_dir`, skipping hidden entries, mask files and `masks` folders."""
-    return find_files(input_dir)[0]
 
 
 def no_photos(drop_name: str) -> ScandropError:

@@ -8,7 +8,8 @@ Views run in worker processes (one per core) because the numpy parts are single-
 Output per view, ws.depth_dir/<image name>.npz:
     depth (H, W) float32 camera z, 0 = unknown; normals (H, W, 3) float32 camera frame, toward the
     camera; confidence (H, W) float32 in [0, 1]; rgb (H, W, 3) uint8 undistorted colours;
-    K (3, 3) pinhole intrinsics of the grid; R, t world-to-camera; scale = grid px per photo px.
+    K (3, 3) pinhole intrinsics of the grid; R, t world-to-camera; scale = grid px per photo px;
+    mask (H, W) bool object mask on the grid, only when the photo has one.
 """
 
 from __future__ import annotations
@@ -64,9 +65,6 @@ class DepthConfig(BaseModel):
     agree_rel: float = Field(0.01, gt=0, lt=0.2, description="Relative depth difference partners may have.")
     max_grazing_deg: float = Field(80.0, gt=30, le=90, description="Drop pixels seen more obliquely.")
     workers: int = Field(0, ge=0, le=64, description="Worker processes; 0 = one per CPU core.")
-    backend: Literal["sgbm", "patchmatch-cuda"] = Field(
-        "sgbm", description="CPU pair stereo, or COLMAP PatchMatch on CUDA (set by the device plan)."
-    )
 
     def sgbm(self, grid_size: tuple[int, int]) -> SgbmParams:
         """Matcher settings for a view whose depth grid has this (width, height)."""
@@ -217,6 +215,7 @@ def _view_depth(task: _Task) -> tuple[str, float]:
             t=ref.t,
             scale=np.float64(ref.scale),
             name=np.str_(ref.name),
+            **({"mask": mask} if mask is not None else {}),
         )
     return ref.name, float(np.mean(depth > 0))
 
@@ -229,10 +228,6 @@ def run(config: DepthConfig, ws: Workspace, progress: Progress, should_stop: Sto
     """Compute a depth map for every registered view of the sparse model."""
     start = time.monotonic()
     check_stop(should_stop)
-    if config.backend == "patchmatch-cuda":
-        from pipeline import patchmatch_depth
-
-        return patchmatch_depth.run(config, ws, progress, should_stop)
     views = load_views(ws.sparse_dir, config.max_image_size)
     if len(views) < 2:
         raise ScandropError(
@@ -241,9 +236,7 @@ def run(config: DepthConfig, ws: Workspace, progress: Progress, should_stop: Sto
             "Add photos that overlap, taken from slightly different positions.",
         )
     partners = stereo_partners(views, config.partners, config.min_angle_deg, config.max_angle_deg)
-    ws.depth_dir.mkdir(parents=True, exist_ok=True)
-    for stale in ws.depth_dir.glob("*.npz"):
-        stale.unlink()
+    ws.fresh_depth_dir()
     tasks = []
     for view, chosen in zip(views, partners, strict=True):
         mask = ws.mask_for(view.name)

@@ -32,7 +32,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.errors import ErrorCode, ScandropError
-from pipeline.stage import Progress, StopCheck, atomic_dir, check_stop
+from pipeline.stage import Progress, StopCheck, atomic_dir, check_stop, write_json_atomic
+from pipeline.workspace import Workspace
 
 _ANALYSIS_SHARE = 0.85  # progress fraction spent in the analysis pass; writing takes the rest
 _BLUR_WINDOW_S = 1.0  # sharpness is judged against the median of the frames within this many seconds
@@ -177,6 +178,17 @@ def run(
         rejected_redundant=n - len(chosen) - rejected_blurred,
         notes=notes,
     )
+
+
+def run_in_workspace(
+    config: FramesConfig, video: Path, ws: Workspace, progress: Progress, should_stop: StopCheck
+) -> FramesResult:
+    """The stage as the pipeline runs it: keyframes into ws.frames_dir, reused by a resumed job."""
+    if ws.frames_json.exists() and ws.frames_dir.is_dir():
+        return FramesResult.model_validate_json(ws.frames_json.read_text())
+    result = run(config, video, ws.frames_dir, progress, should_stop)
+    write_json_atomic(ws.frames_json, result.model_dump(mode="json"))
+    return result
 
 
 def _open(video: Path) -> av.container.InputContainer:

@@ -10,18 +10,15 @@ in the report that it did not (the stereo result stands as it is); `on` requires
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any, Literal
 
-import cv2
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from models.registry import DEPTH_MODEL
 from pipeline.align_depth import MonoFillConfig, fill_weak_regions
-from pipeline.dense_views import load_views
 from pipeline.errors import ErrorCode, ScandropError
 from pipeline.estimate_depth import depth_normals
-from pipeline.single_view import DEPTH_MODEL, models_dir_of
 from pipeline.stage import Progress, StopCheck, atomic_path, check_stop
 from pipeline.workspace import Workspace
 
@@ -50,29 +47,24 @@ class FillResult(BaseModel):
 
 def load_model(config: FillConfig, device: str) -> Any | None:
     """The depth network, or None in auto mode when it is not installed (mode on: model_missing)."""
-    from models.model_store import model_path
-    from models.mono_depth import MonoDepth
-    from models.registry import get_spec
+    from models.mono_depth import open_depth_model
 
     try:
-        path = model_path(get_spec(config.model), models_dir_of(config.models_dir))
+        return open_depth_model(config.model, config.models_dir, device)
     except ScandropError as exc:
         if config.mode == "auto" and exc.code == ErrorCode.model_missing:
             return None
         raise
-    return MonoDepth(path, device)
 
 
 def run(
     config: FillConfig,
     ws: Workspace,
-    grid_size: int,
     device: str,
     progress: Progress,
     should_stop: StopCheck,
 ) -> FillResult:
-    """Rewrite ws.depth_dir/<view>.npz with filled depth, normals and (lower) confidence.
-    `grid_size` is the depth stage's max_image_size (the grid the depth maps are on)."""
+    """Rewrite ws.depth_dir/<view>.npz with filled depth, normals and (lower) confidence."""
     t0 = time.monotonic()
     model = None if config.mode == "off" else load_model(config, device)
     if model is None:
@@ -83,7 +75,6 @@ def run(
         )
         progress(1.0, f"no monocular depth: {reason}")
         return FillResult(used=False, reason=reason)
-    views = {v.name: v for v in load_views(ws.sparse_dir, grid_size)}
     files = sorted(ws.depth_dir.glob("*.npz"))
     result = FillResult(used=True, reason="filled with aligned monocular depth", backend=model.backend)
     for i, path in enumerate(files):
@@ -92,7 +83,7 @@ def run(
         with np.load(path) as data:
             arrays = {key: data[key] for key in data.files}
         name = str(arrays["name"])
-        mask = _view_mask(ws, views.get(name), name, arrays["depth"].shape)
+        mask = arrays.get("mask")  # the object mask the depth stage used, on the same grid
         mono = model.predict(arrays["rgb"])
         depth, confidence, stats = fill_weak_regions(
             arrays["depth"], arrays["confidence"], mono, mask, config.align
@@ -112,15 +103,3 @@ def run(
     result.seconds = round(time.monotonic() - t0, 3)
     progress(1.0, f"filled {result.pixels_filled} pixels in {result.views_filled} of {result.views} views")
     return result
-
-
-def _view_mask(ws: Workspace, view: Any, name: str, shape: tuple[int, ...]) -> np.ndarray | None:
-    """The photo's object mask on the depth grid, if the photo has one."""
-    mask_path: Path = ws.mask_for(name)
-    if view is None or not mask_path.exists():
-        return None
-    mask_img = cv2.imread(str(mask_path), cv2.IMREAD_GRAYSCALE)
-    if mask_img is None:
-        return None
-    mask = view.undistort(mask_img, cv2.INTER_NEAREST) > 127
-    return mask if mask.shape == shape else None

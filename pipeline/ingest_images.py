@@ -31,14 +31,13 @@ from pipeline.errors import ErrorCode, ScandropError
 from pipeline.photo_hygiene import (
     THUMB_SIDE,
     blurred,
-    file_digest,
     near_duplicate_pairs,
     sharpness,
     thumbnail,
 )
 from pipeline.photo_masks import MaskFinder, mask_owner, photo_mask
 from pipeline.read_photo import load_photo
-from pipeline.stage import Progress, StopCheck, atomic_dir, check_stop, write_json_atomic
+from pipeline.stage import Progress, StopCheck, atomic_dir, check_stop, sha256_file, write_json_atomic
 from pipeline.workspace import Workspace
 
 
@@ -113,23 +112,6 @@ class IngestResult(BaseModel):
         return [names for _, names in sorted(self.cameras.items())]
 
 
-Listing = tuple[tuple[str, int, int], ...]
-
-
-def listing(folder: Path) -> Listing:
-    """(relative path, size, mtime) of every file below `folder`: what tells a drop is complete
-    (it stops changing) and whether a workspace was made from this very input."""
-    entries = []
-    for p in sorted(folder.rglob("*")):
-        try:
-            if p.is_file():
-                st = p.stat()
-                entries.append((str(p.relative_to(folder)), st.st_size, st.st_mtime_ns))
-        except OSError:
-            continue  # vanished while we looked: the next look sees the change
-    return tuple(entries)
-
-
 def _unique_name(stem: str, suffix: str, taken: set[str]) -> str:
     name = f"{stem}{suffix}"
     n = 1
@@ -183,7 +165,7 @@ def run(
                 used_masks.add(mask_file)
             try:
                 if path.stat().st_size > 0:
-                    same = digests.setdefault(file_digest(path), [])
+                    same = digests.setdefault(sha256_file(path), [])
                     same.append(rel)
                     if len(same) > 1:
                         raise ValueError(f"identical to {same[0]}")

@@ -10,7 +10,9 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pipeline.errors import ErrorCode, ScandropError
 
 if TYPE_CHECKING:
     from pipeline.presets import PipelineConfig
@@ -31,7 +33,15 @@ class JobSpec(BaseModel):
     )
 
     def resolve(self) -> PipelineConfig:
-        """The full, validated config (imports every stage)."""
+        """The full, validated config (imports every stage); a bad override is invalid_settings."""
         from pipeline.presets import preset_config
 
-        return preset_config(self.preset, self.overrides)
+        try:
+            return preset_config(self.preset, self.overrides)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            raise ScandropError(
+                ErrorCode.invalid_settings,
+                f"Invalid job setting {'.'.join(str(p) for p in first['loc'])}: {first['msg']}.",
+                "Fix the setting (see `scandrop config` and the README's settings).",
+            ) from None

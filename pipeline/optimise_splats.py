@@ -397,7 +397,8 @@ def load_views(ws: Workspace) -> list[View]:
     views: list[View] = []
     for path in sorted(ws.depth_dir.glob("*.npz")):
         with np.load(path) as d:
-            rgb, K, R, t = d["rgb"], d["K"], d["R"], d["t"]
+            rgb, K, R, t = d["rgb"], d["K"].copy(), d["R"], d["t"]
+        K[:2, 2] += 0.5  # depth grids put pixel centres at integers, rasterisers at +0.5
         viewmat = np.eye(4)
         viewmat[:3, :3], viewmat[:3, 3] = R, np.asarray(t).reshape(3)
         views.append(

@@ -11,18 +11,15 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
 import pycolmap
 
 from pipeline.errors import ErrorCode, ScandropError
+from pipeline.estimate_depth import DepthConfig, DepthResult
 from pipeline.stage import Progress, StopCheck, atomic_path, check_stop
 from pipeline.workspace import Workspace
-
-if TYPE_CHECKING:
-    from pipeline.estimate_depth import DepthConfig, DepthResult
 
 
 def read_colmap_array(path: Path) -> np.ndarray:
@@ -43,7 +40,7 @@ def read_colmap_array(path: Path) -> np.ndarray:
 def run(config: DepthConfig, ws: Workspace, progress: Progress, should_stop: StopCheck) -> DepthResult:
     """Undistort, run PatchMatch with geometric consistency, convert its maps into ws.depth_dir."""
     start = time.monotonic()
-    mvs = ws.root / "mvs"
+    mvs = ws.mvs_dir
     options = pycolmap.UndistortCameraOptions()
     options.max_image_size = config.max_image_size
     progress(0.0, "undistorting photos for PatchMatch")
@@ -68,12 +65,10 @@ def run(config: DepthConfig, ws: Workspace, progress: Progress, should_stop: Sto
 
 def convert_workspace(mvs: Path, ws: Workspace, start: float) -> DepthResult:
     """COLMAP's geometric depth/normal maps -> ws.depth_dir/<image>.npz in estimate_depth's layout."""
-    from pipeline.estimate_depth import DepthResult
-
     rec = pycolmap.Reconstruction(str(mvs / "sparse"))
     originals = pycolmap.Reconstruction(str(ws.sparse_dir))
     original_width = {img.name: originals.cameras[img.camera_id].width for img in originals.images.values()}
-    ws.depth_dir.mkdir(parents=True, exist_ok=True)
+    ws.fresh_depth_dir()
     fractions = []
     for image in rec.images.values():
         name = image.name

@@ -6,9 +6,6 @@ config's choice (`IngestConfig.drop_blurred`, `near_duplicate_mad`); here are on
 
 from __future__ import annotations
 
-import hashlib
-from pathlib import Path
-
 import cv2
 import numpy as np
 from scipy.spatial import cKDTree
@@ -62,12 +59,6 @@ def near_duplicate_pairs(
         if sizes[i] == sizes[j] and float(np.abs(thumbs[i] - thumbs[j]).mean()) < max_mad
     ]
     return pairs
-
-
-def file_digest(path: Path) -> str:
-    """A digest of the file's bytes: equal digests are byte-identical copies."""
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "blake2b").hexdigest()
 
 
 def blurred(sharpness: list[float], ratio: float) -> list[tuple[int, float]]:

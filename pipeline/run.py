@@ -30,13 +30,14 @@ from pipeline import (
     ingest_images,
     make_splats,
     optimise_splats,
+    patchmatch_depth,
     reconstruct_sparse,
     render_preview,
     single_view,
 )
 from pipeline.errors import ErrorCode, ErrorInfo, ScandropError
-from pipeline.input_kind import InputKind, input_kind
-from pipeline.plan import backend_device, build_plan, plan_stages
+from pipeline.input_kind import InputKind, input_kind, job_kind, listing
+from pipeline.plan import StagePlan, backend_device, build_plan, plan_stages
 from pipeline.presets import PipelineConfig
 from pipeline.report import Report, StageReport, new_report
 from pipeline.resources import Meter
@@ -112,6 +113,7 @@ def run_pipeline(
     )
 
     kind = input_kind(input_dir)
+    report.kind = job_kind(kind)
     plan = plan_stages(kind)
     backends = build_plan(plan, device or {"name": "cpu"})
     report.plan = [b.model_dump() for b in backends]
@@ -140,12 +142,10 @@ def run_pipeline(
         ws = _prepare_workspace(work_dir, input_dir, config)
         photos, sparse_config, ingest_config = input_dir, config.sparse, config.ingest
         if kind is InputKind.video:  # keyframes become the photos; their order lets SfM match neighbours
-            report.kind = "video"
-            frames = stage("frames", _extract_frames, config.frames, input_dir, ws)
+            frames = stage("frames", extract_frames.run_in_workspace, config.frames, input_dir, ws)
             report.frames = _frames_summary(frames)
             photos, sparse_config = ws.frames_dir, config.sparse.model_copy(update={"ordered": True})
         elif kind is InputKind.photo:  # ingested like a set of one: orientation, alpha, limits
-            report.kind = "single_photo"
             photos = _single_photo_folder(input_dir, ws)
             ingest_config = config.ingest.model_copy(update={"min_images": 1})
         ingested = stage("ingest", ingest_images.run, ingest_config, photos, ws)
@@ -163,21 +163,18 @@ def run_pipeline(
             report.images.registered = sparse.registered
             report.images.unregistered = sparse.unregistered
             report.mean_reprojection_error_px = sparse.mean_reprojection_error_px
-            on_gpu = backend_device(backends, "depth") == "cuda"
-            depth_config = config.depth.model_copy(
-                update={"backend": "patchmatch-cuda" if on_gpu else "sgbm"}
-            )
-            stage("depth", estimate_depth.run, depth_config, ws)
+            on_gpu = backend_device(backends, "depth") == "cuda"  # PatchMatch writes the same depth maps
+            stage("depth", patchmatch_depth.run if on_gpu else estimate_depth.run, config.depth, ws)
             on = backend_device(backends, "fill")
-            filled = stage("fill", fill_depth.run, config.fill, ws, config.depth.max_image_size, on)
+            filled = stage("fill", fill_depth.run, config.fill, ws, on)
             report.mono_depth = filled.model_dump(mode="json", exclude={"per_view"})
             stage("fuse", fuse_depth.run, config.fuse, ws)
             stage("mesh", build_mesh.run, config.mesh, ws)
         splats = stage("splats", make_splats.run, config.splats, ws)
         report.splat_method = splats.method
         if "optimise" in plan:
-            on = backend_device(backends, "optimise")
-            trained = stage("optimise", _optimise_splats, config.optimise, ws, on)
+            planned = next(b for b in backends if b.stage == "optimise")
+            trained = stage("optimise", _optimise_splats, config.optimise, ws, planned)
             if isinstance(trained, optimise_splats.OptimiseResult):
                 report.splat_method = f"{splats.method}; {trained.method}"
         exported = stage("export", export_assets.run, config.export, ws, out_dir)
@@ -219,14 +216,9 @@ def run_pipeline(
 
 
 def _fingerprint(input_dir: Path, config: PipelineConfig) -> str:
-    """What a workspace was made from: the input listing (or the file, for a zip) and the settings."""
+    """What a workspace was made from: the input listing (a folder's files, or the file) and the settings."""
     digest = hashlib.sha256(config.model_dump_json().encode())
-    if input_dir.is_dir():
-        entries = ingest_images.listing(input_dir)
-    else:
-        st = input_dir.stat()
-        entries = ((input_dir.name, st.st_size, st.st_mtime_ns),)
-    digest.update(json.dumps(entries).encode())
+    digest.update(json.dumps(listing(input_dir)).encode())
     return digest.hexdigest()
 
 
@@ -249,21 +241,6 @@ def _prepare_workspace(work_dir: Path, input_dir: Path, config: PipelineConfig) 
     ws = Workspace(work_dir).create()
     write_json_atomic(marker, {"fingerprint": fingerprint, "config": config.model_dump(mode="json")})
     return ws
-
-
-def _extract_frames(
-    config: extract_frames.FramesConfig,
-    video: Path,
-    ws: Workspace,
-    progress: Progress,
-    should_stop: StopCheck,
-) -> extract_frames.FramesResult:
-    """Keyframes of a video drop, reused when a resumed job already has them."""
-    if ws.frames_json.exists() and ws.frames_dir.is_dir():
-        return extract_frames.FramesResult.model_validate_json(ws.frames_json.read_text())
-    result = extract_frames.run(config, video, ws.frames_dir, progress, should_stop)
-    write_json_atomic(ws.frames_json, result.model_dump(mode="json"))
-    return result
 
 
 def _frames_summary(frames: extract_frames.FramesResult) -> dict[str, Any]:
@@ -289,11 +266,14 @@ class SkippedStage(BaseModel):
 
 
 def _optimise_splats(
-    config: optimise_splats.OptimiseConfig, ws: Workspace, on: str, progress: Progress, should_stop: StopCheck
+    config: optimise_splats.OptimiseConfig,
+    ws: Workspace,
+    planned: StagePlan,
+    progress: Progress,
+    should_stop: StopCheck,
 ) -> BaseModel:
     """Train the splats against the photos where the plan has a GPU rasteriser; else say why not."""
-    if on != "cuda":
-        reason = "splats stay initialised: no CUDA splat rasteriser (gsplat) on this device"
-        progress(1.0, reason)
-        return SkippedStage(reason=reason)
-    return optimise_splats.run(config, ws, on, progress, should_stop)
+    if planned.backend != "gsplat-cuda":
+        progress(1.0, planned.reason)
+        return SkippedStage(reason=planned.reason)
+    return optimise_splats.run(config, ws, "cuda", progress, should_stop)

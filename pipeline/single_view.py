@@ -20,13 +20,12 @@ import pycolmap
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
+from models.registry import DEPTH_MODEL
 from pipeline import plyio
 from pipeline.errors import ErrorCode, ScandropError
 from pipeline.pointcloud import PointCloud, save_points
 from pipeline.stage import Progress, StopCheck, atomic_dir, check_stop
 from pipeline.workspace import Workspace
-
-DEPTH_MODEL = "depth-anything-v2-small"
 
 
 class SingleViewConfig(BaseModel):
@@ -59,20 +58,11 @@ class SingleViewResult(BaseModel):
     note: str
 
 
-def models_dir_of(configured: str | None) -> Path:
-    """The models folder: the job's setting, else SCANDROP_MODELS_DIR, else the per-user default."""
-    from models.model_store import default_models_dir
-
-    return Path(configured) if configured else default_models_dir()
-
-
 def load_model(config: SingleViewConfig, device: str) -> Any:
-    """The verified model file, opened for inference; model_missing names the pull command."""
-    from models.model_store import model_path
-    from models.mono_depth import MonoDepth
-    from models.registry import get_spec
+    """The verified depth network, opened for inference; model_missing names the pull command."""
+    from models.mono_depth import open_depth_model
 
-    return MonoDepth(model_path(get_spec(config.model), models_dir_of(config.models_dir)), device)
+    return open_depth_model(config.model, config.models_dir, device)
 
 
 def focal_from_exif(path: Path, width: int, fov_deg: float) -> tuple[float, str]:

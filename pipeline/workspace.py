@@ -13,6 +13,7 @@ writes its own outputs atomically, so an interrupted job can resume from the las
       database.db        COLMAP features and matches (sparse)
       sparse/            COLMAP binary model in the scandrop world frame, +y up (sparse)
       sparse.json        sparse stage result
+      mvs/               COLMAP's undistorted images and PatchMatch maps (depth, CUDA backend only)
       depth/<image>.npz  per-view depth (camera z), normals and confidence (depth)
       fused.npz          fused dense point cloud: xyz, normals, rgb (fuse)
       mesh.ply           coloured triangle mesh, decimated (mesh)
@@ -29,6 +30,17 @@ from pathlib import Path
 @dataclass(frozen=True)
 class Workspace:
     root: Path
+
+    @property
+    def mvs_dir(self) -> Path:
+        return self.root / "mvs"
+
+    def fresh_depth_dir(self) -> Path:
+        """depth/ emptied of earlier maps (a rerun must not mix them with the new ones)."""
+        self.depth_dir.mkdir(parents=True, exist_ok=True)
+        for stale in self.depth_dir.glob("*.npz"):
+            stale.unlink()
+        return self.depth_dir
 
     @property
     def frames_dir(self) -> Path:

@@ -108,7 +108,7 @@ def test_monocular_fill_raises_recall_on_a_plain_surface_without_losing_precisio
             network.answers[network.key(data["rgb"])] = (3.1 * inverse + 0.27 + noise).astype(np.float32)
     monkeypatch.setattr(fill_depth, "load_model", lambda config, device: network)
     config = JobSpec(preset="balanced").resolve()
-    result = fill_depth.run(config.fill, ws, config.depth.max_image_size, "cpu", no_progress, never_stop)
+    result = fill_depth.run(config.fill, ws, "cpu", no_progress, never_stop)
     assert result.used and result.views_filled >= 12 and result.pixels_filled > 0
     _fuse(ws)
     after = _score(scene, ws)
@@ -124,6 +124,6 @@ def test_without_the_model_auto_mode_says_so_and_changes_nothing(
     _, ws, _ = weak
     config = JobSpec(preset="balanced", overrides={"fill": {"models_dir": str(tmp_path)}}).resolve()
     before = {p.name: p.stat().st_mtime_ns for p in ws.depth_dir.glob("*.npz")}
-    result = fill_depth.run(config.fill, ws, config.depth.max_image_size, "cpu", no_progress, never_stop)
+    result = fill_depth.run(config.fill, ws, "cpu", no_progress, never_stop)
     assert not result.used and "scandrop models pull depth-anything-v2-small" in result.reason
     assert {p.name: p.stat().st_mtime_ns for p in ws.depth_dir.glob("*.npz")} == before

@@ -16,7 +16,8 @@ from daemon.job_status import JobStatus
 
 QUEUE_SIZE = 256
 
-EventType = Literal["snapshot", "created", "state", "stage", "progress"]
+# "service": the daemon's own health or its waiting drops changed (status holds /api/status).
+EventType = Literal["snapshot", "created", "state", "stage", "progress", "service"]
 
 
 class Event(BaseModel):

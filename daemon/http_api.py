@@ -1,9 +1,9 @@
 """The status server: REST for jobs and health, a WebSocket for live events, outputs for download.
 
 Every error is JSON with a real HTTP status. When a token is configured (it must be when the
-server binds beyond loopback) every route but /healthz needs `Authorization: Bearer <token>`
-(WebSocket clients, which cannot set headers in a browser, may pass `?token=`). Files are served
-only from the job's own folder in the outbox.
+server binds beyond loopback) every route but /healthz and the status page's own files needs
+`Authorization: Bearer <token>` (WebSocket clients, which cannot set headers in a browser, may pass
+`?token=`). Files are served only from the job's own folder in the outbox.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from aiohttp import WSMsgType, web
 from pydantic import BaseModel
 
+from daemon import status_page
 from daemon.events import Event
 from daemon.job_status import JobState, JobStatus
 
@@ -53,7 +54,7 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
 @web.middleware
 async def bearer_token(request: web.Request, handler: Handler) -> web.StreamResponse:
     token = request.app[SERVICE].settings.token
-    if token is None or request.path in OPEN_ROUTES:
+    if token is None or request.path in OPEN_ROUTES or status_page.is_open(request.path):
         return await handler(request)
     header = request.headers.get("Authorization", "")
     given = header[7:] if header.startswith("Bearer ") else request.query.get("token", "")
@@ -162,4 +163,5 @@ def build_app(service: Service) -> web.Application:
     app.router.add_post("/api/jobs/{job_id}/cancel", cancel_job)
     app.router.add_get("/api/jobs/{job_id}/files/{name:.+}", get_file)
     app.router.add_get("/api/ws", websocket)
+    status_page.add_routes(app)
     return app

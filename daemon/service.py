@@ -17,7 +17,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from daemon.events import EventBus
+from daemon.events import Event, EventBus
 from daemon.http_api import build_app
 from daemon.inbox_scanner import HEARTBEAT_SECONDS, InboxScanner
 from daemon.job_book import JobBook
@@ -27,6 +27,7 @@ from daemon.job_status import JobStatus, now
 from daemon.job_store import JobStore
 from daemon.settings import Settings
 from daemon.spool import Spool
+from daemon.status_page import BUILD_COMMAND, viewer_versions
 from daemon.systemd_notify import notify, watchdog_interval
 from models.device import resolve_device_in_child
 from pipeline.errors import ErrorCode, ScandropError
@@ -85,6 +86,7 @@ class Service:
                 ],
                 "waiting": [w.model_dump(mode="json") for w in self.scanner.waiting],
             },
+            "page": {"viewer": viewer_versions()},
             "settings": {
                 "concurrency": self.settings.concurrency,
                 "preset": self.settings.preset.value,
@@ -113,6 +115,7 @@ class Service:
             asyncio.create_task(self.scanner.run(), name="scanner"),
             asyncio.create_task(self.runner.run(), name="runner"),
             asyncio.create_task(self._tell_systemd(), name="systemd"),
+            asyncio.create_task(self._publish_service_changes(), name="service-events"),
         ]
         yield
         await self.runner.shutdown()
@@ -137,6 +140,20 @@ class Service:
             await asyncio.sleep(min(ping or STATUS_SECONDS, STATUS_SECONDS))
 
 
+    async def _publish_service_changes(self) -> None:
+        """A "service" event when health or the waiting drops change, so the page needs no polling."""
+        last: Any = None
+        while True:
+            status = self.status()
+            waiting = [(w["name"], w["waiting_for"], w["files"]) for w in status["queue"]["waiting"]]
+            now_seen = (status["health"], waiting)
+            if now_seen != last:
+                if last is not None:
+                    self.bus.publish(Event(type="service", status=status))
+                last = now_seen
+            await asyncio.sleep(STATUS_SECONDS)
+
+
 async def serve(settings: Settings) -> None:
     # Absolute paths in status.json and the API, whatever the working directory was.
     settings = settings.model_copy(
@@ -157,6 +174,8 @@ async def serve(settings: Settings) -> None:
             ) from exc
         host, port = runner.addresses[0][:2]
         log.info("listening", url=f"http://{host}:{port}/", inbox=str(Path(settings.inbox).resolve()))
+        if viewer_versions() is None:
+            log.warning("status_page_without_viewer", hint=f"run `{BUILD_COMMAND}` in scandrop's folder")
         notify(READY=1, STATUS=f"listening on {host}:{port}")
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

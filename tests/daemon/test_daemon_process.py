@@ -22,21 +22,11 @@ from daemon_process import Daemon, EventListener, wait_for
 from PIL import Image
 
 from models.device import resolve_device
-from pipeline.bench.synthetic import render_scene, write_scene
 from pipeline.input_kind import InputKind
 from pipeline.plan import plan_stages
 
 OUTPUTS = ["model.glb", "points.ply", "splats.splat", "splats.ply", "cameras/transforms.json", "preview.png"]
 PIPELINE_STAGES = plan_stages(InputKind.photos)  # every stage must stream its events
-
-
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A rendered orbit of a textured object: 24 photos that reconstruct in ~15 s with the fast preset."""
-    folder = tmp_path_factory.mktemp("scene") / "photos"
-    write_scene(render_scene(n_views=24, width=320, height=240, seed=0), folder)
-    (folder / "gt_cameras.json").unlink()
-    return folder
 
 
 @pytest.fixture

@@ -139,18 +139,14 @@ class Service:
                 notify(WATCHDOG=1)
             await asyncio.sleep(min(ping or STATUS_SECONDS, STATUS_SECONDS))
 
-
     async def _publish_service_changes(self) -> None:
         """A "service" event when health or the waiting drops change, so the page needs no polling."""
         last: Any = None
         while True:
-            status = self.status()
-            waiting = [(w["name"], w["waiting_for"], w["files"]) for w in status["queue"]["waiting"]]
-            now_seen = (status["health"], waiting)
-            if now_seen != last:
-                if last is not None:
-                    self.bus.publish(Event(type="service", status=status))
-                last = now_seen
+            seen = (self.health(), [(w.name, w.waiting_for, w.files) for w in self.scanner.waiting])
+            if last is not None and seen != last:
+                self.bus.publish(Event(type="service", status=self.status()))
+            last = seen
             await asyncio.sleep(STATUS_SECONDS)
 
 

@@ -8,6 +8,7 @@
 const TOKEN_KEY = "scandrop.token";
 const VIEWER_MODULE = "/static/build/viewer.js";
 const ACTIVE = new Set(["queued", "running"]);
+const RECENT = 100; // finished jobs kept on a page that may stay open for weeks (as the snapshot)
 
 const jobs = new Map(); // job_id -> status.json of the job, as the last event told it
 const rows = new Map(); // job_id -> its <tr>
@@ -87,7 +88,9 @@ function receive(event) {
   } else if (event.job) {
     jobs.set(event.job.job_id, event.job);
   }
-  renderList();
+  const row = rows.get(event.job?.job_id);
+  if (event.type === "progress" && row) updateRow(row, event.job); // the frequent case: one row
+  else renderList();
   if (opened && (event.type === "snapshot" || event.job?.job_id === opened.id)) renderJob();
 }
 
@@ -174,7 +177,11 @@ function cancelButton(id) {
 function renderList() {
   const sorted = [...jobs.values()].sort((a, b) => b.created_at.localeCompare(a.created_at));
   const queue = sorted.filter((j) => ACTIVE.has(j.state)).reverse(); // oldest first: next to run on top
-  const recent = sorted.filter((j) => !ACTIVE.has(j.state));
+  const finished = sorted.filter((j) => !ACTIVE.has(j.state));
+  const recent = finished.slice(0, RECENT);
+  for (const job of finished.slice(RECENT)) {
+    if (job.job_id !== opened?.id) jobs.delete(job.job_id);
+  }
   for (const [tbody, list] of [[$("queue"), queue], [$("recent"), recent]]) {
     for (const job of list) {
       let row = rows.get(job.job_id);
@@ -183,8 +190,9 @@ function renderList() {
       tbody.append(row); // moves an existing row; its buttons survive
     }
   }
+  const shown = new Set([...queue, ...recent].map((j) => j.job_id));
   for (const [id, row] of rows) {
-    if (!jobs.has(id)) {
+    if (!shown.has(id)) {
       row.remove();
       rows.delete(id);
     }

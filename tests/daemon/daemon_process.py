@@ -77,15 +77,15 @@ class Daemon:
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
-        wait_for(lambda: self._answers() or self._died(), 60, "the daemon to listen")
+        wait_for(lambda: self._answers() or self._died(), 60, "the daemon to listen and scan the inbox")
         if self.proc.poll() is not None:
             raise AssertionError(f"the daemon exited with {self.proc.returncode}:\n{self.log.read_text()}")
         return self
 
     def _answers(self) -> bool:
+        """Listening and healthy: /healthz answers 503 until the first inbox scan has finished."""
         try:
-            self.get("/healthz")
-            return True
+            return self.request("GET", "/healthz")[0] == 200
         except OSError:
             return False
 

@@ -130,6 +130,18 @@ def test_page_shows_live_progress_renders_the_model_and_cancels(
     assert status == 200  # the page itself holds no data: no token needed
     assert daemon.request("GET", "/api/jobs", token="")[0] == 401
 
+    # Without the token the page asks for it, refuses a wrong one, connects with the right one.
+    asking = Browser(browser, origin)
+    asking.page.goto(f"{origin}/")
+    asking.page.wait_for_selector("#token-form:not([hidden])", timeout=20_000)
+    asking.page.fill("#token-input", "wrong")
+    asking.page.click("#token-form button")
+    asking.page.wait_for_selector("#token-error:has-text('not accepted')", timeout=20_000)
+    asking.page.fill("#token-input", TOKEN)
+    asking.page.click("#token-form button")
+    asking.page.wait_for_selector("#health.ok", timeout=20_000)
+    asking.page.close()
+
     b = Browser(browser, origin)
     b.page.goto(f"{origin}/#token={TOKEN}")
     b.page.wait_for_selector("#health.ok", timeout=20_000)
@@ -208,3 +220,10 @@ def test_page_shows_live_progress_renders_the_model_and_cancels(
     ours = (origin, f"ws://127.0.0.1:{daemon.port}/", "blob:")
     assert [u for u in b.requests + b.sockets if not u.startswith(ours)] == []
     assert b.failures == []
+
+    # A station screen stays open across daemon restarts: the page reconnects by itself.
+    daemon.stop()
+    b.page.wait_for_selector("#connection:has-text('reconnecting')", timeout=20_000)
+    daemon.start()
+    b.page.wait_for_selector("#connection:has-text('live')", timeout=30_000)
+    assert len(b.sockets) >= 2

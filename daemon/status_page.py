@@ -55,6 +55,13 @@ def is_open(path: str) -> bool:
     return path == "/" or path.startswith(STATIC_PREFIX)
 
 
+async def _revalidate_assets(request: web.Request, response: web.StreamResponse) -> None:
+    """Browsers must ask again (a cheap 304) so an upgraded scandrop never runs last version's script."""
+    if request.path.startswith(STATIC_PREFIX):
+        response.headers["Cache-Control"] = "no-cache"
+
+
 def add_routes(app: web.Application) -> None:
     app.router.add_get("/", index)
     app.router.add_static(STATIC_PREFIX, PAGE_DIR, follow_symlinks=False, show_index=False)
+    app.on_response_prepare.append(_revalidate_assets)

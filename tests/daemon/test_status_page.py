@@ -112,8 +112,9 @@ def test_page_and_its_files_need_no_token_and_nothing_else_is_served(daemon: Dae
     policy = dict(p.split(" ", 1) for p in CONTENT_SECURITY_POLICY.split("; "))
     assert policy["default-src"] == "'self'"  # and no other origin anywhere:
     assert not [s for s in policy.values() if "http" in s or "*" in s]
-    for name in ("page.js", "page.css"):
-        assert daemon.request("GET", f"/static/{name}", token="")[0] == 200
+    for name in ("page.js", "page.css", "build/viewer.js"):
+        with urllib.request.urlopen(f"http://127.0.0.1:{daemon.port}/static/{name}", timeout=10) as asset:
+            assert asset.status == 200 and asset.headers["Cache-Control"] == "no-cache"
     for path in ("/static/../http_api.py", "/static/%2e%2e/http_api.py", "/static/nothing.js"):
         assert daemon.request("GET", path, token="")[0] == 404, path
     assert daemon.request("GET", "/api/status", token="")[0] == 401

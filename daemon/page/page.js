@@ -65,6 +65,8 @@ function connect() {
   };
   socket.onclose = async () => {
     $("connection").textContent = "reconnecting…";
+    $("health").textContent = "not connected"; // what we knew is stale now
+    $("health").className = "badge down";
     if (!gotMessage) {
       // A refused upgrade looks like any other close; ask the API why.
       try {
@@ -267,7 +269,7 @@ function renderJob() {
     ["Input", `${job.input.files} file(s), ${formatBytes(job.input.bytes)} — now in ${job.input.location}`],
     ["Outbox", job.outbox],
   ];
-  const table = el("table", {}, ...summary.map(([k, v]) => el("tr", {}, el("td", { className: "muted", textContent: k }), el("td", { textContent: v }))));
+  const table = el("table", {}, ...factRows(summary));
   const bar = el("progress", { max: 1, value: job.progress });
   const parts = [table, bar];
   if (ACTIVE.has(job.state)) parts.push(" ", cancelButton(job.job_id));
@@ -357,12 +359,16 @@ function renderReport(report) {
   const rejected = images.rejected ?? [];
   if (rejected.length) facts.push(["Skipped", rejected.map((r) => `${r.file}: ${r.reason}`).join("; ")]);
   if ((images.unregistered ?? []).length) facts.push(["Not placed", images.unregistered.join(", ")]);
-  $("report").replaceChildren(...facts.map(([k, v]) => el("tr", {}, el("td", { className: "muted", textContent: k }), el("td", { textContent: v }))));
+  $("report").replaceChildren(...factRows(facts));
   const stages = report.stages ?? [];
   $("stages").replaceChildren(
     el("tr", {}, ...["Stage", "Backend", "Seconds", "Peak MB"].map((h) => el("th", { className: "muted", textContent: h }))),
     ...stages.map((s) => el("tr", {}, ...[s.name, s.backend ?? "", s.seconds?.toFixed(1) ?? "", s.peak_rss_mb == null ? "" : Math.round(s.peak_rss_mb)].map((v) => el("td", { textContent: v })))),
   );
+}
+
+function factRows(facts) {
+  return facts.map(([k, v]) => el("tr", {}, el("td", { className: "muted", textContent: k }), el("td", { textContent: v })));
 }
 
 function formatBytes(n) {

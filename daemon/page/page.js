@@ -142,8 +142,7 @@ function updateRow(row, job) {
     className: "muted", textContent: job.kind.replace("_", " "),
   }));
   if (job.error) {
-    name.append(el("div", { className: "error-text", textContent: `${job.error.code}: ${job.error.message}` }));
-    if (job.error.hint) name.append(el("div", { className: "hint", textContent: job.error.hint }));
+    name.append(...errorLines(job.error));
   } else if (job.duplicate_of) {
     name.append(el("div", { className: "hint", textContent: `same input as job ${job.duplicate_of}` }));
   }
@@ -158,6 +157,13 @@ function updateRow(row, job) {
   const actions = cell(".actions");
   if (ACTIVE.has(job.state) && !actions.firstChild) actions.append(cancelButton(job.job_id));
   if (!ACTIVE.has(job.state)) actions.replaceChildren();
+}
+
+// The same words as status.json and the log: stable code, message, and what to do about it.
+function errorLines(error) {
+  const lines = [el("div", { className: "error-text", textContent: `${error.code}: ${error.message}` })];
+  if (error.hint) lines.push(el("div", { className: "hint", textContent: error.hint }));
+  return lines;
 }
 
 function cancelButton(id) {
@@ -276,10 +282,7 @@ function renderJob() {
   $("job-summary").replaceChildren(...parts);
   $("job-error").hidden = !job.error;
   if (job.error) {
-    $("job-error").replaceChildren(
-      el("strong", { textContent: `${job.error.code}: ` }), job.error.message,
-      el("div", { className: "hint", textContent: job.error.hint ?? "" }),
-    );
+    $("job-error").replaceChildren(...errorLines(job.error));
   }
   // Outputs appear once, when the job has finished: render them only then, and only once.
   const key = `${job.state}:${job.outputs.length}`;

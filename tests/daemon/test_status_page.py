@@ -64,9 +64,28 @@ class Browser:
                     id: r.dataset.job, name: r.querySelector(".name span").textContent,
                     state: r.dataset.state, progress: r.querySelector("progress").value,
                     text: r.textContent, table: r.parentElement.id,
-                    cancel: r.querySelector("button.cancel") !== null }))"""
+                    cancel: r.querySelector("button.cancel") !== null,
+                    cancel_at: ((b) => b && [b.getBoundingClientRect().left - r.getBoundingClientRect().left,
+                                             b.getBoundingClientRect().top - r.getBoundingClientRect().top])(
+                                             r.querySelector("button.cancel")) }))"""
             )
         }
+
+    def longest_frame_gap(self, seconds: float) -> float:
+        """Milliseconds of the longest wait between two animation frames: how long the page froze."""
+        return self.page.evaluate(
+            """(seconds) => new Promise((done) => {
+                const start = performance.now();
+                let last = start, longest = 0;
+                const frame = (now) => {
+                    longest = Math.max(longest, now - last);
+                    last = now;
+                    if (now - start < seconds * 1000) requestAnimationFrame(frame); else done(longest);
+                };
+                requestAnimationFrame(frame);
+            })""",
+            seconds,
+        )
 
     def viewer_pixels(self, kind: str) -> np.ndarray:
         selector = f"#viewer[data-kind={kind}][data-state=ready], #viewer[data-state=error]"
@@ -153,6 +172,7 @@ def test_page_shows_live_progress_renders_the_model_and_cancels(
     shutil.copytree(photos, daemon.inbox / "scene")
     seen: list[float] = []
     states: list[str] = []
+    cancel_at: set[tuple[float, float]] = set()  # where the Cancel button is in its row
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         row = b.rows().get("scene")
@@ -161,6 +181,8 @@ def test_page_shows_live_progress_renders_the_model_and_cancels(
                 seen.append(row["progress"])
             if not states or row["state"] != states[-1]:
                 states.append(row["state"])
+            if row["cancel_at"]:
+                cancel_at.add(tuple(row["cancel_at"]))
             if row["state"] not in ("queued", "running"):
                 break
         time.sleep(0.25)
@@ -170,6 +192,8 @@ def test_page_shows_live_progress_renders_the_model_and_cancels(
     assert len(moving) >= 5, f"the progress bar hardly moved: {seen}"
     assert seen == sorted(seen), f"the progress bar went backwards: {seen}"
     assert seen[-1] == 1
+    # A person aims at Cancel while the row changes: its stage, percent and time must not move it.
+    assert len(cancel_at) == 1, f"the Cancel button moved as the row updated: {sorted(cancel_at)}"
     rows = b.rows()
     assert rows["scene"]["table"] == "recent"
 
@@ -201,11 +225,19 @@ def test_page_shows_live_progress_renders_the_model_and_cancels(
 
     # Cancel a running job from the page (the same drop again, forced to re-run).
     b.page.goto(f"{origin}/#")
+    # Closing the job view frees the viewer's GL context at once: left to the garbage collector, the
+    # page (software GL) drew no frame for 2-4 s a few seconds later (measured).
+    assert b.longest_frame_gap(4) < 1000
     forced = daemon.inbox / "again"
     shutil.copytree(photos, forced)
     (forced / "FORCE").touch()
     wait_for(lambda: b.rows().get("again", {}).get("state") == "running", 60, "the second job to run")
-    b.page.click("tr.job[data-state=running] button.cancel")
+    # ... and while a job keeps both cores busy: Playwright clicks only on a page that draws, and a
+    # person cannot aim at a frozen one.
+    assert b.longest_frame_gap(3) < 1000
+    with b.page.expect_response(lambda r: r.url.endswith("/cancel"), timeout=10_000) as asked:
+        b.page.click("tr.job[data-state=running] button.cancel")
+    assert asked.value.status == 202
     wait_for(lambda: b.rows()["again"]["state"] == "cancelled", 30, "the page to show the job cancelled")
     again = daemon.job(b.rows()["again"]["id"])
     assert again["state"] == "cancelled"

@@ -22,7 +22,8 @@ export class Viewer {
     this.controls = new OrbitControls(this.camera, this.renderer.domElement);
     this.controls.enableDamping = true;
     // Spark draws every SplatMesh in the scene through this one object.
-    this.scene.add(new SparkRenderer({ renderer: this.renderer }));
+    this.spark = new SparkRenderer({ renderer: this.renderer });
+    this.scene.add(this.spark);
     this.scene.add(new THREE.HemisphereLight(0xffffff, 0x444444, 2.0));
     const headlight = new THREE.DirectionalLight(0xffffff, 1.5);
     this.camera.add(headlight);
@@ -80,12 +81,17 @@ export class Viewer {
     this.controls.update();
   }
 
+  // Free everything now, not when the garbage collector gets to it: Spark's render targets and sort
+  // worker, and the GL context itself. Left to the collector, a software-GL (SwiftShader) page
+  // stopped drawing for seconds some time after the job view closed.
   dispose() {
     this.resize.disconnect();
     this.renderer.setAnimationLoop(null);
     this.replace(new THREE.Group());
+    this.spark.dispose();
     this.controls.dispose();
     this.renderer.dispose();
+    this.renderer.forceContextLoss();
     this.container.replaceChildren();
   }
 }

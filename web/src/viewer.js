@@ -20,9 +20,10 @@ export class Viewer {
     this.scene.background = new THREE.Color(BACKGROUND);
     this.camera = new THREE.PerspectiveCamera(45, 1, 0.01, 100);
     this.controls = new OrbitControls(this.camera, this.renderer.domElement);
-    this.controls.enableDamping = true;
-    // Spark draws every SplatMesh in the scene through this one object.
-    this.spark = new SparkRenderer({ renderer: this.renderer });
+    this.controls.addEventListener("change", () => this.draw()); // no damping: its tail is frames
+    // Spark draws every SplatMesh in the scene through this one object; it asks for another frame
+    // when its sort (done in a worker) or its splat set changes.
+    this.spark = new SparkRenderer({ renderer: this.renderer, onDirty: () => this.draw() });
     this.scene.add(this.spark);
     this.scene.add(new THREE.HemisphereLight(0xffffff, 0x444444, 2.0));
     const headlight = new THREE.DirectionalLight(0xffffff, 1.5);
@@ -32,8 +33,16 @@ export class Viewer {
     container.replaceChildren(this.renderer.domElement);
     this.resize = new ResizeObserver(() => this.fit());
     this.resize.observe(container);
+    this.frame = 0;
     this.fit();
-    this.renderer.setAnimationLoop(() => {
+  }
+
+  // Draw on demand, not in a loop: a view nobody touches costs nothing. On a station without a GPU
+  // (software WebGL) a continuous loop kept ~1.8 of 2 cores busy, taken from the running job.
+  draw() {
+    if (this.frame) return;
+    this.frame = requestAnimationFrame(() => {
+      this.frame = 0;
       this.controls.update();
       this.renderer.render(this.scene, this.camera);
     });
@@ -45,6 +54,7 @@ export class Viewer {
     this.renderer.setSize(width, height);
     this.camera.aspect = width / height;
     this.camera.updateProjectionMatrix();
+    this.draw();
   }
 
   // Load one of the job's outputs: kind "mesh" (GLB bytes) or "splats" (.splat bytes).
@@ -71,6 +81,7 @@ export class Viewer {
     this.shown = object;
     this.scene.add(object);
     this.home();
+    this.draw();
   }
 
   // scandrop's world frame puts the scene at the origin with 90% of it within radius 1 (stray
@@ -86,7 +97,8 @@ export class Viewer {
   // stopped drawing for seconds some time after the job view closed.
   dispose() {
     this.resize.disconnect();
-    this.renderer.setAnimationLoop(null);
+    cancelAnimationFrame(this.frame);
+    this.frame = -1; // no more frames, whatever asks
     this.replace(new THREE.Group());
     this.spark.dispose();
     this.controls.dispose();

@@ -16,11 +16,9 @@ import time
 from pathlib import Path
 
 import psutil
-from daemon_process import Daemon, wait_for
-from playwright.sync_api import Page, sync_playwright
-from test_status_page import CHROMIUM, CHROMIUM_ARGS, Browser
-
-from pipeline.bench.synthetic import render_scene, write_scene
+from daemon_process import Daemon, wait_for, write_photos
+from playwright.sync_api import Page
+from test_status_page import Browser, chromium_context
 
 IDLE_SECONDS = 6.0
 
@@ -60,17 +58,13 @@ def drag(page: Page, steps: int = 10) -> float:
 
 def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="scandrop-page-bench-"))
-    photos = root / "photos"
-    write_scene(render_scene(n_views=24, width=320, height=240, seed=0), photos)
-    (photos / "gt_cameras.json").unlink()
+    photos = write_photos(root / "photos")
     daemon = Daemon(root / "daemon").start()
     try:
         shutil.copytree(photos, daemon.inbox / "scene")
         daemon.wait_job(lambda j: j["state"] == "succeeded", 300, "the synthetic job to succeed")
         origin = f"http://127.0.0.1:{daemon.port}"
-        with sync_playwright() as playwright:
-            chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-            context = chromium.new_context(viewport={"width": 1280, "height": 900})
+        with chromium_context() as context:
             b = Browser(context, origin)
             b.page.goto(f"{origin}/")
             b.page.click("tr.job[data-state=succeeded]")
@@ -95,8 +89,6 @@ def main() -> None:
             (again / "FORCE").touch()
             wait_for(lambda: b.rows().get("again", {}).get("state") == "running", 60, "the second job to run")
             print(f"list while a job runs: longest frame gap {b.longest_frame_gap(3):.0f} ms")
-            context.close()
-            chromium.close()
     finally:
         daemon.stop()
         shutil.rmtree(root, ignore_errors=True)

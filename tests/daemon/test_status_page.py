@@ -9,6 +9,7 @@ import shutil
 import time
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +65,6 @@ class Browser:
                     id: r.dataset.job, name: r.querySelector(".name span").textContent,
                     state: r.dataset.state, progress: r.querySelector("progress").value,
                     text: r.textContent, table: r.parentElement.id,
-                    cancel: r.querySelector("button.cancel") !== null,
                     cancel_at: ((b) => b && [b.getBoundingClientRect().left - r.getBoundingClientRect().left,
                                              b.getBoundingClientRect().top - r.getBoundingClientRect().top])(
                                              r.querySelector("button.cancel")) }))"""
@@ -97,16 +97,25 @@ class Browser:
         return np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
 
 
-@pytest.fixture
-def browser() -> Iterator[Any]:
+@contextmanager
+def chromium_context() -> Iterator[Any]:
+    """A fresh headless Chromium with one 1280x900 browser context."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
         chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         context = chromium.new_context(viewport={"width": 1280, "height": 900})
+        try:
+            yield context
+        finally:
+            context.close()
+            chromium.close()
+
+
+@pytest.fixture
+def browser() -> Iterator[Any]:
+    with chromium_context() as context:
         yield context
-        context.close()
-        chromium.close()
 
 
 @pytest.fixture

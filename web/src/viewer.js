@@ -73,15 +73,19 @@ export class Viewer {
   }
 
   replace(object) {
-    if (this.shown) {
-      this.scene.remove(this.shown);
-      this.shown.traverse?.((child) => child.geometry?.dispose?.());
-      this.shown.dispose?.();
-    }
+    this.clear();
     this.shown = object;
     this.scene.add(object);
     this.home();
     this.draw();
+  }
+
+  clear() {
+    if (!this.shown) return;
+    this.scene.remove(this.shown);
+    this.shown.traverse?.((child) => child.geometry?.dispose?.());
+    this.shown.dispose?.();
+    this.shown = null;
   }
 
   // scandrop's world frame puts the scene at the origin with 90% of it within radius 1 (stray
@@ -99,7 +103,7 @@ export class Viewer {
     this.resize.disconnect();
     cancelAnimationFrame(this.frame);
     this.frame = -1; // no more frames, whatever asks
-    this.replace(new THREE.Group());
+    this.clear();
     this.spark.dispose();
     this.controls.dispose();
     this.renderer.dispose();

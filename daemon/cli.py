@@ -10,20 +10,21 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from daemon import logs
-from models.device import DeviceRequest
-from pipeline.errors import ScandropError
-from pipeline.job_spec import JobSpec, Preset
+from scandrop.daemon import logs
+from scandrop.models.device import DeviceRequest
+from scandrop.pipeline.core.errors import ScandropError
+from scandrop.pipeline.job_spec import JobSpec, Preset
 
 
 def _reconstruct(args: argparse.Namespace) -> int:
-    from daemon.worker import run_job
-    from models.device import resolve_device
-    from pipeline.workspace import clean_work_dir
+    from scandrop.daemon.worker import run_job
+    from scandrop.models.device import resolve_device
+    from scandrop.pipeline.core.workspace import clean_work_dir
+    from scandrop.pipeline.presets import resolve
 
     device = resolve_device(args.device)
     spec = JobSpec(preset=args.preset, overrides={"mesh": {"max_triangles": args.max_triangles}})
-    spec.resolve()  # a bad value stops here with one line, not inside the job process
+    resolve(spec)  # a bad value stops here with one line, not inside the job process
     work = args.work_dir or (args.outdir / ".scandrop-work")
     last = [""]
 
@@ -54,7 +55,7 @@ def _reconstruct(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from pipeline.bench.run import main as bench_main
+    from scandrop.pipeline.bench.run import main as bench_main
 
     return bench_main(args.datasets, args.out, args.preset, args.datasets_dir)
 
@@ -62,8 +63,8 @@ def _bench(args: argparse.Namespace) -> int:
 def _daemon(args: argparse.Namespace) -> int:
     import asyncio
 
-    from daemon.service import serve
-    from daemon.settings import load_settings
+    from scandrop.daemon.service import serve
+    from scandrop.daemon.settings import load_settings
 
     settings = load_settings(args.config, inbox=args.inbox, outbox=args.outbox)
     asyncio.run(serve(settings))
@@ -71,16 +72,16 @@ def _daemon(args: argparse.Namespace) -> int:
 
 
 def _config(args: argparse.Namespace) -> int:
-    from daemon.settings import load_settings
+    from scandrop.daemon.settings import load_settings
 
     print(load_settings(args.config).model_dump_json(indent=2))
     return 0
 
 
 def _models(args: argparse.Namespace) -> int:
-    from daemon.settings import load_settings
-    from models import model_store
-    from models.registry import REGISTRY, get_spec
+    from scandrop.daemon.settings import load_settings
+    from scandrop.models import model_store
+    from scandrop.models.registry import REGISTRY, get_spec
 
     models_dir = load_settings(args.config, models_dir=args.models_dir).models_dir
     if args.action == "list":

@@ -14,8 +14,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.input_kind import InputKind, Listing, input_kind, is_ignored, listing
-from pipeline.stage import sha256_file
+from scandrop.pipeline.core.stage import sha256_file
+from scandrop.pipeline.ingest.input_kind import InputKind, Listing, input_kind, is_ignored, listing
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from daemon.job_status import JobStatus
+from scandrop.daemon.job_status import JobStatus
 
 QUEUE_SIZE = 256
 

@@ -12,19 +12,33 @@ import asyncio
 import contextlib
 import hmac
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from aiohttp import WSMsgType, web
 from pydantic import BaseModel
 
-from daemon import status_page
-from daemon.events import Event
-from daemon.job_status import JobState, JobStatus
+from scandrop.daemon import status_page
+from scandrop.daemon.events import Event, EventBus
+from scandrop.daemon.job_status import JobState, JobStatus
+from scandrop.daemon.settings import Settings
 
-if TYPE_CHECKING:
-    from daemon.service import Service
+
+class Service(Protocol):
+    """What the API needs of the daemon; service.Service provides it (and imports this module, not the
+    other way round)."""
+
+    settings: Settings
+    bus: EventBus
+
+    def health(self) -> dict[str, Any]: ...
+    def status(self) -> dict[str, Any]: ...
+    def job(self, job_id: str) -> JobStatus | None: ...
+    def recent_jobs(self, limit: int, state: JobState | None = None) -> list[JobStatus]: ...
+    def cancel(self, job_id: str) -> JobStatus | None: ...
+    def lifecycle(self, app: web.Application) -> AsyncIterator[None]: ...
+
 
 SERVICE: web.AppKey[Service] = web.AppKey("service")
 SOCKETS: web.AppKey[weakref.WeakSet[web.WebSocketResponse]] = web.AppKey("sockets")
@@ -80,7 +94,7 @@ async def list_jobs(request: web.Request) -> web.Response:
         return _error(400, "bad_request", "limit must be a number; state one of " + ", ".join(JobState))
     if not 1 <= limit <= 1000:
         return _error(400, "bad_request", "limit must be between 1 and 1000")
-    jobs = request.app[SERVICE].book.store.recent(limit, state)
+    jobs = request.app[SERVICE].recent_jobs(limit, state)
     return web.json_response({"jobs": [j.model_dump(mode="json") for j in jobs]})
 
 
@@ -97,7 +111,7 @@ async def get_job(request: web.Request) -> web.Response:
 
 async def cancel_job(request: web.Request) -> web.Response:
     job = _job(request)
-    cancelled = request.app[SERVICE].runner.cancel(job.job_id)
+    cancelled = request.app[SERVICE].cancel(job.job_id)
     if cancelled is None:
         return _error(409, "conflict", f"Job {job.job_id} has already {job.state.value}; nothing to cancel.")
     return _json(cancelled, status=202)
@@ -130,7 +144,7 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
             event = await queue.get()
             await ws.send_str(event.model_dump_json())
 
-    snapshot = Event(type="snapshot", status=service.status(), jobs=service.book.store.recent(100))
+    snapshot = Event(type="snapshot", status=service.status(), jobs=service.recent_jobs(100))
     await ws.send_str(snapshot.model_dump_json())
     sender = asyncio.create_task(send_events())
     try:

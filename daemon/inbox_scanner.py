@@ -18,11 +18,11 @@ from datetime import datetime
 import structlog
 from pydantic import BaseModel
 
-from daemon.drops import Drop, Listing, Settling, scan_inbox
-from daemon.inbox_watch import InboxWatch, choose_mode, filesystem_type, is_network
-from daemon.job_intake import JobIntake
-from daemon.job_status import JobStatus, now
-from daemon.settings import Settings, WatchMode
+from scandrop.daemon.drops import Drop, Listing, Settling, scan_inbox
+from scandrop.daemon.inbox_watch import InboxWatch, choose_mode, filesystem_type, is_network
+from scandrop.daemon.job_intake import JobIntake
+from scandrop.daemon.job_status import JobStatus, now
+from scandrop.daemon.settings import Settings, WatchMode
 
 log = structlog.get_logger("scandrop.scanner")
 

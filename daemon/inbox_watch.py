@@ -20,7 +20,7 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 
-from daemon.settings import WatchMode
+from scandrop.daemon.settings import WatchMode
 
 log = structlog.get_logger("scandrop.watch")
 

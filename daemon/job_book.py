@@ -9,11 +9,11 @@ from pathlib import Path
 
 import structlog
 
-from daemon.events import Event, EventBus, EventType
-from daemon.job_status import JobState, JobStatus, now, write_status
-from daemon.job_store import JobStore
-from daemon.spool import Spool
-from pipeline.errors import ErrorCode, ErrorInfo
+from scandrop.daemon.events import Event, EventBus, EventType
+from scandrop.daemon.job_status import JobState, JobStatus, now, write_status
+from scandrop.daemon.job_store import JobStore
+from scandrop.daemon.spool import Spool
+from scandrop.pipeline.core.errors import ErrorCode, ErrorInfo
 
 log = structlog.get_logger("scandrop.jobs")
 

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import structlog
 
-from daemon.drops import Drop
-from daemon.job_book import JobBook
-from daemon.job_status import InputInfo, JobState, JobStatus, missing_input, now
-from daemon.spool import Spool
-from pipeline.errors import ErrorCode, ErrorInfo
-from pipeline.input_kind import job_kind
+from scandrop.daemon.drops import Drop
+from scandrop.daemon.job_book import JobBook
+from scandrop.daemon.job_status import InputInfo, JobState, JobStatus, missing_input, now
+from scandrop.daemon.spool import Spool
+from scandrop.pipeline.core.errors import ErrorCode, ErrorInfo
+from scandrop.pipeline.ingest.input_kind import job_kind
 
 log = structlog.get_logger("scandrop.intake")
 

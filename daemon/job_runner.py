@@ -22,17 +22,17 @@ from typing import Any
 import psutil
 import structlog
 
-from daemon.drops import content_hash, content_patterns
-from daemon.job_book import JobBook
-from daemon.job_status import JobState, JobStatus, list_outputs, missing_input, now, quality_summary
-from daemon.settings import Settings
-from daemon.spool import Spool
-from daemon.worker import GRACE_SECONDS, kill_group, run_job
-from pipeline.errors import ErrorCode, ErrorInfo
-from pipeline.job_spec import JobSpec
-from pipeline.report import Report
-from pipeline.stage import ProgressEvent
-from pipeline.workspace import clean_work_dir
+from scandrop.daemon.drops import content_hash, content_patterns
+from scandrop.daemon.job_book import JobBook
+from scandrop.daemon.job_status import JobState, JobStatus, list_outputs, missing_input, now, quality_summary
+from scandrop.daemon.settings import Settings
+from scandrop.daemon.spool import Spool
+from scandrop.daemon.worker import GRACE_SECONDS, kill_group, run_job
+from scandrop.pipeline.core.errors import ErrorCode, ErrorInfo
+from scandrop.pipeline.core.stage import ProgressEvent
+from scandrop.pipeline.core.workspace import clean_work_dir
+from scandrop.pipeline.job_spec import JobSpec
+from scandrop.pipeline.report import Report
 
 log = structlog.get_logger("scandrop.runner")
 

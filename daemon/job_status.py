@@ -13,9 +13,9 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from pipeline.errors import ErrorCode, ErrorInfo
-from pipeline.report import Report
-from pipeline.stage import sha256_file, write_json_atomic
+from scandrop.pipeline.core.errors import ErrorCode, ErrorInfo
+from scandrop.pipeline.core.stage import sha256_file, write_json_atomic
+from scandrop.pipeline.report import Report
 
 STATUS_SCHEMA_VERSION = 1
 STATUS_FILE = "status.json"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from daemon.job_status import JobState, JobStatus
+from scandrop.daemon.job_status import JobState, JobStatus
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (

@@ -17,22 +17,22 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from daemon.events import Event, EventBus
-from daemon.http_api import build_app
-from daemon.inbox_scanner import HEARTBEAT_SECONDS, InboxScanner
-from daemon.job_book import JobBook
-from daemon.job_intake import JobIntake
-from daemon.job_runner import JobRunner
-from daemon.job_status import JobStatus, now
-from daemon.job_store import JobStore
-from daemon.settings import Settings
-from daemon.spool import Spool
-from daemon.status_page import BUILD_COMMAND, viewer_versions
-from daemon.systemd_notify import notify, watchdog_interval
-from models.device import resolve_device_in_child
-from pipeline.errors import ErrorCode, ScandropError
-from pipeline.plan import kinds_plan
-from pipeline.report import scandrop_version
+from scandrop.daemon.events import Event, EventBus
+from scandrop.daemon.http_api import build_app
+from scandrop.daemon.inbox_scanner import HEARTBEAT_SECONDS, InboxScanner
+from scandrop.daemon.job_book import JobBook
+from scandrop.daemon.job_intake import JobIntake
+from scandrop.daemon.job_runner import JobRunner
+from scandrop.daemon.job_status import JobState, JobStatus, now
+from scandrop.daemon.job_store import JobStore
+from scandrop.daemon.settings import Settings
+from scandrop.daemon.spool import Spool
+from scandrop.daemon.status_page import BUILD_COMMAND, viewer_versions
+from scandrop.daemon.systemd_notify import notify, watchdog_interval
+from scandrop.models.device import resolve_device_in_child
+from scandrop.pipeline.core.errors import ErrorCode, ScandropError
+from scandrop.pipeline.plan import kinds_plan
+from scandrop.pipeline.report import scandrop_version
 
 log = structlog.get_logger("scandrop.daemon")
 
@@ -58,6 +58,14 @@ class Service:
     def job(self, job_id: str) -> JobStatus | None:
         live = self.runner.running.get(job_id)
         return live.status if live is not None else self.store.get(job_id)
+
+    def recent_jobs(self, limit: int, state: JobState | None = None) -> list[JobStatus]:
+        """Newest first."""
+        return self.store.recent(limit, state)
+
+    def cancel(self, job_id: str) -> JobStatus | None:
+        """Cancel a queued or running job; None if there is no such job or it has finished."""
+        return self.runner.cancel(job_id)
 
     def health(self) -> dict[str, Any]:
         problems = []

@@ -21,10 +21,10 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from models.device import DeviceRequest
-from models.model_store import user_models_dir
-from pipeline.errors import ErrorCode, ScandropError
-from pipeline.job_spec import Preset
+from scandrop.models.device import DeviceRequest
+from scandrop.models.model_store import user_models_dir
+from scandrop.pipeline.core.errors import ErrorCode, ScandropError
+from scandrop.pipeline.job_spec import Preset
 
 DEFAULT_CONFIG_FILE = Path("/etc/scandrop/scandrop.toml")
 

@@ -11,7 +11,7 @@ import contextlib
 import os
 from pathlib import Path
 
-from pipeline.stage import fsync_dir
+from scandrop.pipeline.core.stage import fsync_dir
 
 
 class Spool:

@@ -21,11 +21,18 @@ from typing import Any
 
 import psutil
 
-from pipeline.child_process import die_with_parent
-from pipeline.errors import ErrorCode, ErrorInfo, ScandropError
-from pipeline.job_spec import JobSpec
-from pipeline.report import Report, new_report
-from pipeline.stage import CANCELLED_HINT, OnEvent, ProgressEvent, StopCheck, never_stop, write_json_atomic
+from scandrop.pipeline.core.child_process import die_with_parent
+from scandrop.pipeline.core.errors import ErrorCode, ErrorInfo, ScandropError
+from scandrop.pipeline.core.stage import (
+    CANCELLED_HINT,
+    OnEvent,
+    ProgressEvent,
+    StopCheck,
+    never_stop,
+    write_json_atomic,
+)
+from scandrop.pipeline.job_spec import JobSpec
+from scandrop.pipeline.report import Report, new_report
 
 GRACE_SECONDS = 10.0
 
@@ -42,11 +49,12 @@ def _child(
 ) -> None:
     os.setpgid(0, 0)  # the job and every process it starts form one group, killed as one
     die_with_parent(parent)  # a killed daemon takes its job with it
-    from pipeline.run import run_pipeline  # only the job process loads the stages
+    from scandrop.pipeline.presets import resolve  # only the job process loads the stages
+    from scandrop.pipeline.run import run_pipeline
 
     spec = JobSpec.model_validate_json(spec_json)
     try:
-        config = spec.resolve()
+        config = resolve(spec)
     except ScandropError as exc:  # a bad override: the job's fault, said as such, not a crash
         report = _failed_report(Path(input_dir), Path(out_dir), spec, device, datetime.now(UTC), exc.info())
         events.put(("report", report.model_dump_json()))

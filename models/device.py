@@ -15,7 +15,7 @@ from enum import StrEnum
 
 from pydantic import BaseModel
 
-from pipeline.errors import ErrorCode, ErrorInfo, ScandropError
+from scandrop.pipeline.core.errors import ErrorCode, ErrorInfo, ScandropError
 
 
 class DeviceRequest(StrEnum):
@@ -109,7 +109,7 @@ def resolve_device(request: DeviceRequest | str = DeviceRequest.auto) -> DeviceI
 def resolve_device_in_child(request: DeviceRequest | str = DeviceRequest.auto) -> DeviceInfo:
     """resolve_device, run in a separate interpreter; raises the same errors."""
     done = subprocess.run(
-        [sys.executable, "-m", "models.device", str(DeviceRequest(request))],
+        [sys.executable, "-m", "scandrop.models.device", str(DeviceRequest(request))],
         capture_output=True,
         text=True,
         timeout=300,

@@ -19,9 +19,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from models.registry import ModelSpec
-from pipeline.errors import ErrorCode, ScandropError
-from pipeline.stage import sha256_file, write_json_atomic
+from scandrop.models.registry import ModelSpec
+from scandrop.pipeline.core.errors import ErrorCode, ScandropError
+from scandrop.pipeline.core.stage import sha256_file, write_json_atomic
 
 LOCK_FILE = "models.lock.json"
 HUB_DIR = "hub"  # huggingface_hub's cache layout (models--owner--name/blobs, snapshots, refs) lives here

@@ -2,7 +2,7 @@
 
 The network sees one RGB photo and returns relative inverse depth: larger = nearer, with an unknown
 scale and shift per image. It is therefore never a metric depth by itself; callers align it to
-geometry they trust (pipeline.align_depth fits the scale and shift in inverse-depth space).
+geometry they trust (pipeline.dense.align_depth fits the scale and shift in inverse-depth space).
 
 Expected model signature: one float32 input [1, 3, H, W] (H, W multiples of the patch size, 14),
 ImageNet mean/std normalised RGB; one float32 output [1, H, W] or [1, 1, H, W].
@@ -15,7 +15,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from pipeline.errors import ErrorCode, ScandropError
+from scandrop.pipeline.core.errors import ErrorCode, ScandropError
 
 PATCH = 14  # ViT-S/14 patch size: the network needs sides that are multiples of it
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
@@ -184,8 +184,8 @@ class MonoDepth:
 def open_depth_model(name: str, models_dir: str | Path | None, device: str) -> MonoDepth:
     """The registry's model `name`, found offline in `models_dir` (default: SCANDROP_MODELS_DIR or
     the user's cache), checksum-verified, opened on `device`; model_missing names the pull command."""
-    from models.model_store import default_models_dir, model_path
-    from models.registry import get_spec
+    from scandrop.models.model_store import default_models_dir, model_path
+    from scandrop.models.registry import get_spec
 
     return MonoDepth(
         model_path(get_spec(name), Path(models_dir) if models_dir else default_models_dir()), device

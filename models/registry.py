@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.errors import ErrorCode, ScandropError
+from scandrop.pipeline.core.errors import ErrorCode, ScandropError
 
 
 class ModelSpec(BaseModel):

@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from pipeline.input_kind import InputKind
+from scandrop.pipeline.ingest.input_kind import InputKind
 
 ONNX_STAGES = ("single_view", "fill")
 MULTI_VIEW = ["ingest", "sparse", "depth", "fill", "fuse", "mesh", "splats", "optimise", "export", "preview"]

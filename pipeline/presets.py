@@ -4,21 +4,22 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
-from pipeline.build_mesh import MeshConfig
-from pipeline.estimate_depth import DepthConfig
-from pipeline.export_assets import ExportConfig
-from pipeline.extract_frames import FramesConfig
-from pipeline.fill_depth import FillConfig
-from pipeline.fuse_depth import FuseConfig
-from pipeline.ingest_images import IngestConfig
-from pipeline.job_spec import Preset
-from pipeline.make_splats import SplatConfig
-from pipeline.optimise_splats import OptimiseConfig
-from pipeline.reconstruct_sparse import SparseConfig
-from pipeline.render_preview import PreviewConfig
-from pipeline.single_view import SingleViewConfig
+from scandrop.pipeline.core.errors import ErrorCode, ScandropError
+from scandrop.pipeline.dense.estimate_depth import DepthConfig
+from scandrop.pipeline.dense.fill_depth import FillConfig
+from scandrop.pipeline.dense.fuse_depth import FuseConfig
+from scandrop.pipeline.export.export_assets import ExportConfig
+from scandrop.pipeline.export.render_preview import PreviewConfig
+from scandrop.pipeline.ingest.extract_frames import FramesConfig
+from scandrop.pipeline.ingest.ingest_images import IngestConfig
+from scandrop.pipeline.job_spec import JobSpec, Preset
+from scandrop.pipeline.sparse.reconstruct_sparse import SparseConfig
+from scandrop.pipeline.surface.build_mesh import MeshConfig
+from scandrop.pipeline.surface.make_splats import SplatConfig
+from scandrop.pipeline.surface.optimise_splats import OptimiseConfig
+from scandrop.pipeline.surface.single_view import SingleViewConfig
 
 
 class PipelineConfig(BaseModel):
@@ -70,3 +71,16 @@ def preset_config(
     for stage, fields in (overrides or {}).items():
         merged.setdefault(stage, {}).update(fields)
     return PipelineConfig.model_validate({"preset": name, **merged})
+
+
+def resolve(spec: JobSpec) -> PipelineConfig:
+    """The full, validated config of a spec (imports every stage); a bad override is invalid_settings."""
+    try:
+        return preset_config(spec.preset, spec.overrides)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise ScandropError(
+            ErrorCode.invalid_settings,
+            f"Invalid job setting {'.'.join(str(p) for p in first['loc'])}: {first['msg']}.",
+            "Fix the setting (see `scandrop config` and the README's settings).",
+        ) from None

@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from pipeline.errors import ErrorInfo
+from scandrop.pipeline.core.errors import ErrorInfo
 
 REPORT_SCHEMA_VERSION = 1
 

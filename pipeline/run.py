@@ -19,29 +19,9 @@ from typing import Any
 import pycolmap
 from pydantic import BaseModel
 
-from pipeline import (
-    build_mesh,
-    drop_input,
-    estimate_depth,
-    export_assets,
-    extract_frames,
-    fill_depth,
-    fuse_depth,
-    ingest_images,
-    make_splats,
-    optimise_splats,
-    patchmatch_depth,
-    reconstruct_sparse,
-    render_preview,
-    single_view,
-)
-from pipeline.errors import ErrorCode, ErrorInfo, ScandropError
-from pipeline.input_kind import InputKind, input_kind, job_kind, listing
-from pipeline.plan import StagePlan, backend_device, build_plan, plan_stages
-from pipeline.presets import PipelineConfig
-from pipeline.report import Report, StageReport, new_report
-from pipeline.resources import Meter
-from pipeline.stage import (
+from scandrop.pipeline.core.errors import ErrorCode, ErrorInfo, ScandropError
+from scandrop.pipeline.core.resources import Meter
+from scandrop.pipeline.core.stage import (
     OnEvent,
     Progress,
     ProgressEvent,
@@ -51,7 +31,16 @@ from pipeline.stage import (
     never_stop,
     write_json_atomic,
 )
-from pipeline.workspace import Workspace
+from scandrop.pipeline.core.workspace import Workspace
+from scandrop.pipeline.dense import estimate_depth, fill_depth, fuse_depth, patchmatch_depth
+from scandrop.pipeline.export import export_assets, render_preview
+from scandrop.pipeline.ingest import drop_input, extract_frames, ingest_images
+from scandrop.pipeline.ingest.input_kind import InputKind, input_kind, job_kind, listing
+from scandrop.pipeline.plan import StagePlan, backend_device, build_plan, plan_stages
+from scandrop.pipeline.presets import PipelineConfig
+from scandrop.pipeline.report import Report, StageReport, new_report
+from scandrop.pipeline.sparse import reconstruct_sparse
+from scandrop.pipeline.surface import build_mesh, make_splats, optimise_splats, single_view
 
 # Share of the whole job each stage takes on a typical CPU run; drives the overall progress bar.
 STAGE_WEIGHTS: dict[str, float] = {

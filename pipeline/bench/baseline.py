@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel
 
-from pipeline.errors import ErrorCode, ScandropError
-from pipeline.stage import write_json_atomic
+from scandrop.pipeline.core.errors import ErrorCode, ScandropError
+from scandrop.pipeline.core.stage import write_json_atomic
 
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"}
 _RESULT_FILE = "baseline_result.json"

@@ -13,8 +13,8 @@ import numpy as np
 import pycolmap
 from PIL import Image
 
-from pipeline.bench.synthetic import SyntheticScene
-from pipeline.workspace import Workspace
+from scandrop.pipeline.bench.synthetic import SyntheticScene
+from scandrop.pipeline.core.workspace import Workspace
 
 
 def write_known_model(

@@ -26,12 +26,12 @@ import numpy as np
 import pycolmap
 import trimesh
 
-from daemon.worker import run_job
-from models.device import resolve_device
-from pipeline.bench import baseline, metrics, synthetic
-from pipeline.job_spec import JobSpec
-from pipeline.presets import preset_config
-from pipeline.report import Report
+from scandrop.daemon.worker import run_job
+from scandrop.models.device import resolve_device
+from scandrop.pipeline.bench import baseline, metrics, synthetic
+from scandrop.pipeline.job_spec import JobSpec
+from scandrop.pipeline.presets import preset_config
+from scandrop.pipeline.report import Report
 
 DEFAULT_DATASETS = ["synthetic", "herzjesu", "kitchen", "room", "apple", "video"]
 SHARED_NAMES = {

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.bench.baseline import run_plain_pycolmap
-from pipeline.bench.metrics import relative_rotation_errors
-from pipeline.bench.synthetic import render_scene, write_scene
+from scandrop.pipeline.bench.baseline import run_plain_pycolmap
+from scandrop.pipeline.bench.metrics import relative_rotation_errors
+from scandrop.pipeline.bench.synthetic import render_scene, write_scene
 
 
 def test_plain_run_registers_all_views_with_accurate_rotations(tmp_path: Path) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.spatial.transform import Rotation
 
-from pipeline.bench.metrics import (
+from scandrop.pipeline.bench.metrics import (
     centre_errors,
     precision_recall_fscore,
     relative_rotation_errors,

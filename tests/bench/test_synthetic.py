@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.bench.synthetic import cast_rays, load_gt_cameras, render_scene, write_scene
+from scandrop.pipeline.bench.synthetic import cast_rays, load_gt_cameras, render_scene, write_scene
 
 SPHERE_TOP = np.array([-0.38, 0.8, 0.12])  # top of the sphere (centre (-0.38, 0.4, 0.12), r 0.4)
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import aiohttp
 
-from pipeline.bench.synthetic import render_scene, write_scene
+from scandrop.pipeline.bench.synthetic import render_scene, write_scene
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -80,7 +80,7 @@ class Daemon:
         self.inbox.mkdir(parents=True, exist_ok=True)
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "daemon.cli", "daemon"],
+                [sys.executable, "-m", "scandrop.daemon.cli", "daemon"],
                 cwd=REPO,
                 env={**self.env, **(extra_env or {})},
                 stdout=log,

@@ -21,9 +21,9 @@ import pytest
 from daemon_process import Daemon, EventListener, wait_for
 from PIL import Image
 
-from models.device import resolve_device
-from pipeline.input_kind import InputKind
-from pipeline.plan import plan_stages
+from scandrop.models.device import resolve_device
+from scandrop.pipeline.ingest.input_kind import InputKind
+from scandrop.pipeline.plan import plan_stages
 
 OUTPUTS = ["model.glb", "points.ply", "splats.splat", "splats.ply", "cameras/transforms.json", "preview.png"]
 PIPELINE_STAGES = plan_stages(InputKind.photos)  # every stage must stream its events
@@ -355,7 +355,7 @@ def test_an_impossible_device_request_stops_start_up_with_one_line(tmp_path: Pat
     if resolve_device("auto").name == "cuda":
         pytest.skip("this machine has CUDA: the request can be met")
     done = subprocess.run(
-        [sys.executable, "-m", "daemon.cli", "daemon"],
+        [sys.executable, "-m", "scandrop.daemon.cli", "daemon"],
         env=daemon.env,
         capture_output=True,
         text=True,

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from daemon.drops import Drop, Settling, content_hash, content_patterns, scan_inbox
-from daemon.settings import DEFAULT_IGNORE
-from pipeline.input_kind import InputKind, is_ignored
+from scandrop.daemon.drops import Drop, Settling, content_hash, content_patterns, scan_inbox
+from scandrop.daemon.settings import DEFAULT_IGNORE
+from scandrop.pipeline.ingest.input_kind import InputKind, is_ignored
 
 READY, FORCE = "READY", "FORCE"
 

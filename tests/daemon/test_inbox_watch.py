@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from daemon.inbox_watch import InboxWatch, choose_mode, filesystem_type, is_network
-from daemon.settings import WatchMode
+from scandrop.daemon.inbox_watch import InboxWatch, choose_mode, filesystem_type, is_network
+from scandrop.daemon.settings import WatchMode
 
 
 def _mountinfo(tmp_path: Path) -> tuple[Path, Path]:

@@ -11,15 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from daemon.drops import Drop, scan_inbox
-from daemon.events import Event, EventBus
-from daemon.job_book import JobBook
-from daemon.job_intake import JobIntake, new_job_id
-from daemon.job_status import STATUS_FILE, InputInfo, JobState, JobStatus, now
-from daemon.job_store import JobStore
-from daemon.settings import DEFAULT_IGNORE
-from daemon.spool import Spool
-from pipeline.errors import ErrorCode
+from scandrop.daemon.drops import Drop, scan_inbox
+from scandrop.daemon.events import Event, EventBus
+from scandrop.daemon.job_book import JobBook
+from scandrop.daemon.job_intake import JobIntake, new_job_id
+from scandrop.daemon.job_status import STATUS_FILE, InputInfo, JobState, JobStatus, now
+from scandrop.daemon.job_store import JobStore
+from scandrop.daemon.settings import DEFAULT_IGNORE
+from scandrop.daemon.spool import Spool
+from scandrop.pipeline.core.errors import ErrorCode
 
 
 @dataclass

@@ -11,10 +11,10 @@ import pytest
 import structlog
 from pydantic import ValidationError
 
-import daemon.settings as settings_module
-from daemon.cli import main
-from daemon.settings import DEFAULT_IGNORE, Settings, WatchMode, load_settings
-from models.device import DeviceRequest
+import scandrop.daemon.settings as settings_module
+from scandrop.daemon.cli import main
+from scandrop.daemon.settings import DEFAULT_IGNORE, Settings, WatchMode, load_settings
+from scandrop.models.device import DeviceRequest
 
 CONTRACT = [
     "inbox",
@@ -158,7 +158,7 @@ def test_toml_unknown_key_is_refused(monkeypatch: pytest.MonkeyPatch, tmp_path: 
 
 
 def test_missing_config_file_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from pipeline.errors import ErrorCode, ScandropError
+    from scandrop.pipeline.core.errors import ErrorCode, ScandropError
 
     monkeypatch.setenv("SCANDROP_CONFIG", str(tmp_path / "nope.toml"))
     with pytest.raises(ScandropError) as info:

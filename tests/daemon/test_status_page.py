@@ -18,7 +18,7 @@ import pytest
 from daemon_process import Daemon, wait_for
 from PIL import Image
 
-from daemon.status_page import BUILD_COMMAND, CONTENT_SECURITY_POLICY, viewer_versions
+from scandrop.daemon.status_page import BUILD_COMMAND, CONTENT_SECURITY_POLICY, viewer_versions
 
 CHROMIUM = Path("/usr/bin/chromium")
 TOKEN = "page-test-token"
@@ -221,8 +221,11 @@ def test_page_shows_live_progress_renders_the_model_and_cancels(
     assert_rendered(b.viewer_pixels("mesh"), "model.glb")
     b.page.click("button[data-show=splats]")
     assert_rendered(b.viewer_pixels("splats"), "splats.splat")
-    wait_for(lambda: b.page.evaluate("() => document.querySelector('#preview').naturalWidth") > 0, 20,
-             "preview.png to show")
+    wait_for(
+        lambda: b.page.evaluate("() => document.querySelector('#preview').naturalWidth") > 0,
+        20,
+        "preview.png to show",
+    )
     registered = job["report"]["images"]["registered"]
     assert f"{registered} of {job['report']['images']['usable']} usable" in b.page.text_content("#report")
     links = b.page.eval_on_selector_all("#files a", "links => links.map((a) => a.textContent)")

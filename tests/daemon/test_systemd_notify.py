@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.systemd_notify import notify, watchdog_interval
+from scandrop.daemon.systemd_notify import notify, watchdog_interval
 
 
 @pytest.fixture(autouse=True)

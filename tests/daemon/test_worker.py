@@ -14,11 +14,11 @@ import numpy as np
 import psutil
 from PIL import Image
 
-from daemon.worker import run_job
-from pipeline.errors import ErrorCode
-from pipeline.job_spec import JobSpec
-from pipeline.report import Report
-from pipeline.stage import ProgressEvent
+from scandrop.daemon.worker import run_job
+from scandrop.pipeline.core.errors import ErrorCode
+from scandrop.pipeline.core.stage import ProgressEvent
+from scandrop.pipeline.job_spec import JobSpec
+from scandrop.pipeline.report import Report
 
 
 def _noise_photos(folder: Path, n: int) -> Path:
@@ -73,7 +73,14 @@ def test_a_crashed_worker_becomes_a_report(tmp_path: Path) -> None:
 def test_cli_reports_a_clear_failure(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     proc = subprocess.run(
-        [sys.executable, "-m", "daemon.cli", "reconstruct", str(tmp_path / "empty"), str(tmp_path / "out")],
+        [
+            sys.executable,
+            "-m",
+            "scandrop.daemon.cli",
+            "reconstruct",
+            str(tmp_path / "empty"),
+            str(tmp_path / "out"),
+        ],
         capture_output=True,
         text=True,
         timeout=120,
@@ -88,7 +95,7 @@ def test_cli_refuses_cuda_without_a_gpu(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "daemon.cli",
+            "scandrop.daemon.cli",
             "reconstruct",
             str(tmp_path),
             str(tmp_path / "o"),

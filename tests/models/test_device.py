@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from models.device import resolve_device, resolve_device_in_child
-from pipeline.errors import ErrorCode, ScandropError
+from scandrop.models.device import resolve_device, resolve_device_in_child
+from scandrop.pipeline.core.errors import ErrorCode, ScandropError
 
 
 def test_child_probe_answers_like_the_in_process_one() -> None:

@@ -23,12 +23,12 @@ import structlog
 from huggingface_hub import constants as hf_constants
 from onnx import TensorProto, helper
 
-import daemon.settings as settings_module
-from daemon.cli import main
-from models import model_store, registry
-from models.model_store import model_path, pull, read_lock, verify
-from models.registry import DEPTH_ANYTHING_V2_SMALL, REGISTRY, ModelSpec, get_spec
-from pipeline.errors import ErrorCode, ScandropError
+import scandrop.daemon.settings as settings_module
+from scandrop.daemon.cli import main
+from scandrop.models import model_store, registry
+from scandrop.models.model_store import model_path, pull, read_lock, verify
+from scandrop.models.registry import DEPTH_ANYTHING_V2_SMALL, REGISTRY, ModelSpec, get_spec
+from scandrop.pipeline.core.errors import ErrorCode, ScandropError
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 NAME = DEPTH_ANYTHING_V2_SMALL.name

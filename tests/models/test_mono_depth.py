@@ -11,8 +11,8 @@ import onnxruntime
 import pytest
 from onnx import TensorProto, helper
 
-from models.mono_depth import IMAGENET_MEAN, IMAGENET_STD, PATCH, MonoDepth, network_size
-from pipeline.errors import ErrorCode, ScandropError
+from scandrop.models.mono_depth import IMAGENET_MEAN, IMAGENET_STD, PATCH, MonoDepth, network_size
+from scandrop.pipeline.core.errors import ErrorCode, ScandropError
 
 
 def _save(tmp_path: Path, name: str, nodes: list, inputs: list, outputs: list) -> Path:

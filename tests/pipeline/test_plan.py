@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from pipeline.input_kind import InputKind
-from pipeline.plan import backend_device, build_plan, kinds_plan, plan_stages
+from scandrop.pipeline.ingest.input_kind import InputKind
+from scandrop.pipeline.plan import backend_device, build_plan, kinds_plan, plan_stages
 
 CPU = {"name": "cpu", "torch_cuda": False, "onnxruntime_cuda": False, "pycolmap_cuda": False}
 CUDA_ALL = {

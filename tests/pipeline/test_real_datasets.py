@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from daemon.worker import run_job
-from pipeline.bench import baseline, metrics, synthetic
-from pipeline.bench.run import default_datasets_dir, estimated_cameras
-from pipeline.errors import ErrorCode
-from pipeline.job_spec import JobSpec
-from pipeline.presets import preset_config
+from scandrop.daemon.worker import run_job
+from scandrop.pipeline.bench import baseline, metrics, synthetic
+from scandrop.pipeline.bench.run import default_datasets_dir, estimated_cameras
+from scandrop.pipeline.core.errors import ErrorCode
+from scandrop.pipeline.job_spec import JobSpec
+from scandrop.pipeline.presets import preset_config
 
 DATASETS = default_datasets_dir()
 pytestmark = pytest.mark.slow

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import trimesh
 
-from daemon.worker import run_job
-from pipeline.bench import metrics, synthetic
-from pipeline.bench.run import estimated_cameras, score_geometry, score_poses
-from pipeline.job_spec import JobSpec
-from pipeline.report import Report
+from scandrop.daemon.worker import run_job
+from scandrop.pipeline.bench import metrics, synthetic
+from scandrop.pipeline.bench.run import estimated_cameras, score_geometry, score_poses
+from scandrop.pipeline.job_spec import JobSpec
+from scandrop.pipeline.report import Report
 
 OUTPUTS = [
     "model.glb",

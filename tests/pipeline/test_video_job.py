@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from daemon.worker import run_job
-from pipeline.bench import synthetic
-from pipeline.bench.run import estimated_cameras, score_poses
-from pipeline.job_spec import JobSpec
-from pipeline.report import Report
+from scandrop.daemon.worker import run_job
+from scandrop.pipeline.bench import synthetic
+from scandrop.pipeline.bench.run import estimated_cameras, score_poses
+from scandrop.pipeline.job_spec import JobSpec
+from scandrop.pipeline.report import Report
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,150 @@
+"""Daemon settings: defaults < TOML file < SCANDROP_* environment variables.
+
+The field names are a contract (docs, packaging and tests use them): inbox, outbox, state_dir,
+http_host, http_port, token, watch_mode, stability_seconds, ready_marker, concurrency, job_timeout,
+device, ...
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Self
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from scandrop.models.device import DeviceRequest
+from scandrop.models.model_store import user_models_dir
+from scandrop.pipeline.core.errors import ErrorCode, ScandropError
+from scandrop.pipeline.job_spec import Preset
+
+DEFAULT_CONFIG_FILE = Path("/etc/scandrop/scandrop.toml")
+
+# What scanners, desktops and sync tools leave behind; fnmatch patterns on each path component.
+DEFAULT_IGNORE = [
+    ".*",
+    "~$*",
+    "Thumbs.db",
+    "desktop.ini",
+    "@eaDir",
+    "#recycle",
+    "#snapshot",
+    "__MACOSX",
+    "$RECYCLE.BIN",
+    "System Volume Information",
+    "*.part",
+    "*.partial",
+    "*.crdownload",
+    "*.download",
+    "*.tmp",
+    "*.temp",
+    "*.!sync",
+    "*.syncthing.*",
+    "*.sb-*",
+]
+
+
+class WatchMode(StrEnum):
+    auto = "auto"
+    native = "native"
+    poll = "poll"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SCANDROP_", extra="forbid", frozen=True)
+
+    inbox: Path = Field(Path("inbox"), description="Folder watched for drops.")
+    outbox: Path = Field(Path("outbox"), description="Folder that receives one folder per job.")
+    state_dir: Path = Field(Path("outbox/.scandrop-state"), description="Job workspaces and state.")
+    http_host: str = Field("127.0.0.1", min_length=1, description="Address the status server binds.")
+    http_port: int = Field(8765, ge=0, le=65535, description="Port of the status server (0: any free).")
+    token: SecretStr | None = Field(
+        None, description="Bearer token for the API; required when http_host is not loopback."
+    )
+    device: DeviceRequest = Field(DeviceRequest.auto, description="auto, cpu, cuda or mps.")
+    preset: Preset = Field(Preset.balanced, description="Pipeline preset for daemon jobs.")
+    watch_mode: WatchMode = Field(
+        WatchMode.auto, description="native (inotify), poll, or auto: poll on network/fuse filesystems."
+    )
+    stability_seconds: float = Field(5.0, gt=0, description="A drop unchanged this long is complete.")
+    network_stability_seconds: float = Field(
+        60.0, gt=0, description="The stability window when the inbox is on a network filesystem."
+    )
+    ready_marker: str = Field("READY", min_length=1, description="A file of this name marks a drop complete.")
+    force_marker: str = Field(
+        "FORCE", min_length=1, description="A file of this name re-runs a drop already reconstructed."
+    )
+    ignore: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_IGNORE), description="Names never treated as (part of) a drop."
+    )
+    poll_seconds: float = Field(2.0, gt=0, description="Scan interval while drops settle, and in poll mode.")
+    rescan_seconds: float = Field(300.0, gt=0, description="Full rescan interval whatever events say.")
+    concurrency: int = Field(1, ge=1, le=64, description="Jobs run at the same time.")
+    job_timeout: float = Field(3600.0, gt=0, description="Seconds before a job is stopped as timed out.")
+    max_retries: int = Field(1, ge=0, le=10, description="Re-runs of a job whose process crashed.")
+    max_triangles: int = Field(300_000, ge=1000, description="Triangle cap of model.glb.")
+    models_dir: Path = Field(
+        default_factory=user_models_dir,
+        description="Installed learned models (`scandrop models pull`); default ~/.cache/scandrop/models "
+        "(XDG_CACHE_HOME), shared by every working directory; the service sets its own.",
+    )
+
+    @model_validator(mode="after")
+    def _token_beyond_loopback(self) -> Self:
+        if not _is_loopback(self.http_host) and not (self.token and self.token.get_secret_value()):
+            raise ValueError(
+                f"http_host {self.http_host} is reachable from other machines: set a token "
+                "(SCANDROP_TOKEN) or bind 127.0.0.1"
+            )
+        return self
+
+    @property
+    def spool(self) -> Path:
+        """Claimed drops live here, on the inbox's filesystem, so claiming is an atomic rename."""
+        return self.inbox / ".scandrop"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        path = os.environ.get("SCANDROP_CONFIG") or (
+            str(DEFAULT_CONFIG_FILE) if DEFAULT_CONFIG_FILE.exists() else None
+        )
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if path and not Path(path).is_file():
+            raise ScandropError(
+                ErrorCode.invalid_settings,
+                f"The config file {path} does not exist.",
+                "Fix --config or SCANDROP_CONFIG, or leave both unset to use the defaults.",
+            )
+        if path:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(path)))
+        return tuple(sources)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    if config_file is not None:
+        os.environ["SCANDROP_CONFIG"] = str(config_file)
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})

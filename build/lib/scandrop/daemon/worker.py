@@ -1,0 +1,210 @@
+"""Run one job's pipeline in a child process, so a crash in native code cannot take the caller down.
+
+The child streams ProgressEvents back over a queue. Cancellation and the per-job timeout are
+enforced from the parent: first a polite stop flag, then SIGKILL for the child and everything it
+started. Whatever happens, the caller gets a Report, and report.json in the output folder says it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing as mp
+import os
+import queue
+import signal
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from multiprocessing.synchronize import Event
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from scandrop.pipeline.core.child_process import die_with_parent
+from scandrop.pipeline.core.errors import ErrorCode, ErrorInfo, ScandropError
+from scandrop.pipeline.core.stage import (
+    CANCELLED_HINT,
+    OnEvent,
+    ProgressEvent,
+    StopCheck,
+    never_stop,
+    write_json_atomic,
+)
+from scandrop.pipeline.job_spec import JobSpec
+from scandrop.pipeline.report import Report, new_report
+
+GRACE_SECONDS = 10.0
+
+
+def _child(
+    input_dir: str,
+    out_dir: str,
+    spec_json: str,
+    work_dir: str,
+    device: dict[str, Any],
+    events: mp.Queue,
+    stop: Event,
+    parent: int,
+) -> None:
+    os.setpgid(0, 0)  # the job and every process it starts form one group, killed as one
+    die_with_parent(parent)  # a killed daemon takes its job with it
+    from scandrop.pipeline.presets import resolve  # only the job process loads the stages
+    from scandrop.pipeline.run import run_pipeline
+
+    spec = JobSpec.model_validate_json(spec_json)
+    try:
+        config = resolve(spec)
+    except ScandropError as exc:  # a bad override: the job's fault, said as such, not a crash
+        report = _failed_report(Path(input_dir), Path(out_dir), spec, device, datetime.now(UTC), exc.info())
+        events.put(("report", report.model_dump_json()))
+        return
+    report = run_pipeline(
+        Path(input_dir),
+        Path(out_dir),
+        config,
+        Path(work_dir),
+        device=device,
+        on_event=lambda e: events.put(("event", e.model_dump_json())),
+        should_stop=stop.is_set,
+    )
+    events.put(("report", report.model_dump_json()))
+
+
+def _drain(events: mp.Queue, on_event: OnEvent | None, wait: float) -> Report | None:
+    """Pass on every queued progress event; return the report if the child sent it."""
+    while True:
+        try:
+            kind, payload = events.get(timeout=wait)
+        except queue.Empty:
+            return None
+        wait = 0.0
+        if kind == "report":
+            return Report.model_validate_json(payload)
+        if on_event is not None:
+            on_event(ProgressEvent.model_validate_json(payload))
+
+
+def kill_group(pgid: int) -> None:
+    """Kill what is left of a job's process group (e.g. workers orphaned by a crashed job process)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+def _kill_tree(pid: int) -> None:
+    try:
+        proc = psutil.Process(pid)
+        procs = [*proc.children(recursive=True), proc]
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            continue
+    psutil.wait_procs(procs, timeout=5)
+
+
+def _failed_report(
+    input_dir: Path,
+    out_dir: Path,
+    spec: JobSpec,
+    device: dict[str, Any],
+    started: datetime,
+    error: ErrorInfo,
+) -> Report:
+    report = new_report(input_dir, out_dir, spec.preset.value, spec.model_dump(mode="json"), device, started)
+    report.error = error
+    report.finish()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for partial in out_dir.rglob(".*.part*"):  # half-written outputs of a killed job
+        partial.unlink(missing_ok=True)
+    write_json_atomic(out_dir / "report.json", report.model_dump(mode="json"))
+    return report
+
+
+def run_job(
+    input_dir: Path,
+    out_dir: Path,
+    spec: JobSpec,
+    work_dir: Path,
+    device: dict[str, Any],
+    on_event: OnEvent | None = None,
+    should_stop: StopCheck = never_stop,
+    timeout: float | None = None,
+    on_start: Callable[[int], None] | None = None,
+) -> Report:
+    """Run the pipeline in a fresh process; returns its Report even when the process dies.
+
+    The process dies with the thread that called this (PR_SET_PDEATHSIG): call it from a thread
+    that stays until it returns. `on_start` receives the job's pid (= its process group id).
+    """
+    ctx = mp.get_context("spawn")
+    events: mp.Queue = ctx.Queue()
+    stop = ctx.Event()
+    started = datetime.now(UTC)
+    proc = ctx.Process(
+        target=_child,
+        name="scandrop-job",
+        daemon=False,
+        args=(
+            str(input_dir),
+            str(out_dir),
+            spec.model_dump_json(),
+            str(work_dir),
+            device,
+            events,
+            stop,
+            os.getpid(),
+        ),
+    )
+    proc.start()
+    if on_start is not None:
+        on_start(proc.pid)  # type: ignore[arg-type]
+    t0 = time.monotonic()
+    report: Report | None = None
+    stopping_since: float | None = None
+    reason: ErrorInfo | None = None
+    try:
+        while report is None:
+            report = _drain(events, on_event, wait=0.2)
+            if report is not None:
+                break
+            if not proc.is_alive():
+                report = _drain(events, on_event, wait=1.0)  # whatever it sent just before exiting
+                break
+            timed_out = timeout is not None and time.monotonic() - t0 > timeout
+            if stopping_since is None and (should_stop() or timed_out):
+                stop.set()
+                stopping_since = time.monotonic()
+                if timed_out:
+                    reason = ErrorInfo(
+                        code=ErrorCode.timeout,
+                        message=f"The job ran past its time limit of {timeout:.0f} s.",
+                        hint="Raise job_timeout, use --preset fast, or drop fewer/smaller photos.",
+                    )
+            if stopping_since is not None and time.monotonic() - stopping_since > GRACE_SECONDS:
+                kill_group(proc.pid)  # type: ignore[arg-type]  # the job and everything it started
+        proc.join(timeout=GRACE_SECONDS)
+    finally:
+        # Whatever happened here (an exception in a callback, Ctrl-C), the job must not outlive us;
+        # the tree walk also covers the moment before the child has made its own process group.
+        if proc.is_alive():
+            stop.set()
+            _kill_tree(proc.pid)  # type: ignore[arg-type]
+            proc.join()
+        kill_group(proc.pid)  # type: ignore[arg-type]
+    if reason is not None and (report is None or not report.ok):
+        return _failed_report(input_dir, out_dir, spec, device, started, reason)
+    if report is not None:
+        return report
+    if stopping_since is not None:
+        reason = ErrorInfo(code=ErrorCode.cancelled, message="The job was cancelled.", hint=CANCELLED_HINT)
+    else:
+        reason = ErrorInfo(
+            code=ErrorCode.worker_crashed,
+            message="The reconstruction process stopped unexpectedly"
+            + (f" (killed by signal {-proc.exitcode})." if (proc.exitcode or 0) < 0 else "."),
+            hint="Out of memory or a bug: try --preset fast; report it with the log if it persists.",
+        )
+    return _failed_report(input_dir, out_dir, spec, device, started, reason)

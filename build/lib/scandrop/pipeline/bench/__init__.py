@@ -1,0 +1,1 @@
+"""Benchmarks: synthetic scenes with exact ground truth, accuracy metrics and the plain-pycolmap baseline."""

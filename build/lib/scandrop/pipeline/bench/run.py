@@ -1,0 +1,295 @@
+"""`scandrop bench`: run the pipeline on known datasets, score it, print one table, write JSON.
+
+Datasets:
+- synthetic: a rendered textured scene with exact cameras and surface (always available);
+- herzjesu: ../shared/datasets/strecha_herz_jesus_p8, surveyed cameras; compared with a plain
+  pycolmap run at the same image size;
+- kitchen: ../shared/datasets/vggt_kitchen, timed side by side with a plain pycolmap sparse run;
+- room: ../shared/datasets/vggt_room, photos that barely overlap (must fail clearly or say what
+  it left out);
+- apple: ../shared/datasets/video_cotracker_apple/apple.mp4, a hand-held video arc (>= 90% of the
+  kept frames must register);
+- video: a rendered orbit clip of 240 frames run at two frame budgets (50 and 200 keyframes): the
+  time ratio (target <= 4 for 4x the frames), registered fractions and pose accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pycolmap
+import trimesh
+
+from scandrop.daemon.worker import run_job
+from scandrop.models.device import resolve_device
+from scandrop.pipeline.bench import baseline, metrics, synthetic
+from scandrop.pipeline.job_spec import JobSpec
+from scandrop.pipeline.presets import preset_config
+from scandrop.pipeline.report import Report
+
+DEFAULT_DATASETS = ["synthetic", "herzjesu", "kitchen", "room", "apple", "video"]
+SHARED_NAMES = {
+    "herzjesu": "strecha_herz_jesus_p8",
+    "kitchen": "vggt_kitchen",
+    "room": "vggt_room",
+    "apple": "video_cotracker_apple",
+}
+VIDEO_BUDGETS = (50, 200)
+
+
+def default_datasets_dir() -> Path:
+    return Path(__file__).resolve().parents[2].parent / "shared" / "datasets"
+
+
+def estimated_cameras(out_dir: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    rec = pycolmap.Reconstruction(str(out_dir / "cameras" / "sparse"))
+    cams = {}
+    for image_id in rec.reg_image_ids():
+        image = rec.images[image_id]
+        pose = image.cam_from_world()
+        cams[image.name] = (pose.rotation.matrix(), np.asarray(pose.translation))
+    return cams
+
+
+def _centre(r: np.ndarray, t: np.ndarray) -> np.ndarray:
+    return -r.T @ t
+
+
+def score_poses(
+    est: dict[str, tuple[np.ndarray, np.ndarray]],
+    gt: dict[str, tuple[np.ndarray, np.ndarray]],
+) -> dict[str, Any]:
+    """Relative rotation errors over camera pairs, centre errors after a similarity alignment."""
+    common = sorted(set(est) & set(gt))
+    errs = metrics.relative_rotation_errors({n: est[n][0] for n in common}, {n: gt[n][0] for n in common})
+    src = np.stack([_centre(*est[n]) for n in common])
+    dst = np.stack([_centre(*gt[n]) for n in common])
+    centre_err, sim3 = metrics.centre_errors(src, dst)
+    extent = float(np.linalg.norm(dst.max(axis=0) - dst.min(axis=0)))
+    return {
+        "rot_err_median_deg": float(np.median(errs)) if len(errs) else None,
+        "rot_err_max_deg": float(np.max(errs)) if len(errs) else None,
+        "centre_err_median_rel": float(np.median(centre_err) / extent) if extent > 0 else None,
+        "sim3": sim3,
+    }
+
+
+def score_geometry(out_dir: Path, to_gt: metrics.Sim3, gt_points: np.ndarray, tau: float) -> dict[str, float]:
+    """Points and mesh samples, mapped into the ground-truth frame, against the true surface."""
+    points = to_gt(trimesh.load(out_dir / "points.ply").vertices)
+    mesh = trimesh.load(out_dir / "model.glb", force="mesh")
+    mesh_pts = to_gt(metrics.sample_mesh(np.asarray(mesh.vertices), np.asarray(mesh.faces), 300_000))
+    p_pr, p_re, p_f = metrics.precision_recall_fscore(points, gt_points, tau)
+    m_pr, m_re, m_f = metrics.precision_recall_fscore(mesh_pts, gt_points, tau)
+    return {
+        "points_precision": p_pr,
+        "points_recall": p_re,
+        "points_f": p_f,
+        "mesh_precision": m_pr,
+        "mesh_recall": m_re,
+        "mesh_f": m_f,
+    }
+
+
+def _run_ours(
+    images: Path, out: Path, preset: str, overrides: dict[str, dict[str, Any]] | None = None
+) -> Report:
+    """One job as the daemon runs it; `seconds` becomes the wall time of the whole job process."""
+    device = resolve_device("auto")
+    t0 = time.perf_counter()
+    spec = JobSpec(preset=preset, overrides=overrides or {})
+    report = run_job(images, out, spec, out / ".work", device.model_dump())
+    report.seconds = round(time.perf_counter() - t0, 3)
+    return report
+
+
+def _summary(report: Report) -> dict[str, Any]:
+    return {
+        "ok": report.ok,
+        "error": report.error.model_dump(mode="json") if report.error else None,
+        "images": report.images.usable,
+        "registered": report.images.registered,
+        "unregistered": report.images.unregistered,
+        "reproj_err_px": report.mean_reprojection_error_px,
+        "points": report.points,
+        "triangles": report.triangles,
+        "splats": report.splats,
+        "seconds": report.seconds,
+        "peak_rss_mb": report.peak_rss_mb,
+        "stages": {s.name: {"seconds": s.seconds, "peak_rss_mb": s.peak_rss_mb} for s in report.stages},
+    }
+
+
+def bench_synthetic(out: Path, preset: str) -> dict[str, Any]:
+    scene = synthetic.render_scene(n_views=24, width=640, height=480, seed=0)
+    images = out / "images"
+    synthetic.write_scene(scene, images)
+    report = _run_ours(images, out / "result", preset)
+    row = _summary(report)
+    if report.ok:
+        poses = score_poses(estimated_cameras(out / "result"), scene.cameras())
+        row.update(poses)
+        row.update(
+            score_geometry(
+                out / "result", poses.pop("sim3"), scene.surface_samples(400_000), 0.01 * scene.size
+            )
+        )
+        row.pop("sim3", None)
+    return row
+
+
+def bench_herzjesu(root: Path, out: Path, preset: str) -> dict[str, Any]:
+    images = root / "images"
+    report = _run_ours(images, out / "result", preset)
+    row = _summary(report)
+    gt = synthetic.load_gt_cameras(root / "gt_cameras.json")
+    size = preset_config(preset).ingest.max_image_size
+    plain = baseline.run_plain_pycolmap(images, out / "plain", max_image_size=size)
+    plain_rot = {n: r for n, r in plain.rotation_matrices().items() if n in gt}
+    plain_err = metrics.relative_rotation_errors(plain_rot, {n: gt[n][0] for n in plain_rot})
+    row["plain_registered"] = plain.registered
+    row["plain_rot_err_median_deg"] = float(np.median(plain_err)) if len(plain_err) else None
+    if report.ok:
+        poses = score_poses(estimated_cameras(out / "result"), gt)
+        poses.pop("sim3")
+        row.update(poses)
+    return row
+
+
+def bench_kitchen(root: Path, out: Path, preset: str) -> dict[str, Any]:
+    images = root / "images"
+    plain = baseline.run_plain_pycolmap(images, out / "plain")
+    report = _run_ours(images, out / "result", preset)
+    row = _summary(report)
+    row["plain_registered"] = plain.registered
+    row["plain_seconds"] = plain.seconds.wall
+    row["plain_peak_rss_mb"] = plain.peak_rss_mb
+    row["time_ratio"] = report.seconds / plain.seconds.wall if plain.seconds.wall else None
+    return row
+
+
+def bench_room(root: Path, out: Path, preset: str) -> dict[str, Any]:
+    return _summary(_run_ours(root / "images", out / "result", preset))
+
+
+def _frames_row(report: Report) -> dict[str, Any]:
+    row = _summary(report)
+    kept = (report.frames or {}).get("kept", 0)
+    row["frames_kept"] = kept
+    row["registered_fraction"] = report.images.registered / kept if kept else None
+    return row
+
+
+def bench_apple(root: Path, out: Path, preset: str) -> dict[str, Any]:
+    return _frames_row(_run_ours(root / "apple.mp4", out / "result", preset))
+
+
+def bench_video(out: Path, preset: str) -> dict[str, dict[str, Any]]:
+    """The same rendered clip at two frame budgets: how cost grows with the number of keyframes."""
+    scene = synthetic.render_scene(n_views=240, width=320, height=240, seed=0, path="video")
+    clip = out / "orbit.mp4"
+    synthetic.write_video(scene, clip)
+    truth = {f"frame_{i:06d}.jpg": cam for i, cam in enumerate(scene.cameras().values())}
+    rows = {}
+    for budget in VIDEO_BUDGETS:
+        # a tiny target_motion lets the budget alone decide how many keyframes are kept
+        overrides = {"frames": {"max_frames": budget, "target_motion": 1e-4}}
+        report = _run_ours(clip, out / f"budget-{budget}", preset, overrides)
+        row = _frames_row(report)
+        if report.ok:
+            row.update(score_poses(estimated_cameras(out / f"budget-{budget}"), truth))
+            row.pop("sim3", None)
+        rows[f"video-{budget}"] = row
+    small, big = (rows[f"video-{b}"] for b in VIDEO_BUDGETS)
+    if small.get("seconds") and big.get("seconds"):
+        big["time_ratio"] = big["seconds"] / small["seconds"]
+    return rows
+
+
+def _fmt(v: Any, spec: str = "") -> str:
+    if v is None:
+        return "-"
+    return format(v, spec) if spec else str(v)
+
+
+def print_table(rows: dict[str, dict[str, Any]], file: Any = sys.stdout) -> None:
+    head = (
+        f"{'dataset':10} {'ok':3} {'reg':>7} {'reproj':>6} {'points':>8} {'tris':>7} {'time s':>7} "
+        f"{'RSS MB':>7} {'rot° med':>9} {'plain rot°':>10} {'F pts':>6} {'F mesh':>6} {'x plain':>7}"
+    )
+    print(head, file=file)
+    print("-" * len(head), file=file)
+    for name, r in rows.items():
+        reg = f"{_fmt(r.get('registered'))}/{_fmt(r.get('images'))}"
+        print(
+            f"{name:10} {'yes' if r.get('ok') else 'NO':3} {reg:>7} {_fmt(r.get('reproj_err_px'), '.2f'):>6} "
+            f"{_fmt(r.get('points')):>8} {_fmt(r.get('triangles')):>7} {_fmt(r.get('seconds'), '.1f'):>7} "
+            f"{_fmt(r.get('peak_rss_mb'), '.0f'):>7} {_fmt(r.get('rot_err_median_deg'), '.4f'):>9} "
+            f"{_fmt(r.get('plain_rot_err_median_deg'), '.4f'):>10} {_fmt(r.get('points_f'), '.3f'):>6} "
+            f"{_fmt(r.get('mesh_f'), '.3f'):>6} {_fmt(r.get('time_ratio'), '.2f'):>7}",
+            file=file,
+        )
+    print("\nper stage: seconds / peak RSS MB", file=file)
+    for name, r in rows.items():
+        stages = "  ".join(
+            f"{s}={v['seconds']:.1f}/{v['peak_rss_mb']:.0f}" for s, v in r.get("stages", {}).items()
+        )
+        print(f"{name:10} {stages}", file=file)
+        if r.get("error"):
+            print(f"{'':10} error {r['error']['code']}: {r['error']['message']}", file=file)
+        if r.get("unregistered"):
+            print(f"{'':10} left out: {', '.join(r['unregistered'])}", file=file)
+        if "frames_kept" in r:
+            print(
+                f"{'':10} video: {r['frames_kept']} keyframes kept, registered fraction "
+                f"{_fmt(r.get('registered_fraction'), '.2f')}"
+                + (f", time x{r['time_ratio']:.2f} of video-{VIDEO_BUDGETS[0]}" if "time_ratio" in r else ""),
+                file=file,
+            )
+        if "plain_seconds" in r:
+            print(
+                f"{'':10} plain pycolmap: {r['plain_registered']} registered, {r['plain_seconds']:.1f} s, "
+                f"{r['plain_peak_rss_mb']:.0f} MB",
+                file=file,
+            )
+
+
+def main(names: list[str], out: Path, preset: str, datasets_dir: Path | None = None) -> int:
+    datasets_dir = datasets_dir or default_datasets_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    rows: dict[str, dict[str, Any]] = {}
+    for name in names or DEFAULT_DATASETS:
+        work = Path(tempfile.mkdtemp(prefix=f"bench-{name}-", dir=out))
+        if name == "synthetic":
+            rows[name] = bench_synthetic(work, preset)
+            continue
+        if name == "video":
+            rows.update(bench_video(work, preset))
+            continue
+        root = datasets_dir / SHARED_NAMES.get(name, name)
+        if not root.exists():
+            print(
+                f"skipping {name}: {root} not found (the shared datasets live beside the project)",
+                file=sys.stderr,
+            )
+            continue
+        runner = {
+            "herzjesu": bench_herzjesu,
+            "kitchen": bench_kitchen,
+            "room": bench_room,
+            "apple": bench_apple,
+        }.get(name)
+        if runner is None:
+            print(f"unknown dataset {name!r}; known: {', '.join(DEFAULT_DATASETS)}", file=sys.stderr)
+            return 2
+        rows[name] = runner(root, work, preset)
+    (out / "bench.json").write_text(json.dumps(rows, indent=2, default=float) + "\n")
+    print_table(rows)
+    print(f"\nJSON: {out / 'bench.json'}")
+    return 0

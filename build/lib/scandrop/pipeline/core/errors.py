@@ -1,0 +1,62 @@
+"""Failures a user can act on: one enum of stable codes, one exception type.
+
+The codes are a contract: they appear in report.json, status.json, the API and the log, and
+users script against them. Add codes; never rename or reuse one.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from pydantic import BaseModel
+
+
+class ErrorCode(StrEnum):
+    no_input = "no_input"
+    too_few_images = "too_few_images"
+    no_overlap = "no_overlap"
+    too_few_registered = "too_few_registered"
+    dense_failed = "dense_failed"
+    mesh_failed = "mesh_failed"
+    export_failed = "export_failed"
+    device_unavailable = "device_unavailable"
+    model_missing = "model_missing"
+    invalid_settings = "invalid_settings"
+    worker_crashed = "worker_crashed"
+    cancelled = "cancelled"
+    timeout = "timeout"
+    internal_error = "internal_error"
+    unsafe_input = "unsafe_input"
+    unsafe_archive = "unsafe_archive"
+    bad_archive = "bad_archive"
+    archive_too_large = "archive_too_large"
+    unsupported_input = "unsupported_input"
+    input_missing = "input_missing"
+    claim_failed = "claim_failed"
+    unreadable_video = "unreadable_video"
+    model_corrupt = "model_corrupt"
+
+
+class ErrorInfo(BaseModel):
+    """The serialisable form of a ScandropError (report.json, status.json, API)."""
+
+    code: ErrorCode
+    message: str
+    hint: str = ""
+
+
+class ScandropError(Exception):
+    """An expected failure with a stable code, a message a person understands and a hint."""
+
+    def __init__(self, code: ErrorCode, message: str, hint: str = "") -> None:
+        super().__init__(f"{code.value}: {message}")
+        self.code = code
+        self.message = message
+        self.hint = hint
+
+    def __reduce__(self) -> tuple[type[ScandropError], tuple[ErrorCode, str, str]]:
+        # Worker processes send these back to the job process; keep all three fields on the way.
+        return (ScandropError, (self.code, self.message, self.hint))
+
+    def info(self) -> ErrorInfo:
+        return ErrorInfo(code=self.code, message=self.message, hint=self.hint)

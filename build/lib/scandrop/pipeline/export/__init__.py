@@ -1,0 +1,1 @@
+"""Export: the outbox files (GLB, PLY, .splat, cameras) and the preview image."""

@@ -1,0 +1,28 @@
+"""What a caller asks the pipeline to do: a preset and per-stage overrides, nothing more.
+
+Light on purpose: the daemon builds and queues these without importing the stages (and with them
+pycolmap, OpenCV, SciPy, trimesh: about 130 MB a long-running process has no use for). The job
+process resolves a spec into the full PipelineConfig with `presets.resolve`.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Preset(StrEnum):
+    fast = "fast"
+    balanced = "balanced"
+    quality = "quality"
+
+
+class JobSpec(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    preset: Preset = Preset.balanced
+    overrides: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="Stage name -> field -> value, on top of the preset."
+    )

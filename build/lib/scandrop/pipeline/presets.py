@@ -1,0 +1,86 @@
+"""Named presets are plain values of the stage configs; the resolved config is saved per job."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from scandrop.pipeline.core.errors import ErrorCode, ScandropError
+from scandrop.pipeline.dense.estimate_depth import DepthConfig
+from scandrop.pipeline.dense.fill_depth import FillConfig
+from scandrop.pipeline.dense.fuse_depth import FuseConfig
+from scandrop.pipeline.export.export_assets import ExportConfig
+from scandrop.pipeline.export.render_preview import PreviewConfig
+from scandrop.pipeline.ingest.extract_frames import FramesConfig
+from scandrop.pipeline.ingest.ingest_images import IngestConfig
+from scandrop.pipeline.job_spec import JobSpec, Preset
+from scandrop.pipeline.sparse.reconstruct_sparse import SparseConfig
+from scandrop.pipeline.surface.build_mesh import MeshConfig
+from scandrop.pipeline.surface.make_splats import SplatConfig
+from scandrop.pipeline.surface.optimise_splats import OptimiseConfig
+from scandrop.pipeline.surface.single_view import SingleViewConfig
+
+
+class PipelineConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    preset: Preset = Preset.balanced
+    frames: FramesConfig = FramesConfig()
+    ingest: IngestConfig = IngestConfig()
+    sparse: SparseConfig = SparseConfig()
+    depth: DepthConfig = DepthConfig()
+    fill: FillConfig = FillConfig()
+    fuse: FuseConfig = FuseConfig()
+    mesh: MeshConfig = MeshConfig()
+    splats: SplatConfig = SplatConfig()
+    optimise: OptimiseConfig = OptimiseConfig()
+    export: ExportConfig = ExportConfig()
+    preview: PreviewConfig = PreviewConfig()
+    single_view: SingleViewConfig = SingleViewConfig()
+
+
+# Only what differs from the stage defaults (which are the balanced preset).
+_OVERRIDES: dict[Preset, dict[str, dict[str, Any]]] = {
+    Preset.fast: {
+        "frames": {"max_frames": 60},
+        "ingest": {"max_image_size": 1024},
+        "sparse": {"max_num_features": 2048, "small_set_features": 4096},
+        "depth": {"partners": 3, "stereo_max_size": 320},
+        "fuse": {"neighbours": 6},
+        "mesh": {"depth": 7},
+    },
+    Preset.balanced: {},
+    Preset.quality: {
+        "frames": {"max_frames": 240},
+        "ingest": {"max_image_size": 2400},
+        "sparse": {"max_num_features": 8192},
+        "depth": {"stereo_max_size": 1000},
+        "fuse": {"neighbours": 12},
+        "mesh": {"depth": 9},
+    },
+}
+
+
+def preset_config(
+    preset: Preset | str = Preset.balanced, overrides: dict[str, dict[str, Any]] | None = None
+) -> PipelineConfig:
+    """The config of a named preset, with per-stage field overrides (e.g. from the CLI) on top."""
+    name = Preset(preset)
+    merged: dict[str, dict[str, Any]] = {k: dict(v) for k, v in _OVERRIDES[name].items()}
+    for stage, fields in (overrides or {}).items():
+        merged.setdefault(stage, {}).update(fields)
+    return PipelineConfig.model_validate({"preset": name, **merged})
+
+
+def resolve(spec: JobSpec) -> PipelineConfig:
+    """The full, validated config of a spec (imports every stage); a bad override is invalid_settings."""
+    try:
+        return preset_config(spec.preset, spec.overrides)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise ScandropError(
+            ErrorCode.invalid_settings,
+            f"Invalid job setting {'.'.join(str(p) for p in first['loc'])}: {first['msg']}.",
+            "Fix the setting (see `scandrop config` and the README's settings).",
+        ) from None

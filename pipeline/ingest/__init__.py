@@ -1,0 +1,1 @@
+"""Ingest: turn a drop (folder, zip, video, single photo) into a clean, oriented photo set."""

@@ -1,0 +1,96 @@
+"""render_preview: a software render that shows the object, centred and upright."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pycolmap
+import pytest
+import trimesh
+
+from scandrop.pipeline.core import plyio
+from scandrop.pipeline.core.errors import ErrorCode, ScandropError
+from scandrop.pipeline.core.pointcloud import PointCloud, save_points
+from scandrop.pipeline.core.stage import never_stop, no_progress
+from scandrop.pipeline.core.workspace import Workspace
+from scandrop.pipeline.export import render_preview
+
+BACKGROUND = np.array([236, 236, 236])
+
+
+def write_front_cameras(sparse_dir: Path) -> None:
+    """Three cameras in front of the object (+z side), looking towards -z with image up = +y."""
+    rec = pycolmap.Reconstruction()
+    rec.add_camera_with_trivial_rig(
+        pycolmap.Camera(model="SIMPLE_RADIAL", width=640, height=480, params=[500, 320, 240, 0], camera_id=1)
+    )
+    rot = np.diag([1.0, -1.0, -1.0])  # camera x = world x, y = -world y, z (forward) = -world z
+    for i, x in enumerate((-0.5, 0.0, 0.5)):
+        centre = np.array([x, 0.0, 5.0])
+        pose = pycolmap.Rigid3d(pycolmap.Rotation3d(rot), -rot @ centre)
+        rec.add_image_with_trivial_frame(pycolmap.Image(name=f"{i}.jpg", camera_id=1, image_id=i + 1), pose)
+    sparse_dir.mkdir(parents=True)
+    rec.write_binary(str(sparse_dir))
+
+
+def snowman(ws: Workspace) -> None:
+    """A tall object: red lower sphere at y=0, green upper sphere at y=1.5 (so 'up' is testable)."""
+    low = trimesh.creation.icosphere(subdivisions=6, radius=1.0)
+    high = trimesh.creation.icosphere(subdivisions=5, radius=0.6)
+    high.apply_translation([0.0, 1.5, 0.0])
+    v = np.concatenate([low.vertices, high.vertices]).astype(np.float32)
+    f = np.concatenate([low.faces, high.faces + len(low.vertices)])
+    rgb = np.zeros((len(v), 3), np.uint8)
+    rgb[: len(low.vertices)] = [220, 40, 40]
+    rgb[len(low.vertices) :] = [40, 200, 40]
+    cols = {"x": v[:, 0], "y": v[:, 1], "z": v[:, 2], "red": rgb[:, 0], "green": rgb[:, 1], "blue": rgb[:, 2]}
+    plyio.write_ply(ws.mesh, plyio.vertex_array(cols), f)
+    save_points(ws.fused, PointCloud(v, v / np.linalg.norm(v, axis=1, keepdims=True), rgb))
+
+
+def _object_mask(image: np.ndarray) -> np.ndarray:
+    return np.abs(image.astype(int) - BACKGROUND).sum(axis=2) > 30
+
+
+@pytest.mark.parametrize("source", ["mesh", "points"])
+def test_preview_shows_the_object_centred_and_upright(tmp_path: Path, source: str) -> None:
+    ws = Workspace(tmp_path / "job").create()
+    snowman(ws)
+    write_front_cameras(ws.sparse_dir)
+    if source == "points":
+        ws.mesh.unlink()
+    start = time.perf_counter()
+    result = render_preview.run(render_preview.PreviewConfig(), ws, tmp_path, no_progress, never_stop)
+    assert result.rendered == source
+    if source == "mesh":
+        assert result.primitives == 20 * 4**6 + 20 * 4**5
+        assert time.perf_counter() - start < 5.0  # < 2 s on an idle core; shared CI cores are noisy
+    np.testing.assert_allclose(result.view_direction, [0, 0, -1], atol=1e-6)
+    assert result.view_source.startswith("mean of 3")
+
+    image = cv2.cvtColor(cv2.imread(str(tmp_path / "preview.png")), cv2.COLOR_BGR2RGB)
+    assert image.shape == (720, 960, 3)
+    mask = _object_mask(image)
+    assert 0.1 < mask.mean() < 0.6
+    ys, xs = np.nonzero(mask)
+    assert abs(xs.mean() - 480) < 25 and abs((ys.min() + ys.max()) / 2 - 360) < 25
+    red = (image[..., 0] > 2 * image[..., 1]) & mask
+    green = (image[..., 1] > 2 * image[..., 0]) & mask
+    assert red.sum() > 1000 and green.sum() > 500
+    # +y is up on screen: the green (upper) sphere is above the red one.
+    assert np.nonzero(green)[0].mean() < np.nonzero(red)[0].mean() - 100
+    if source == "mesh":
+        # Shaded, not flat: the lit sphere shows a range of reds, and no holes inside its outline.
+        assert np.ptp(image[red, 0]) > 60
+        cy, cx = int(np.nonzero(red)[0].mean()), int(np.nonzero(red)[1].mean())
+        assert mask[cy - 50 : cy + 50, cx - 50 : cx + 50].all()
+
+
+def test_nothing_to_render_is_an_error(tmp_path: Path) -> None:
+    ws = Workspace(tmp_path / "job").create()
+    with pytest.raises(ScandropError) as err:
+        render_preview.run(render_preview.PreviewConfig(), ws, tmp_path, no_progress, never_stop)
+    assert err.value.code is ErrorCode.export_failed

@@ -1,0 +1,150 @@
+"""build_mesh on a synthetic sphere + box whose true surface is known exactly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import trimesh
+from scipy.spatial import cKDTree
+
+from scandrop.pipeline.core import plyio
+from scandrop.pipeline.core.errors import ErrorCode, ScandropError
+from scandrop.pipeline.core.pointcloud import PointCloud, save_points
+from scandrop.pipeline.core.stage import never_stop, no_progress
+from scandrop.pipeline.core.workspace import Workspace
+from scandrop.pipeline.surface import build_mesh
+
+BOX_CENTRE = np.array([2.2, 0.0, 0.0])
+BOX_HALF = 0.5
+
+
+def sphere_and_box(n_sphere: int = 30_000, n_box: int = 20_000, seed: int = 0) -> PointCloud:
+    """Unit sphere at the origin (reddish) and a cube beside it (blue), true outward normals."""
+    rng = np.random.default_rng(seed)
+    s = rng.normal(size=(n_sphere, 3))
+    s /= np.linalg.norm(s, axis=1, keepdims=True)
+    s_rgb = np.stack([np.full(n_sphere, 220), 60 + 60 * (s[:, 1] + 1), np.full(n_sphere, 40)], 1)
+    face = rng.integers(0, 6, n_box)
+    axis, sign = face // 2, np.where(face % 2 == 0, 1.0, -1.0)
+    b = rng.uniform(-BOX_HALF, BOX_HALF, (n_box, 3))
+    b[np.arange(n_box), axis] = sign * BOX_HALF
+    b_n = np.zeros((n_box, 3))
+    b_n[np.arange(n_box), axis] = sign
+    b_rgb = np.tile([30, 60, 230], (n_box, 1))
+    return PointCloud(
+        xyz=np.concatenate([s, b + BOX_CENTRE]).astype(np.float32),
+        normals=np.concatenate([s, b_n]).astype(np.float32),
+        rgb=np.concatenate([s_rgb, b_rgb]).astype(np.uint8),
+    )
+
+
+def _workspace(tmp_path: Path, cloud: PointCloud) -> Workspace:
+    ws = Workspace(tmp_path / "job").create()
+    save_points(ws.fused, cloud)
+    return ws
+
+
+def test_poisson_mesh_matches_the_true_surface(tmp_path: Path) -> None:
+    ws = _workspace(tmp_path, sphere_and_box())
+    config = build_mesh.MeshConfig(depth=7, max_triangles=20_000)
+    result = build_mesh.run(config, ws, no_progress, never_stop)
+
+    ply = plyio.read_ply(ws.mesh)
+    vertices, faces, rgb = plyio.xyz_of(ply.vertex), ply.faces, plyio.rgb_of(ply.vertex)
+    assert result.triangles == len(faces) <= 20_000
+    assert result.decimated and result.poisson_triangles > 20_000
+    assert result.vertices == len(vertices)
+    assert set(result.seconds) >= {"poisson", "clean", "decimate", "total"}
+
+    size = 3.2  # x extent of sphere + box
+    tol = 0.01 * size
+    mesh = trimesh.Trimesh(vertices, faces, process=False)
+    samples, face_idx = trimesh.sample.sample_surface(mesh, 20_000, seed=1)
+    on_sphere = samples[:, 0] < 1.4
+    sphere_err = np.abs(np.linalg.norm(samples[on_sphere], axis=1) - 1.0)
+    box_err = np.abs(samples[~on_sphere] - BOX_CENTRE).max(axis=1) - BOX_HALF
+    assert np.mean(sphere_err < tol) >= 0.95
+    assert np.mean(np.abs(box_err) < tol) >= 0.95  # corners are rounded by Poisson
+
+    # Completeness: the true sphere is covered by the mesh.
+    truth = sphere_and_box(n_sphere=5_000, n_box=0, seed=7).xyz
+    dist, _ = cKDTree(samples).query(truth)
+    assert np.mean(dist < tol) >= 0.95
+
+    # Faces point outwards (consistent with the input normals).
+    centre = np.where(samples[:, :1] < 1.4, 0.0, BOX_CENTRE)
+    out = np.einsum("ij,ij->i", mesh.face_normals[face_idx], samples - centre)
+    assert np.mean(out > 0) > 0.98
+
+    # Colours re-sampled from the nearest points: sphere reddish, box blue.
+    v_sphere = vertices[:, 0] < 1.4
+    assert np.median(rgb[v_sphere, 0]) > 200 and np.median(rgb[~v_sphere, 2]) > 200
+
+
+def test_far_faces_and_floaters_are_removed(tmp_path: Path) -> None:
+    # A hemisphere cap: Poisson closes it into a sphere; the invented half must go.
+    cloud = sphere_and_box(n_sphere=30_000, n_box=0)
+    keep = cloud.xyz[:, 1] > 0.0
+    cap = PointCloud(cloud.xyz[keep], cloud.normals[keep], cloud.rgb[keep])
+    ws = _workspace(tmp_path, cap)
+    config = build_mesh.MeshConfig(depth=7, trim=0.0, max_triangles=3000)
+    result = build_mesh.run(config, ws, no_progress, never_stop)
+    ply = plyio.read_ply(ws.mesh)
+    vertices = plyio.xyz_of(ply.vertex)
+    assert result.removed_far_triangles > 0
+    assert vertices[:, 1].min() > -0.1
+    # Decimation keeps the open rim of the cap where it was.
+    mesh = trimesh.Trimesh(vertices, ply.faces, process=False)
+    rim = np.unique(mesh.edges_sorted[trimesh.grouping.group_rows(mesh.edges_sorted, require_count=1)])
+    assert len(rim) > 20 and np.abs(vertices[rim, 1]).max() < 0.1
+    assert result.triangles <= 3000 and np.abs(np.linalg.norm(vertices, axis=1) - 1).max() < 0.05
+
+
+def test_empty_cloud_is_mesh_failed_without_poisson(tmp_path: Path) -> None:
+    empty = PointCloud(np.zeros((0, 3), np.float32), np.zeros((0, 3), np.float32), np.zeros((0, 3), np.uint8))
+    ws = _workspace(tmp_path, empty)
+    with pytest.raises(ScandropError) as err:
+        build_mesh.run(build_mesh.MeshConfig(), ws, no_progress, never_stop)
+    assert err.value.code is ErrorCode.mesh_failed
+
+
+def test_normal_less_cloud_is_mesh_failed(tmp_path: Path) -> None:
+    cloud = sphere_and_box(n_sphere=1000, n_box=0)
+    ws = _workspace(tmp_path, PointCloud(cloud.xyz, np.zeros_like(cloud.normals), cloud.rgb))
+    with pytest.raises(ScandropError) as err:
+        build_mesh.run(build_mesh.MeshConfig(), ws, no_progress, never_stop)
+    assert err.value.code is ErrorCode.mesh_failed
+
+
+def test_child_failure_becomes_mesh_failed(tmp_path: Path) -> None:
+    with pytest.raises(ScandropError) as err:
+        build_mesh._run_child(
+            "poisson",
+            tmp_path / "missing.ply",
+            tmp_path / "out.ply",
+            {"depth": 6},
+            build_mesh.MeshConfig(),
+            never_stop,
+        )
+    assert err.value.code is ErrorCode.mesh_failed
+
+
+def test_stop_request_cancels(tmp_path: Path) -> None:
+    ws = _workspace(tmp_path, sphere_and_box(n_sphere=2000, n_box=0))
+    with pytest.raises(ScandropError) as err:
+        build_mesh.run(build_mesh.MeshConfig(), ws, no_progress, lambda: True)
+    assert err.value.code is ErrorCode.cancelled
+
+
+def test_thin_averages_points_per_voxel() -> None:
+    cloud = sphere_and_box(n_sphere=30_000, n_box=0)
+    thinned = build_mesh.thin(cloud, 0.05)
+    assert 1_000 < len(thinned) < len(cloud) // 4
+    # Means of points on the unit sphere stay within a voxel of it, normals stay unit and outward.
+    assert np.abs(np.linalg.norm(thinned.xyz, axis=1) - 1.0).max() < 0.05
+    assert np.allclose(np.linalg.norm(thinned.normals, axis=1), 1.0, atol=1e-5)
+    assert np.all(np.einsum("ij,ij->i", thinned.normals, thinned.xyz) > 0.9)
+    assert np.median(thinned.rgb[:, 0]) == 220
+    assert build_mesh.thin(cloud, 0.0) is cloud

@@ -16,6 +16,14 @@ from scandrop.pipeline.core.errors import ScandropError
 from scandrop.pipeline.job_spec import JobSpec, Preset
 
 
+def settings_problem(exc: ValidationError) -> str:
+    """pydantic's first error as one line: `where: what`, without its "Value error, " prefix."""
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first["loc"])
+    what = first["msg"].removeprefix("Value error, ")
+    return f"{where}: {what}" if where else what
+
+
 def _reconstruct(args: argparse.Namespace) -> int:
     from scandrop.daemon.worker import run_job
     from scandrop.models.device import resolve_device
@@ -172,9 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error [{exc.code.value}]: {exc.message}\nhint: {exc.hint}", file=sys.stderr)
         return 2
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        print(f"error [invalid_settings]: {where}: {first['msg']}", file=sys.stderr)
+        print(f"error [invalid_settings]: {settings_problem(exc)}", file=sys.stderr)
         return 2
 
 

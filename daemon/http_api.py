@@ -2,8 +2,9 @@
 
 Every error is JSON with a real HTTP status. When a token is configured (it must be when the
 server binds beyond loopback) every route but /healthz and the status page's own files needs
-`Authorization: Bearer <token>` (WebSocket clients, which cannot set headers in a browser, may pass
-`?token=`). Files are served only from the job's own folder in the outbox.
+`Authorization: Bearer <token>`. Only the WebSocket route also takes `?token=` (a browser cannot set
+headers on a WebSocket); elsewhere a token in the URL is refused, since URLs end up in proxy and
+access logs. Files are served only from the job's own folder in the outbox.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pydantic import BaseModel
 from scandrop.daemon import status_page
 from scandrop.daemon.events import Event, EventBus
 from scandrop.daemon.job_status import JobState, JobStatus
+from scandrop.daemon.metrics import CONTENT_TYPE, Metrics
 from scandrop.daemon.settings import Settings
 
 
@@ -31,6 +33,7 @@ class Service(Protocol):
 
     settings: Settings
     bus: EventBus
+    metrics: Metrics
 
     def health(self) -> dict[str, Any]: ...
     def status(self) -> dict[str, Any]: ...
@@ -43,6 +46,7 @@ class Service(Protocol):
 SERVICE: web.AppKey[Service] = web.AppKey("service")
 SOCKETS: web.AppKey[weakref.WeakSet[web.WebSocketResponse]] = web.AppKey("sockets")
 OPEN_ROUTES = {"/healthz"}
+WEBSOCKET_ROUTE = "/api/ws"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -71,7 +75,9 @@ async def bearer_token(request: web.Request, handler: Handler) -> web.StreamResp
     if token is None or request.path in OPEN_ROUTES or status_page.is_open(request.path):
         return await handler(request)
     header = request.headers.get("Authorization", "")
-    given = header[7:] if header.startswith("Bearer ") else request.query.get("token", "")
+    given = header[7:] if header.startswith("Bearer ") else ""
+    if not given and request.path == WEBSOCKET_ROUTE:
+        given = request.query.get("token", "")
     if not hmac.compare_digest(given.encode(), token.get_secret_value().encode()):
         return _error(401, "unauthorized", "A valid bearer token is required (Authorization: Bearer ...).")
     return await handler(request)
@@ -84,6 +90,12 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def api_status(request: web.Request) -> web.Response:
     return web.json_response(request.app[SERVICE].status())
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text format; behind the token like the API (scrapers send a bearer token)."""
+    body = request.app[SERVICE].metrics.render()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 
 async def list_jobs(request: web.Request) -> web.Response:
@@ -172,10 +184,11 @@ def build_app(service: Service) -> web.Application:
     app.on_shutdown.append(_close_sockets)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/api/status", api_status)
+    app.router.add_get("/metrics", metrics)
     app.router.add_get("/api/jobs", list_jobs)
     app.router.add_get("/api/jobs/{job_id}", get_job)
     app.router.add_post("/api/jobs/{job_id}/cancel", cancel_job)
     app.router.add_get("/api/jobs/{job_id}/files/{name:.+}", get_file)
-    app.router.add_get("/api/ws", websocket)
+    app.router.add_get(WEBSOCKET_ROUTE, websocket)
     status_page.add_routes(app)
     return app

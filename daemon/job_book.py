@@ -5,6 +5,7 @@ The row comes first: after a crash the database is the truth and status.json is 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import structlog
@@ -23,6 +24,8 @@ class JobBook:
         self.store = store
         self.bus = bus
         self.spool = spool
+        self.spools = [spool]  # one per inbox (hot folders add theirs)
+        self.finished: list[Callable[[JobStatus], None]] = []  # notifications, metrics
 
     def commit(self, status: JobStatus, event: EventType) -> None:
         status.updated_at = now()
@@ -49,10 +52,12 @@ class JobBook:
             status.state = JobState.cancelled if error.code == ErrorCode.cancelled else JobState.failed
             status.message = error.message
         status.error = error
+        status.eta_seconds = None
         status.finished_at = now()
         source = Path(status.input.location)
-        claimed = self.spool.is_claimed(source)
-        target = self.spool.final_path(status.job_id, status.input.name, ok)
+        spool = next((s for s in self.spools if s.is_claimed(source)), self.spool)
+        claimed = spool.is_claimed(source)
+        target = spool.final_path(status.job_id, status.input.name, ok)
         if claimed:
             status.input.location = str(target)
         self.commit(status, "state")
@@ -65,6 +70,11 @@ class JobBook:
             )
         try:
             if claimed:
-                self.spool.move(source, target)
+                spool.move(source, target)
         except OSError as exc:  # inbox unreachable: settled when it is back (JobIntake.settle_claimed)
             bound.warning("input_move_deferred", error=str(exc))
+        for listener in self.finished:
+            try:
+                listener(status)
+            except Exception:  # a notification must never break the job's bookkeeping
+                bound.exception("finish_listener_failed")

@@ -36,10 +36,11 @@ def new_job_id(name: str) -> str:
 
 
 class JobIntake:
-    def __init__(self, book: JobBook, spool: Spool, outbox: Path) -> None:
+    def __init__(self, book: JobBook, spool: Spool, outbox: Path, hot_folder: str | None = None) -> None:
         self.book = book
         self.spool = spool
         self.outbox = outbox
+        self.hot_folder = hot_folder  # None: the main inbox
 
     def take(self, drop: Drop) -> JobStatus | None:
         """Claim a complete drop as a new queued job; None if the drop vanished meanwhile."""
@@ -58,6 +59,7 @@ class JobIntake:
             ),
             outbox=str(self.outbox / job_id),
             forced=drop.forced,
+            hot_folder=self.hot_folder,
             message="queued",
             created_at=stamp,
             updated_at=stamp,
@@ -88,6 +90,8 @@ class JobIntake:
         store = self.book.store
         inbox_there = self.spool.root.parent.is_dir()  # an unmounted share: decide when it is back
         for status in store.in_states(JobState.queued, JobState.running):
+            if status.hot_folder != self.hot_folder:
+                continue  # another inbox's intake settles it
             location, original = Path(status.input.location), Path(status.input.original)
             if not inbox_there or location.exists() or location.is_symlink():
                 pass

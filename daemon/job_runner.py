@@ -24,11 +24,13 @@ import structlog
 
 from scandrop.daemon.drops import content_hash, content_patterns
 from scandrop.daemon.job_book import JobBook
+from scandrop.daemon.job_settings import DROP_SETTINGS_FILE, JobSettings, effective, read_drop_options
 from scandrop.daemon.job_status import JobState, JobStatus, list_outputs, missing_input, now, quality_summary
 from scandrop.daemon.settings import Settings
 from scandrop.daemon.spool import Spool
 from scandrop.daemon.worker import GRACE_SECONDS, kill_group, run_job
-from scandrop.pipeline.core.errors import ErrorCode, ErrorInfo
+from scandrop.models.device import DeviceRequest, resolve_device_in_child
+from scandrop.pipeline.core.errors import ErrorCode, ErrorInfo, ScandropError
 from scandrop.pipeline.core.stage import ProgressEvent
 from scandrop.pipeline.core.workspace import clean_work_dir
 from scandrop.pipeline.job_spec import JobSpec
@@ -43,6 +45,17 @@ CANCELLED_BEFORE_START = ErrorInfo(
 )
 PROGRESS_EVENT_SECONDS = 0.25  # WebSocket progress events per job at most this often
 STATUS_WRITE_SECONDS = 2.0  # status.json rewritten at least this often while a job runs
+ETA_MIN_SECONDS = 5.0  # a remaining-time estimate only after this long running ...
+ETA_MIN_PROGRESS = 0.03  # ... and this much progress made in this run
+
+
+def estimate_remaining(elapsed: float, progress_at_start: float, progress: float) -> float | None:
+    """Seconds left at the pace of this run so far (the stage weights approximate each stage's
+    share of the time, so the pace carries over), or None while there is too little to go on."""
+    gained = progress - progress_at_start
+    if elapsed < ETA_MIN_SECONDS or gained < ETA_MIN_PROGRESS:
+        return None
+    return round(elapsed * (1.0 - progress) / gained, 1)
 
 
 @dataclass
@@ -52,6 +65,8 @@ class Running:
     shutdown: bool = False
     last_event: float = 0.0
     last_write: float = field(default_factory=time.monotonic)
+    run_started: float | None = None  # first progress event of this run, and the progress then
+    progress_at_start: float = 0.0
 
 
 class JobRunner:
@@ -61,13 +76,16 @@ class JobRunner:
         book: JobBook,
         spool: Spool,
         device: dict[str, Any],
-        inbox_ok: Callable[[], bool],
+        inbox_ok: Callable[[JobStatus], bool],
+        space_ok: Callable[[], bool] = lambda: True,
     ) -> None:
         self.settings = settings
         self.book = book
         self.spool = spool
         self.device = device
-        self.inbox_ok = inbox_ok
+        self.inbox_ok = inbox_ok  # the job's input lives on its inbox's filesystem
+        self.space_ok = space_ok  # below min_free_space_mb new jobs wait
+        self._devices: dict[DeviceRequest, dict[str, Any]] = {settings.device: device}
         self.running: dict[str, Running] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
@@ -81,10 +99,12 @@ class JobRunner:
         self._loop = asyncio.get_running_loop()
         while self._accepting:
             self._wake.clear()
-            if self.inbox_ok():  # inputs live on the inbox's filesystem
+            if self.space_ok():
                 free = self.settings.concurrency - len(self.running)
                 waiting = [
-                    s for s in self.book.store.in_states(JobState.queued) if s.job_id not in self.running
+                    s
+                    for s in self.book.store.in_states(JobState.queued)
+                    if s.job_id not in self.running and self.inbox_ok(s)
                 ]
                 for status in waiting[: max(0, free)]:  # a started job stays queued while it is hashed
                     self._start(status)
@@ -129,6 +149,8 @@ class JobRunner:
             if not input_path.exists() and not input_path.is_symlink():
                 self._finish(status, missing_input(status))
                 return
+            if status.settings is None:  # once: a resumed job keeps what it started with
+                status.settings = self.job_settings(status, input_path)
             if status.content_hash is None:  # what the scanner compares: junk and markers left out
                 s = self.settings
                 patterns = content_patterns(s.ignore, s.ready_marker, s.force_marker)
@@ -139,24 +161,31 @@ class JobRunner:
                 self._finish(status, CANCELLED_BEFORE_START)
                 return
             earlier = None if status.forced else self.book.store.succeeded_with(status.content_hash)
-            if earlier is not None and earlier.job_id != status.job_id:
+            same = earlier is not None and (
+                earlier.settings is None or earlier.settings.same_work(status.settings)
+            )
+            if earlier is not None and earlier.job_id != status.job_id and same:
                 self._finish_duplicate(status, earlier)
                 return
             status.state = JobState.running
             status.attempts += 1
             status.started_at = status.started_at or now()
-            status.device = self.device
+            status.device = await self._device(status.settings.device)
             status.message = "starting"
             self.book.commit(status, "state")
             bound.info(
                 "job_started",
                 input=status.input.name,
                 attempt=status.attempts,
-                device=self.device.get("name"),
+                device=status.device.get("name"),
+                preset=status.settings.preset.value,
+                settings=status.settings.sources,
             )
             report = await asyncio.to_thread(self._run_process, entry)
             self.book.store.set_process(status.job_id, None, None)
             self._conclude(entry, report)
+        except ScandropError as exc:  # the job's own settings (its drop file, its device): its failure
+            self._finish(status, exc.info())
         except Exception:  # a bug in the daemon's own bookkeeping must not leave the job "running"
             bound.exception("job_bookkeeping_failed")
             self._finish(
@@ -175,14 +204,7 @@ class JobRunner:
         """In a worker thread: the job process lives exactly as long as this call."""
         status = entry.status
         loop = self._loop
-        spec = JobSpec(
-            preset=self.settings.preset,
-            overrides={
-                "mesh": {"max_triangles": self.settings.max_triangles},
-                "single_view": {"models_dir": str(self.settings.models_dir)},
-                "fill": {"models_dir": str(self.settings.models_dir)},
-            },
-        )
+        spec = self.job_spec(status)
 
         def started(pid: int) -> None:
             with contextlib.suppress(psutil.Error):
@@ -194,12 +216,41 @@ class JobRunner:
             Path(status.outbox),
             spec,
             self.work_dir(status.job_id),
-            self.device,
+            status.device,
             on_event=lambda e: loop.call_soon_threadsafe(self._progress, entry, e),
             should_stop=entry.stop.is_set,
             timeout=self.settings.job_timeout,
             on_start=started,
         )
+
+    def job_settings(self, status: JobStatus, input_path: Path) -> JobSettings:
+        """Global settings < the job's hot folder < the drop's scandrop.toml (invalid_settings if bad)."""
+        s = self.settings
+        base = JobSettings(
+            preset=s.preset, device=s.device, max_triangles=s.max_triangles, sources=["settings"]
+        )
+        folder = next((h for h in s.hot_folders if h.name == status.hot_folder), None)
+        return effective(
+            base,
+            (f"hot folder {status.hot_folder}", folder),
+            (DROP_SETTINGS_FILE, read_drop_options(input_path)),
+        )
+
+    def job_spec(self, status: JobStatus) -> JobSpec:
+        job = status.settings or self.job_settings(status, Path(status.input.location))
+        overrides: dict[str, dict[str, Any]] = {"mesh": {"max_triangles": job.max_triangles}}
+        for stage, fields in job.stages.items():
+            overrides.setdefault(stage, {}).update(fields)
+        for stage in ("single_view", "fill"):  # the daemon's models, whatever a drop says
+            overrides.setdefault(stage, {})["models_dir"] = str(self.settings.models_dir)
+        return JobSpec(preset=job.preset, overrides=overrides)
+
+    async def _device(self, request: DeviceRequest) -> dict[str, Any]:
+        """Each device a job asks for is resolved once (in a child: CUDA never loads here)."""
+        if request not in self._devices:
+            info = await asyncio.to_thread(resolve_device_in_child, request)
+            self._devices[request] = info.model_dump()
+        return self._devices[request]
 
     def work_dir(self, job_id: str) -> Path:
         return self.settings.state_dir / "work" / job_id
@@ -210,6 +261,11 @@ class JobRunner:
         status.stage, status.stage_progress = event.stage, round(event.stage_progress, 4)
         status.progress, status.message = round(event.progress, 4), event.message
         t = time.monotonic()
+        if entry.run_started is None:
+            entry.run_started, entry.progress_at_start = t, event.progress
+        status.eta_seconds = estimate_remaining(
+            t - entry.run_started, entry.progress_at_start, event.progress
+        )
         if new_stage or t - entry.last_write >= STATUS_WRITE_SECONDS:
             entry.last_write = entry.last_event = t
             self.book.commit(status, "stage" if new_stage else "progress")
@@ -247,6 +303,7 @@ class JobRunner:
     def _requeue(self, status: JobStatus, why: str) -> None:
         status.state = JobState.queued
         status.stage, status.stage_progress, status.progress = None, 0.0, 0.0
+        status.eta_seconds = None
         status.message = why
         self.book.commit(status, "state")
         log.warning("job_requeued", job_id=status.job_id, reason=why)

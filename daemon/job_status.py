@@ -13,6 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from scandrop.daemon.job_settings import JobSettings
 from scandrop.pipeline.core.errors import ErrorCode, ErrorInfo
 from scandrop.pipeline.core.stage import sha256_file, write_json_atomic
 from scandrop.pipeline.report import Report
@@ -71,6 +72,11 @@ class JobStatus(BaseModel):
     outputs: list[OutputFile] = Field(default_factory=list)
     report: dict[str, Any] | None = Field(None, description="Quality summary from report.json.")
     error: ErrorInfo | None = None
+    hot_folder: str | None = Field(None, description="The hot folder it was dropped into; None: the inbox.")
+    settings: JobSettings | None = Field(None, description="Preset, device and overrides it runs with.")
+    eta_seconds: float | None = Field(
+        None, description="Estimated seconds until the job is done, once its stage has shown enough progress."
+    )
 
 
 def now() -> datetime:

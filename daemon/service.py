@@ -17,6 +17,8 @@ from typing import Any
 import structlog
 from aiohttp import web
 
+from scandrop.daemon import retention
+from scandrop.daemon.disk_space import CHECK_SECONDS, DiskSpace
 from scandrop.daemon.events import Event, EventBus
 from scandrop.daemon.http_api import build_app
 from scandrop.daemon.inbox_scanner import HEARTBEAT_SECONDS, InboxScanner
@@ -25,6 +27,8 @@ from scandrop.daemon.job_intake import JobIntake
 from scandrop.daemon.job_runner import JobRunner
 from scandrop.daemon.job_status import JobState, JobStatus, now
 from scandrop.daemon.job_store import JobStore
+from scandrop.daemon.metrics import Metrics
+from scandrop.daemon.notifications import WebhookOutbox, run_on_finish
 from scandrop.daemon.settings import Settings
 from scandrop.daemon.spool import Spool
 from scandrop.daemon.status_page import BUILD_COMMAND, viewer_versions
@@ -51,9 +55,42 @@ class Service:
         self.book = JobBook(self.store, self.bus, self.spool)
         self.intake = JobIntake(self.book, self.spool, settings.outbox)
         self.runner = JobRunner(
-            settings, self.book, self.spool, self.device.model_dump(), inbox_ok=lambda: self.scanner.healthy
+            settings,
+            self.book,
+            self.spool,
+            self.device.model_dump(),
+            inbox_ok=lambda job: self.scanners[job.hot_folder].healthy,
+            space_ok=lambda: self.disk.ok,
         )
         self.scanner = InboxScanner(settings, self.intake, on_job=lambda _: self.runner.wake())
+        self._hooks: set[asyncio.Task[int | None]] = set()
+        secret = settings.webhook_secret.get_secret_value() if settings.webhook_secret else None
+        self.webhooks = (
+            WebhookOutbox(settings.state_dir / "jobs.sqlite3", settings.webhook_url, secret)
+            if settings.webhook_url
+            else None
+        )
+        self.metrics = Metrics(self)
+        self.book.finished.append(self._job_finished)
+        # Each hot folder: its own inbox, spool and outbox, the same job book and runner.
+        self.intakes: dict[str | None, JobIntake] = {None: self.intake}
+        self.scanners: dict[str | None, InboxScanner] = {None: self.scanner}
+        for folder in settings.hot_folders:
+            local = settings.model_copy(
+                update={
+                    "inbox": folder.inbox.absolute(),
+                    "outbox": (folder.outbox or settings.outbox).absolute(),
+                }
+            )
+            spool = Spool(local.spool)
+            self.book.spools.append(spool)
+            self.intakes[folder.name] = JobIntake(self.book, spool, local.outbox, hot_folder=folder.name)
+            self.scanners[folder.name] = InboxScanner(
+                local, self.intakes[folder.name], on_job=lambda _: self.runner.wake()
+            )
+        watched = {"state_dir": settings.state_dir} | {f"outbox {p}": p for p in self.outboxes()}
+        self.disk = DiskSpace(watched, settings.min_free_space_mb)
+        self.disk.check()
 
     def job(self, job_id: str) -> JobStatus | None:
         live = self.runner.running.get(job_id)
@@ -67,12 +104,20 @@ class Service:
         """Cancel a queued or running job; None if there is no such job or it has finished."""
         return self.runner.cancel(job_id)
 
+    def outboxes(self) -> list[Path]:
+        return sorted({Path(intake.outbox) for intake in self.intakes.values()})
+
     def health(self) -> dict[str, Any]:
-        problems = []
-        if not self.scanner.healthy:
-            problems.append(self.scanner.health.problem or "the inbox has not been scanned yet")
-        if not self.scanner.alive(3 * HEARTBEAT_SECONDS):
-            problems.append("the watch loop has not run for over 30 s (a hung mount?)")
+        problems = self.disk.problems()
+        for scanner in self.scanners.values():
+            if not scanner.healthy:
+                problems.append(
+                    scanner.health.problem or f"{scanner.settings.inbox} has not been scanned yet"
+                )
+            if not scanner.alive(3 * HEARTBEAT_SECONDS):
+                problems.append(
+                    f"the watch loop of {scanner.settings.inbox} has not run for over 30 s (a hung mount?)"
+                )
         return {"ok": not problems, "problems": problems}
 
     def status(self) -> dict[str, Any]:
@@ -92,15 +137,54 @@ class Service:
                     {"job_id": r.status.job_id, "stage": r.status.stage, "progress": r.status.progress}
                     for r in self.runner.running.values()
                 ],
-                "waiting": [w.model_dump(mode="json") for w in self.scanner.waiting],
+                "waiting": [
+                    w.model_dump(mode="json") | ({"hot_folder": name} if name else {})
+                    for name, scanner in self.scanners.items()
+                    for w in scanner.waiting
+                ],
             },
+            "hot_folders": [
+                {
+                    **folder.model_dump(mode="json", exclude_none=True),
+                    "watcher": self.scanners[folder.name].health.model_dump(mode="json"),
+                }
+                for folder in self.settings.hot_folders
+            ],
             "page": {"viewer": viewer_versions()},
+            "disk": {
+                "min_free_space_mb": self.settings.min_free_space_mb,
+                "ok": self.disk.ok,
+                "paths": [f.model_dump() for f in self.disk.last],
+            },
             "settings": {
                 "concurrency": self.settings.concurrency,
                 "preset": self.settings.preset.value,
                 "job_timeout": self.settings.job_timeout,
             },
         }
+
+    def metric_values(self) -> dict[str, Any]:
+        counts = self.store.counts()
+        return {
+            "counts": counts,
+            "queued": counts.get("queued", 0),
+            "running": len(self.runner.running),
+            "inboxes": [(str(s.settings.inbox), s.healthy, len(s.waiting)) for s in self.scanners.values()],
+            "disk": self.disk.last,
+            "disk_ok": 1.0 if self.disk.ok else 0.0,
+            "healthy": 1.0 if self.health()["ok"] else 0.0,
+            "webhooks_pending": self.webhooks.pending() if self.webhooks is not None else None,
+        }
+
+    def _job_finished(self, status: JobStatus) -> None:
+        self.metrics.job_finished(status)
+        if self.webhooks is not None:
+            self.webhooks.enqueue(status)
+        if self.settings.on_finish:
+            hook = run_on_finish(self.settings.on_finish, status, self.settings.on_finish_timeout)
+            task = asyncio.get_running_loop().create_task(hook, name=f"on-finish-{status.job_id}")
+            self._hooks.add(task)
+            task.add_done_callback(self._hooks.discard)
 
     def status_line(self) -> str:
         """One line for `systemctl status`."""
@@ -114,25 +198,63 @@ class Service:
         return "; ".join(parts or ["idle"]) + (f"; {queued} queued" if queued > 0 else "")
 
     async def lifecycle(self, app: web.Application) -> AsyncIterator[None]:
-        for folder in (self.settings.inbox, self.settings.outbox):
+        folders = [self.settings.inbox, self.settings.outbox]
+        folders += [s.settings.inbox for s in self.scanners.values()]
+        folders += [Path(i.outbox) for i in self.intakes.values()]
+        for folder in folders:
             if not folder.exists() and folder.parent.exists():  # first run; never create mount points
                 folder.mkdir()
         self.runner.kill_orphans()
-        self.intake.recover()
+        for intake in self.intakes.values():
+            intake.recover()
         tasks = [
-            asyncio.create_task(self.scanner.run(), name="scanner"),
+            *(
+                asyncio.create_task(scanner.run(), name=f"scanner-{name or 'inbox'}")
+                for name, scanner in self.scanners.items()
+            ),
             asyncio.create_task(self.runner.run(), name="runner"),
             asyncio.create_task(self._tell_systemd(), name="systemd"),
             asyncio.create_task(self._publish_service_changes(), name="service-events"),
         ]
+        tasks.append(asyncio.create_task(self._watch_disk(), name="disk"))
+        if self.settings.retention_days is not None:
+            tasks.append(asyncio.create_task(self._retention(self.settings.retention_days), name="retention"))
+        if self.webhooks is not None:
+            tasks.append(asyncio.create_task(self.webhooks.run(), name="webhooks"))
         yield
         await self.runner.shutdown()
+        if self._hooks:  # on_finish commands still running: a moment to end, then killed
+            await asyncio.wait(self._hooks, timeout=5)
+        tasks += self._hooks
         for task in tasks:
             task.cancel()
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self.store.close()
+        if self.webhooks is not None:
+            self.webhooks.close()
+
+    async def _watch_disk(self) -> None:
+        while True:
+            was = self.disk.ok
+            await asyncio.to_thread(self.disk.check)
+            if was != self.disk.ok:
+                log.warning("disk_space", ok=self.disk.ok, problems=self.disk.problems())
+                self.runner.wake()
+            await asyncio.sleep(CHECK_SECONDS)
+
+    async def sweep_once(self, days: float) -> list[Path]:
+        """Remove finished jobs' folders older than `days` (see retention); never a running job's."""
+        found = retention.candidates(
+            self.store, self.book.spools, self.outboxes(), self.settings.state_dir / "work", days
+        )
+        return await asyncio.to_thread(retention.remove_old, found, days, set(self.runner.running))
+
+    async def _retention(self, days: float) -> None:
+        while True:
+            await self.sweep_once(days)
+            await asyncio.sleep(retention.SWEEP_SECONDS)
 
     async def _tell_systemd(self) -> None:
         """STATUS= every few seconds; WATCHDOG=1 only while the watch loop is alive."""
@@ -151,7 +273,10 @@ class Service:
         """A "service" event when health or the waiting drops change, so the page needs no polling."""
         last: Any = None
         while True:
-            seen = (self.health(), [(w.name, w.waiting_for, w.files) for w in self.scanner.waiting])
+            seen = (
+                self.health(),
+                [(w.name, w.waiting_for, w.files) for s in self.scanners.values() for w in s.waiting],
+            )
             if last is not None and seen != last:
                 self.bus.publish(Event(type="service", status=self.status()))
             last = seen

@@ -21,6 +21,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from scandrop.daemon.job_settings import HotFolder
 from scandrop.models.device import DeviceRequest
 from scandrop.models.model_store import user_models_dir
 from scandrop.pipeline.core.errors import ErrorCode, ScandropError
@@ -96,6 +97,38 @@ class Settings(BaseSettings):
         description="Installed learned models (`scandrop models pull`); default ~/.cache/scandrop/models "
         "(XDG_CACHE_HOME), shared by every working directory; the service sets its own.",
     )
+
+    hot_folders: list[HotFolder] = Field(
+        default_factory=list,
+        description="More inboxes, each with its own name, inbox, outbox, preset, device, max_triangles "
+        "and [stages] overrides ([[hot_folders]] tables in the TOML file).",
+    )
+    on_finish: str | None = Field(
+        None, description="A command run after every finished job (split like a shell would; no shell)."
+    )
+    on_finish_timeout: float = Field(60.0, gt=0, description="Seconds before on_finish is killed.")
+    webhook_url: str | None = Field(
+        None, pattern=r"^https?://", description="Receives a POST of each finished job's status.json."
+    )
+    webhook_secret: SecretStr | None = Field(
+        None, description="Key of the X-Scandrop-Signature HMAC-SHA256 header of webhook POSTs."
+    )
+    retention_days: float | None = Field(
+        None, gt=0, description="Delete finished jobs' inputs, outboxes and workspaces older than this."
+    )
+    min_free_space_mb: int = Field(
+        0, ge=0, description="Below this free space on state_dir or an outbox, new jobs wait."
+    )
+
+    @model_validator(mode="after")
+    def _distinct_inboxes(self) -> Self:
+        names = [h.name for h in self.hot_folders]
+        if len(set(names)) != len(names):
+            raise ValueError(f"hot_folders: names must differ ({', '.join(names)})")
+        inboxes = [self.inbox.absolute(), *(h.inbox.absolute() for h in self.hot_folders)]
+        if len(set(inboxes)) != len(inboxes):
+            raise ValueError("hot_folders: every hot folder needs its own inbox, not the main one's")
+        return self
 
     @model_validator(mode="after")
     def _token_beyond_loopback(self) -> Self:

@@ -22,7 +22,7 @@ from typing import Any
 import psutil
 
 from scandrop.pipeline.core.child_process import die_with_parent
-from scandrop.pipeline.core.errors import ErrorCode, ErrorInfo, ScandropError
+from scandrop.pipeline.core.errors import ErrorCode, ErrorInfo, ScandropError, disk_full
 from scandrop.pipeline.core.stage import (
     CANCELLED_HINT,
     OnEvent,
@@ -59,15 +59,22 @@ def _child(
         report = _failed_report(Path(input_dir), Path(out_dir), spec, device, datetime.now(UTC), exc.info())
         events.put(("report", report.model_dump_json()))
         return
-    report = run_pipeline(
-        Path(input_dir),
-        Path(out_dir),
-        config,
-        Path(work_dir),
-        device=device,
-        on_event=lambda e: events.put(("event", e.model_dump_json())),
-        should_stop=stop.is_set,
-    )
+    started = datetime.now(UTC)
+    try:
+        report = run_pipeline(
+            Path(input_dir),
+            Path(out_dir),
+            config,
+            Path(work_dir),
+            device=device,
+            on_event=lambda e: events.put(("event", e.model_dump_json())),
+            should_stop=stop.is_set,
+        )
+    except OSError as exc:  # the disk filled up outside a stage (the workspace, report.json)
+        full = disk_full(exc)
+        if full is None:
+            raise
+        report = _failed_report(Path(input_dir), Path(out_dir), spec, device, started, full)
     events.put(("report", report.model_dump_json()))
 
 
@@ -116,10 +123,14 @@ def _failed_report(
     report = new_report(input_dir, out_dir, spec.preset.value, spec.model_dump(mode="json"), device, started)
     report.error = error
     report.finish()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for partial in out_dir.rglob(".*.part*"):  # half-written outputs of a killed job
-        partial.unlink(missing_ok=True)
-    write_json_atomic(out_dir / "report.json", report.model_dump(mode="json"))
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for partial in out_dir.rglob(".*.part*"):  # half-written outputs of a killed job
+            partial.unlink(missing_ok=True)
+        write_json_atomic(out_dir / "report.json", report.model_dump(mode="json"))
+    except OSError as exc:  # a full disk: the Report still says what happened (status.json, API)
+        if disk_full(exc) is None:
+            raise
     return report
 
 

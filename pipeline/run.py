@@ -19,7 +19,7 @@ from typing import Any
 import pycolmap
 from pydantic import BaseModel
 
-from scandrop.pipeline.core.errors import ErrorCode, ErrorInfo, ScandropError
+from scandrop.pipeline.core.errors import ErrorCode, ErrorInfo, ScandropError, disk_full
 from scandrop.pipeline.core.resources import Meter
 from scandrop.pipeline.core.stage import (
     OnEvent,
@@ -186,8 +186,10 @@ def run_pipeline(
             hint="Use --preset fast or fewer/smaller photos.",
         )
     except Exception as exc:  # a bug, not a user problem: say where, keep the traceback in the log
-        traceback.print_exc()
-        report.error = ErrorInfo(
+        full = disk_full(exc)
+        if full is None:
+            traceback.print_exc()
+        report.error = full or ErrorInfo(
             code=ErrorCode.internal_error,
             message=f"Unexpected failure in the {current[0]} stage ({type(exc).__name__}: {exc}).",
             hint="This is a bug in scandrop: please report it with report.json and the log.",
@@ -200,7 +202,13 @@ def run_pipeline(
             for rel in (p.relative_to(out_dir) for p in out_dir.rglob("*") if p.is_file())
             if rel.name != "report.json" and not any(part.startswith(".") for part in rel.parts)
         )
-        write_json_atomic(out_dir / "report.json", report.model_dump(mode="json"))
+        try:
+            write_json_atomic(out_dir / "report.json", report.model_dump(mode="json"))
+        except OSError as exc:  # a full disk: the job fails as such, the atomic write left no half file
+            full = disk_full(exc)
+            if full is None:
+                raise
+            report.ok, report.error = False, full
     return report
 
 

@@ -16,6 +16,8 @@ let token = takeToken();
 let opened = null; // { id, viewer, urls } of the job shown in the job view
 let socket = null;
 let retryMs = 1000;
+let synced = false; // a snapshot arrived on the current connection: the lists are the daemon's
+const EMPTY_QUEUE = "Nothing queued. Drop photos, a video, a photo or a zip into the inbox.";
 
 function takeToken() {
   const match = location.hash.match(/token=([^&]+)/);
@@ -64,6 +66,8 @@ function connect() {
     receive(JSON.parse(message.data));
   };
   socket.onclose = async () => {
+    synced = false;
+    $("queue-empty").textContent = "Connecting…";
     $("connection").textContent = "reconnecting…";
     $("health").textContent = "not connected"; // what we knew is stale now
     $("health").className = "badge down";
@@ -82,6 +86,7 @@ function connect() {
 
 function receive(event) {
   if (event.type === "snapshot") {
+    synced = true;
     jobs.clear();
     for (const job of event.jobs) jobs.set(job.job_id, job);
     showService(event.status);
@@ -114,6 +119,11 @@ function duration(job) {
   const end = job.finished_at ? Date.parse(job.finished_at) : Date.now();
   const seconds = Math.max(0, Math.round((end - Date.parse(job.started_at)) / 1000));
   return seconds < 60 ? `${seconds} s` : `${Math.floor(seconds / 60)} min ${seconds % 60} s`;
+}
+
+function remaining(seconds) {
+  const s = Math.max(1, Math.round(seconds));
+  return s < 60 ? `${s} s` : s < 3600 ? `${Math.round(s / 60)} min` : `${Math.floor(s / 3600)} h ${Math.round((s % 3600) / 60)} min`;
 }
 
 function newRow(id) {
@@ -152,6 +162,7 @@ function updateRow(row, job) {
   cell(".stage").textContent = job.stage ?? "";
   const progress = cell("progress");
   progress.value = job.progress;
+  progress.title = job.eta_seconds == null ? "" : `about ${remaining(job.eta_seconds)} left`;
   cell(".pct").textContent = ` ${Math.round(job.progress * 100)}%`;
   cell(".time").textContent = duration(job);
   const actions = cell(".actions");
@@ -206,6 +217,8 @@ function renderList() {
     }
   }
   $("queue-empty").hidden = queue.length > 0;
+  // Until the first snapshot the page knows nothing: "Nothing queued" would be a guess.
+  $("queue-empty").textContent = synced ? EMPTY_QUEUE : "Connecting…";
 }
 
 setInterval(() => {
@@ -272,6 +285,7 @@ function renderJob() {
   const summary = [
     ["Job", job.job_id], ["Kind", job.kind.replace("_", " ")], ["Stage", job.stage ?? "–"],
     ["Progress", `${Math.round(job.progress * 100)}%`], ["Time", duration(job) || "–"],
+    ["Time left", job.eta_seconds == null ? "–" : `about ${remaining(job.eta_seconds)}`],
     ["Input", `${job.input.files} file(s), ${formatBytes(job.input.bytes)} — now in ${job.input.location}`],
     ["Outbox", job.outbox],
   ];

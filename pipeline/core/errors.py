@@ -6,6 +6,7 @@ users script against them. Add codes; never rename or reuse one.
 
 from __future__ import annotations
 
+import errno
 from enum import StrEnum
 
 from pydantic import BaseModel
@@ -35,6 +36,7 @@ class ErrorCode(StrEnum):
     claim_failed = "claim_failed"
     unreadable_video = "unreadable_video"
     model_corrupt = "model_corrupt"
+    disk_full = "disk_full"
 
 
 class ErrorInfo(BaseModel):
@@ -60,3 +62,22 @@ class ScandropError(Exception):
 
     def info(self) -> ErrorInfo:
         return ErrorInfo(code=self.code, message=self.message, hint=self.hint)
+
+
+DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
+
+
+def disk_full(exc: BaseException) -> ErrorInfo | None:
+    """The disk_full error of an exception caused by a full disk or quota (anywhere in its chain)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in DISK_FULL_ERRNOS:
+            where = f" writing {seen.filename}" if seen.filename else ""
+            return ErrorInfo(
+                code=ErrorCode.disk_full,
+                message=f"The disk filled up{where}: {seen.strerror or seen}.",
+                hint="Free space on the outbox and state_dir disks (or set retention_days and "
+                "min_free_space_mb), then move the drop from failed/ back into the inbox.",
+            )
+        seen = seen.__cause__ or seen.__context__
+    return None

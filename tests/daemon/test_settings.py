@@ -221,5 +221,9 @@ def test_config_command_reports_invalid_settings(
     assert main(["config"]) == 2
     out, err = capsys.readouterr()
     assert out == ""
-    assert err.startswith("error [invalid_settings]")
-    assert "token" in err
+    assert err.startswith("error [invalid_settings]: http_host 0.0.0.0 is reachable from other machines")
+    assert "token" in err and "Value error" not in err and ": :" not in err
+    monkeypatch.setenv("SCANDROP_HTTP_HOST", "127.0.0.1")
+    monkeypatch.setenv("SCANDROP_CONCURRENCY", "0")
+    assert main(["config"]) == 2
+    assert capsys.readouterr().err.startswith("error [invalid_settings]: concurrency: Input should be")

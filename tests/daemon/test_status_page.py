@@ -163,12 +163,16 @@ def test_page_shows_live_progress_renders_the_model_and_cancels(
     asking = Browser(browser, origin)
     asking.page.goto(f"{origin}/")
     asking.page.wait_for_selector("#token-form:not([hidden])", timeout=20_000)
+    # No snapshot yet: the page says it is connecting, not that nothing is queued.
+    assert asking.page.text_content("#queue-empty") == "Connecting…"
+    assert asking.page.is_visible("#queue-empty")
     asking.page.fill("#token-input", "wrong")
     asking.page.click("#token-form button")
     asking.page.wait_for_selector("#token-error:has-text('not accepted')", timeout=20_000)
     asking.page.fill("#token-input", TOKEN)
     asking.page.click("#token-form button")
     asking.page.wait_for_selector("#health.ok", timeout=20_000)
+    assert asking.page.text_content("#queue-empty").startswith("Nothing queued.")
     asking.page.close()
 
     b = Browser(browser, origin)

@@ -41,6 +41,7 @@ class JobIntake:
         self.spool = spool
         self.outbox = outbox
         self.hot_folder = hot_folder  # None: the main inbox
+        self.siblings: set[str] = set()  # the other inboxes' hot folder names (set by the service)
 
     def take(self, drop: Drop) -> JobStatus | None:
         """Claim a complete drop as a new queued job; None if the drop vanished meanwhile."""
@@ -90,7 +91,7 @@ class JobIntake:
         store = self.book.store
         inbox_there = self.spool.root.parent.is_dir()  # an unmounted share: decide when it is back
         for status in store.in_states(JobState.queued, JobState.running):
-            if status.hot_folder != self.hot_folder:
+            if not self._settles(status):
                 continue  # another inbox's intake settles it
             location, original = Path(status.input.location), Path(status.input.original)
             if not inbox_there or location.exists() or location.is_symlink():
@@ -116,6 +117,12 @@ class JobIntake:
                 log.warning("job_requeued", job_id=status.job_id, stage=status.stage)
             self.book.commit(status, "state")
         self.settle_claimed()
+
+    def _settles(self, status: JobStatus) -> bool:
+        """Its own jobs; the main inbox also those of a hot folder no longer configured."""
+        if status.hot_folder == self.hot_folder:
+            return True
+        return self.hot_folder is None and status.hot_folder not in self.siblings
 
     def settle_claimed(self) -> None:
         """Finished jobs whose input is still in the working area (the move was interrupted or the

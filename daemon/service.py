@@ -59,7 +59,7 @@ class Service:
             self.book,
             self.spool,
             self.device.model_dump(),
-            inbox_ok=lambda job: self.scanners[job.hot_folder].healthy,
+            inbox_ok=lambda job: self.scanners.get(job.hot_folder, self.scanner).healthy,
             space_ok=lambda: self.disk.ok,
         )
         self.scanner = InboxScanner(settings, self.intake, on_job=lambda _: self.runner.wake())
@@ -88,6 +88,7 @@ class Service:
             self.scanners[folder.name] = InboxScanner(
                 local, self.intakes[folder.name], on_job=lambda _: self.runner.wake()
             )
+        self.intake.siblings = {folder.name for folder in settings.hot_folders}
         watched = {"state_dir": settings.state_dir} | {f"outbox {p}": p for p in self.outboxes()}
         self.disk = DiskSpace(watched, settings.min_free_space_mb)
         self.disk.check()

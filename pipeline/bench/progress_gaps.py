@@ -1,0 +1,128 @@
+"""How long each stage goes without a progress event: the longest silent gap, per stage.
+
+A person at a station judges a job by its progress bar: a stage silent for minutes looks hung. This
+runs jobs the way the daemon does (a job process, events over its queue, daemon/worker.run_job),
+stamps every event as it arrives and prints, per stage, its duration, its number of events and the
+longest gap between two consecutive events (from the stage's first event to the next stage's first
+event, or the job's end). Wall seconds: on a machine shared with other work, say so beside them.
+
+    python -m scandrop.pipeline.bench.progress_gaps [synthetic] [kitchen] [--preset fast] [--json F]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from scandrop.daemon.worker import run_job
+from scandrop.models.device import resolve_device
+from scandrop.pipeline.bench import synthetic
+from scandrop.pipeline.core.stage import ProgressEvent
+from scandrop.pipeline.job_spec import JobSpec, Preset
+
+SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "datasets"
+TARGET_SECONDS = 5.0  # the issue's bound on a silent stretch
+
+
+def stage_gaps(stamped: list[tuple[float, str]], end: float) -> list[dict[str, Any]]:
+    """Per stage, in order: seconds, events and the longest gap between consecutive events."""
+    rows: list[dict[str, Any]] = []
+    for i, (t, stage) in enumerate(stamped):
+        if not rows or rows[-1]["stage"] != stage:
+            rows.append({"stage": stage, "start": t, "times": []})
+        rows[-1]["times"].append(t)
+        nxt = stamped[i + 1][0] if i + 1 < len(stamped) else end
+        rows[-1]["end"] = nxt
+    out = []
+    for row in rows:
+        times = [*row["times"], row["end"]]
+        gaps = [b - a for a, b in itertools.pairwise(times)]
+        out.append(
+            {
+                "stage": row["stage"],
+                "seconds": round(row["end"] - row["start"], 2),
+                "events": len(row["times"]),
+                "longest_gap_seconds": round(max(gaps, default=0.0), 2),
+            }
+        )
+    return out
+
+
+def measure(name: str, photos: Path, preset: Preset) -> dict[str, Any]:
+    stamped: list[tuple[float, str]] = []
+
+    def on_event(event: ProgressEvent) -> None:
+        stamped.append((time.monotonic(), event.stage))
+
+    device = resolve_device("cpu").model_dump()
+    with tempfile.TemporaryDirectory(prefix="scandrop-gaps-") as tmp:
+        t0 = time.monotonic()
+        cpu0 = os.times()
+        spec = JobSpec(preset=preset)
+        report = run_job(photos, Path(tmp) / "out", spec, Path(tmp) / "work", device, on_event)
+        end = time.monotonic()
+        cpu1 = os.times()
+    return {
+        "dataset": name,
+        "preset": preset.value,
+        "ok": report.ok,
+        "error": report.error.code.value if report.error else None,
+        "seconds": round(end - t0, 1),
+        "cpu_seconds_children": round(
+            (cpu1.children_user + cpu1.children_system) - (cpu0.children_user + cpu0.children_system), 1
+        ),
+        "first_event_after_seconds": round(stamped[0][0] - t0, 2) if stamped else None,
+        "stages": stage_gaps(stamped, end),
+    }
+
+
+def dataset(name: str, scratch: Path) -> Path | None:
+    if name == "synthetic":
+        folder = scratch / "synthetic"
+        synthetic.write_scene(synthetic.render_scene(n_views=24, width=640, height=480, seed=0), folder)
+        (folder / "gt_cameras.json").unlink()
+        return folder
+    folder = SHARED / {"kitchen": "vggt_kitchen"}[name] / "images"
+    return folder if folder.is_dir() else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("datasets", nargs="*", default=["synthetic"], choices=["synthetic", "kitchen"])
+    parser.add_argument("--preset", choices=[p.value for p in Preset], default="fast")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="scandrop-gaps-data-") as scratch:
+        for name in args.datasets:
+            photos = dataset(name, Path(scratch))
+            if photos is None:
+                print(f"{name}: skipped (no {SHARED})")
+                continue
+            result = measure(name, photos, Preset(args.preset))
+            results.append(result)
+            print(
+                f"\n{name} ({result['preset']}): {'ok' if result['ok'] else result['error']}, "
+                f"{result['seconds']} s wall, {result['cpu_seconds_children']} s CPU in the job process, "
+                f"first event after {result['first_event_after_seconds']} s"
+            )
+            print(f"  {'stage':10} {'seconds':>8} {'events':>7} {'longest gap':>12}")
+            for row in result["stages"]:
+                flag = "  > target" if row["longest_gap_seconds"] > TARGET_SECONDS else ""
+                print(
+                    f"  {row['stage']:10} {row['seconds']:8.1f} {row['events']:7d} "
+                    f"{row['longest_gap_seconds']:11.1f}s{flag}"
+                )
+    if args.json is not None:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -279,6 +279,8 @@ def test_inbox_removed_and_recreated_recovers_and_token_guards_the_api(tmp_path:
         # A token in the URL is taken only by the WebSocket route (URLs end up in proxy logs).
         assert daemon.request("GET", "/api/status?token=s3cret", token="")[0] == 401
         assert daemon.request("GET", "/api/ws?token=s3cret", token="")[0] != 401
+        assert daemon.request("GET", "/metrics", token="")[0] == 401
+        assert daemon.request("GET", "/metrics")[1].startswith(b"# HELP ")
         assert daemon.request("GET", "/healthz", token="")[0] == 200
         shutil.rmtree(daemon.inbox)
         wait_for(lambda: daemon.request("GET", "/healthz")[0] == 503, 20, "the daemon to report unhealthy")

@@ -137,12 +137,15 @@ def finished(setup: dict[str, Any], photos: Path) -> dict[str, dict[str, Any]]:
     _tiny_drop(setup["root"] / "sharp-inbox" / "hot")
     _tiny_drop(daemon.inbox / "diskfull")
     names = {"fast robot", "typo", "hot", "diskfull"}
-    wait_for(
-        lambda: {j["input"]["name"] for j in daemon.jobs() if j["state"] in ("succeeded", "failed")} == names,
-        240,
-        "every drop to finish",
-        every=0.5,
-    )
+    seen: list[dict[str, Any]] = []  # every poll of every job, for the remaining-time estimate
+
+    def all_done() -> bool:
+        jobs = daemon.jobs()
+        seen.extend(jobs)
+        return {j["input"]["name"] for j in jobs if j["state"] in ("succeeded", "failed")} == names
+
+    wait_for(all_done, 240, "every drop to finish", every=0.5)
+    setup["seen"] = seen
     return {j["input"]["name"]: j for j in daemon.jobs()}
 
 
@@ -261,3 +264,14 @@ def test_webhook_is_signed_and_delivered_after_a_restart_then_low_disk_makes_job
     assert health[0] == 503 and any("low disk space" in p for p in health[1]["problems"])
     assert status["disk"]["ok"] is False and status["disk"]["min_free_space_mb"] == 10**12
     assert still["state"] == "queued"
+
+
+def test_a_running_job_has_a_remaining_time_estimate(
+    setup: dict[str, Any], finished: dict[str, dict[str, Any]]
+) -> None:
+    fast = finished["fast robot"]
+    running = [j for j in setup["seen"] if j["job_id"] == fast["job_id"] and j["state"] == "running"]
+    etas = [j["eta_seconds"] for j in running]
+    known = [e for e in etas if e is not None]
+    assert known and all(e >= 0 for e in known), etas
+    assert fast["eta_seconds"] is None  # finished: nothing left

@@ -135,7 +135,12 @@ class Service:
             "queue": {
                 "counts": self.store.counts(),
                 "running": [
-                    {"job_id": r.status.job_id, "stage": r.status.stage, "progress": r.status.progress}
+                    {
+                        "job_id": r.status.job_id,
+                        "stage": r.status.stage,
+                        "progress": r.status.progress,
+                        "eta_seconds": r.status.eta_seconds,
+                    }
                     for r in self.runner.running.values()
                 ],
                 "waiting": [

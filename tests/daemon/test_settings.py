@@ -227,3 +227,30 @@ def test_config_command_reports_invalid_settings(
     monkeypatch.setenv("SCANDROP_CONCURRENCY", "0")
     assert main(["config"]) == 2
     assert capsys.readouterr().err.startswith("error [invalid_settings]: concurrency: Input should be")
+
+
+def test_hot_folders_from_the_toml_file_and_their_one_line_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    good = """
+inbox = "/srv/in"
+[[hot_folders]]
+name = "quality"
+inbox = "/srv/quality"
+preset = "quality"
+device = "cpu"
+[hot_folders.stages.mesh]
+depth = 9
+"""
+    s = load_settings(_toml(tmp_path, good))
+    (folder,) = s.hot_folders
+    assert folder.name == "quality" and folder.inbox == Path("/srv/quality") and folder.outbox is None
+    assert folder.preset == "quality" and folder.device == DeviceRequest.cpu
+    assert folder.stages == {"mesh": {"depth": 9}}
+    same_inbox = good.replace('"/srv/quality"', '"/srv/in"')
+    assert main(["config", "--config", str(_toml(tmp_path, same_inbox))]) == 2
+    assert capsys.readouterr().err.startswith("error [invalid_settings]: hot_folders: every hot folder")
+    typo = good.replace("preset =", "presett =")
+    assert main(["config", "--config", str(_toml(tmp_path, typo))]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error [invalid_settings]: hot_folders.0.presett: Extra inputs are not permitted")

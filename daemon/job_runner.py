@@ -45,6 +45,7 @@ CANCELLED_BEFORE_START = ErrorInfo(
 )
 PROGRESS_EVENT_SECONDS = 0.25  # WebSocket progress events per job at most this often
 STATUS_WRITE_SECONDS = 2.0  # status.json rewritten at least this often while a job runs
+WAITING_FOR_SPACE = "waiting for disk space (below min_free_space_mb)"
 ETA_MIN_SECONDS = 5.0  # a remaining-time estimate only after this long running ...
 ETA_MIN_PROGRESS = 0.03  # ... and this much progress made in this run
 
@@ -108,6 +109,11 @@ class JobRunner:
                 ]
                 for status in waiting[: max(0, free)]:  # a started job stays queued while it is hashed
                     self._start(status)
+            else:  # say why on each queued job, once
+                for status in self.book.store.in_states(JobState.queued):
+                    if status.job_id not in self.running and status.message != WAITING_FOR_SPACE:
+                        status.message = WAITING_FOR_SPACE
+                        self.book.commit(status, "state")
             self._refresh_running()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), STATUS_WRITE_SECONDS)

@@ -250,7 +250,9 @@ def test_webhook_is_signed_and_delivered_after_a_restart_then_low_disk_makes_job
         daemon.start({**setup["env"], "SCANDROP_MIN_FREE_SPACE_MB": str(10**12)}, healthy=False)
         wait_for(lambda: len(receiver.posts) >= 4, 30, "the webhook deliveries")
         _tiny_drop(daemon.inbox / "later")
-        waiting = daemon.wait_job(lambda j: j["input"]["name"] == "later", 20, "the new drop to be queued")
+        waiting = daemon.wait_job(
+            lambda j: j["input"]["name"] == "later" and "disk space" in j["message"], 20, "the drop to wait"
+        )
         health = daemon.request("GET", "/healthz")
         status = daemon.get("/api/status")
         still = daemon.job(waiting["job_id"])

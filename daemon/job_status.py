@@ -13,6 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from scandrop.daemon.settings import ExecutorKind
 from scandrop.pipeline.core.errors import ErrorCode, ErrorInfo
 from scandrop.pipeline.core.stage import sha256_file, write_json_atomic
 from scandrop.pipeline.report import Report
@@ -48,6 +49,23 @@ class OutputFile(BaseModel):
     sha256: str
 
 
+class DataMode(StrEnum):
+    """How a job's input reaches the machine that runs it, and its outputs come back."""
+
+    local = "local"  # the daemon's own machine
+    shared = "shared"  # the node mounts the inbox and outbox (checked by a probe): paths used as is
+    shipped = "shipped"  # input through Ray's object store; outputs returned and written by the daemon
+
+
+class ExecutionInfo(BaseModel):
+    """status.json's `execution`: where the job's current attempt runs."""
+
+    executor: ExecutorKind
+    data: DataMode
+    node: str | None = Field(None, description="The Ray node's address (ray executor).")
+    node_id: str | None = Field(None, description="The Ray node's id (ray executor).")
+
+
 class JobStatus(BaseModel):
     schema_version: int = STATUS_SCHEMA_VERSION
     job_id: str
@@ -71,6 +89,7 @@ class JobStatus(BaseModel):
     outputs: list[OutputFile] = Field(default_factory=list)
     report: dict[str, Any] | None = Field(None, description="Quality summary from report.json.")
     error: ErrorInfo | None = None
+    execution: ExecutionInfo | None = Field(None, description="Where the job's current attempt runs.")
 
 
 def now() -> datetime:

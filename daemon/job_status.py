@@ -113,6 +113,8 @@ def list_outputs(folder: Path, names: list[str]) -> list[OutputFile]:
     """Name, size and checksum of each finished output (report.json's list) that is really there."""
     found = []
     for name in [*names, "report.json"]:
+        if name == STATUS_FILE:  # the pipeline lists what it found in the folder: ours, rewritten later
+            continue
         path = folder / name
         if path.is_file():
             found.append(OutputFile(name=name, size=path.stat().st_size, sha256=sha256_file(path)))

@@ -52,6 +52,7 @@ def _run_drops(daemon: Daemon, photos: Path, drops: int) -> tuple[float, list[di
     for i in range(drops):
         staging = daemon.root / f"drop-{i:02d}"
         shutil.copytree(photos, staging)
+        (staging / "FORCE").touch()  # identical photos: run each, do not reuse the first's outputs
     t0 = time.monotonic()
     for i in range(drops):
         (daemon.root / f"drop-{i:02d}").rename(daemon.inbox / f"drop-{i:02d}")

@@ -116,6 +116,7 @@ def main() -> None:
         print(f"  data mode: {', '.join(modes)}")
 
         shutil.copytree(photos, root / "victim")
+        (root / "victim" / "FORCE").touch()
         t0 = time.monotonic()
         (root / "victim").rename(ray.inbox / "victim")
         first = ray.wait_job(

@@ -104,21 +104,6 @@ def test_jobs_wait_for_an_unreachable_cluster_then_run_on_it(
     assert set(PIPELINE_STAGES) <= stages
 
 
-def test_shipped_data_comes_back_into_the_outbox(
-    tmp_path: Path, cluster: LocalRayCluster, daemons: list[Daemon], photos: Path
-) -> None:
-    daemon = _daemon(tmp_path, cluster, ray_data="shipped")
-    daemons.append(daemon.start())
-    _drop(daemon, photos, "robot")
-    job = daemon.wait_job(lambda j: j["state"] in ("succeeded", "failed"), 600, "the job to finish")
-    assert job["state"] == "succeeded", job["error"]
-    assert job["attempts"] == 1 and job["execution"]["data"] == "shipped"
-    _check_outputs(job)
-    report = json.loads((Path(job["outbox"]) / "report.json").read_text())
-    assert report["output"] == job["outbox"]  # the daemon's paths, not the node's scratch folder
-    assert _digests(Path(job["input"]["location"])) == _digests(photos)
-
-
 def test_cancel_stops_the_remote_work(
     tmp_path: Path, cluster: LocalRayCluster, daemons: list[Daemon], photos: Path
 ) -> None:
@@ -135,10 +120,10 @@ def test_cancel_stops_the_remote_work(
     assert _digests(Path(done["input"]["location"])) == _digests(photos)  # kept, in failed/
 
 
-def test_a_node_killed_mid_job_is_retried_on_the_other_once(
+def test_a_node_killed_mid_job_is_retried_on_the_other_once_with_shipped_data(
     tmp_path: Path, cluster: LocalRayCluster, daemons: list[Daemon], photos: Path
 ) -> None:
-    daemon = _daemon(tmp_path, cluster)
+    daemon = _daemon(tmp_path, cluster, ray_data="shipped")
     daemons.append(daemon.start())
     _drop(daemon, photos, "robot")
     first = daemon.wait_job(lambda j: j["state"] == "running" and j["progress"] > 0.05, 300, "the job to run")
@@ -147,10 +132,12 @@ def test_a_node_killed_mid_job_is_retried_on_the_other_once(
     raylet.send_signal(signal.SIGKILL)  # the node dies with its raylet
     job = daemon.wait_job(lambda j: j["state"] in ("succeeded", "failed"), 600, "the job to finish")
     assert job["state"] == "succeeded", job["error"]
-    assert job["attempts"] == 2
+    assert job["attempts"] == 2 and job["execution"]["data"] == "shipped"
     assert job["execution"]["node_id"] != first["execution"]["node_id"]
     assert first_work and not any(_alive(p) for p in first_work)  # no orphan of the dead node
     _check_outputs(job)
+    report = json.loads((Path(job["outbox"]) / "report.json").read_text())
+    assert report["output"] == job["outbox"]  # the daemon's paths, not the node's scratch folder
     assert _digests(Path(job["input"]["location"])) == _digests(photos)
     log = daemon.log.read_text()
     assert log.count('"job_succeeded"') == 1 and log.count('"ray_attempt"') == 2

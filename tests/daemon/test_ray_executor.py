@@ -78,7 +78,8 @@ def test_jobs_wait_for_an_unreachable_cluster_then_run_on_it(
 ) -> None:
     daemon = _daemon(tmp_path, unstarted_cluster)
     daemon._answers = lambda: _listening(daemon)  # type: ignore[method-assign]  # 503 is expected
-    daemons.append(daemon.start())
+    daemons.append(daemon)  # stopped by the fixture even when start() fails
+    daemon.start()
     assert daemon.get("/api/status")["settings"]["executor"] == "ray"
     with EventListener(daemon) as listener:
         _drop(daemon, photos, "robot")
@@ -108,7 +109,8 @@ def test_cancel_stops_the_remote_work(
     tmp_path: Path, cluster: LocalRayCluster, daemons: list[Daemon], photos: Path
 ) -> None:
     daemon = _daemon(tmp_path, cluster)
-    daemons.append(daemon.start())
+    daemons.append(daemon)  # stopped by the fixture even when start() fails
+    daemon.start()
     _drop(daemon, photos, "robot")
     job = daemon.wait_job(lambda j: j["state"] == "running" and j["progress"] > 0, 300, "the job to run")
     work = wait_for(lambda: _pipeline_processes(cluster), 30, "the pipeline process on a node")
@@ -124,7 +126,8 @@ def test_a_node_killed_mid_job_is_retried_on_the_other_once_with_shipped_data(
     tmp_path: Path, cluster: LocalRayCluster, daemons: list[Daemon], photos: Path
 ) -> None:
     daemon = _daemon(tmp_path, cluster, ray_data="shipped")
-    daemons.append(daemon.start())
+    daemons.append(daemon)  # stopped by the fixture even when start() fails
+    daemon.start()
     _drop(daemon, photos, "robot")
     first = daemon.wait_job(lambda j: j["state"] == "running" and j["progress"] > 0.05, 300, "the job to run")
     raylet = wait_for(lambda: cluster.raylet_running(TASK), 30, "the node running the job")

@@ -25,8 +25,8 @@ import structlog
 
 from scandrop.daemon.drops import content_hash, content_patterns
 from scandrop.daemon.job_book import JobBook
-from scandrop.daemon.job_settings import DROP_SETTINGS_FILE, JobSettings, effective, read_drop_options
 from scandrop.daemon.job_execution import ExecutionInfo, Executor, JobHooks, JobRequest, LocalExecutor
+from scandrop.daemon.job_settings import DROP_SETTINGS_FILE, JobSettings, effective, read_drop_options
 from scandrop.daemon.job_status import JobState, JobStatus, list_outputs, missing_input, now, quality_summary
 from scandrop.daemon.settings import ExecutorKind, Settings
 from scandrop.daemon.spool import Spool

@@ -1,1 +1,0 @@
-"""Benchmarks: synthetic scenes with exact ground truth, accuracy metrics and the plain-pycolmap baseline."""

@@ -1,1 +1,0 @@
-"""Dense: per-view depth (stereo, PatchMatch, learned mono depth aligned to SfM), fused into one cloud."""

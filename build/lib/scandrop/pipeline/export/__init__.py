@@ -1,1 +1,0 @@
-"""Export: the outbox files (GLB, PLY, .splat, cameras) and the preview image."""

@@ -1,1 +1,0 @@
-"""Sparse: structure from motion (cameras and tie points) and the job's world frame."""

@@ -181,6 +181,7 @@ class JobRunner:
                 "mesh": {"max_triangles": self.settings.max_triangles},
                 "single_view": {"models_dir": str(self.settings.models_dir)},
                 "fill": {"models_dir": str(self.settings.models_dir)},
+                "sparse": {"models_dir": str(self.settings.models_dir)},
             },
         )
 

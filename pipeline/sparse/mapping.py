@@ -3,8 +3,9 @@
 Small baselines (a phone swept in front of a subject) keep every pair's triangulation angle under
 the incremental mapper's 16 degree initialisation default: it then finds "no good initial image
 pair" and returns nothing. The ladder below tries the default first (best accuracy where it works),
-then a relaxed initialisation, then global SfM (GLOMAP, which needs no initial pair); each attempt
-is recorded so report.json says what was done.
+then a relaxed initialisation, then global SfM (GLOMAP, which needs no initial pair) after
+estimating focal lengths from the view graph; each attempt is recorded so report.json says what
+was done.
 """
 
 from __future__ import annotations
@@ -44,7 +45,12 @@ def incremental_options(seed: int, relaxed: bool) -> pycolmap.IncrementalPipelin
     return options
 
 
-def global_options(seed: int) -> pycolmap.GlobalPipelineOptions:
+# Up to this many photos the global attempt keeps points seen by two photos only: by default GLOMAP
+# keeps tracks of three or more, which left the 3-view barn 21 points (549 with two-view tracks).
+TWO_VIEW_TRACKS_MAX_IMAGES = 12
+
+
+def global_options(seed: int, num_images: int) -> pycolmap.GlobalPipelineOptions:
     options = pycolmap.GlobalPipelineOptions()
     options.random_seed = seed
     mapper = options.mapper
@@ -53,6 +59,10 @@ def global_options(seed: int) -> pycolmap.GlobalPipelineOptions:
     mapper.rotation_averaging.random_seed = seed
     mapper.global_positioning.random_seed = seed
     mapper.retriangulation.random_seed = seed
+    if num_images <= TWO_VIEW_TRACKS_MAX_IMAGES:
+        mapper.track_min_num_views_per_track = 2
+        mapper.global_positioning.min_num_view_per_track = 2
+        mapper.retriangulation.ignore_two_view_tracks = False
     return options
 
 
@@ -79,6 +89,7 @@ def map_images(
     database: Path,
     images_dir: Path,
     out_dir: Path,
+    num_images: int,
     seed: int,
     min_registered: int,
     token: pycolmap.CancellationToken,
@@ -99,8 +110,17 @@ def map_images(
         pycolmap.set_random_seed(seed)
         t0 = time.perf_counter()
         on_registered(0, method)
+        note = ""
         if relaxed is None:
-            models = pycolmap.global_mapping(database, images_dir, out_dir, options=global_options(seed))
+            # GLOMAP wants good focal lengths; photos without EXIF start from a guess (1.2 x width),
+            # 2x off for the 3-view barn: estimate them from the fundamental matrices first.
+            calibration = pycolmap.ViewGraphCalibrationOptions()
+            calibration.random_seed = seed
+            if pycolmap.calibrate_view_graph(database, calibration):
+                note = "focal lengths calibrated from the view graph; "
+            models = pycolmap.global_mapping(
+                database, images_dir, out_dir, options=global_options(seed, num_images)
+            )
         else:
             counter = _Counter(method, on_registered)
             models = pycolmap.incremental_mapping(
@@ -114,9 +134,8 @@ def map_images(
             )
         model = _best(models)
         registered = model.num_reg_images() if model is not None else 0
-        note = (
-            "" if model is not None else "no initial image pair found" if relaxed is not None else "no model"
-        )
+        if model is None:
+            note += "no initial image pair found" if relaxed is not None else "no model"
         attempts.append(
             MappingAttempt(
                 method=method, registered=registered, seconds=round(time.perf_counter() - t0, 3), note=note

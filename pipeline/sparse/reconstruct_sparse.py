@@ -469,17 +469,22 @@ def run(
             seconds["map"] += time.perf_counter() - t0
     check_stop(should_stop)
     hint_more = "" if learned["used"] else " " + LEARNED_HINT
+    tried = (
+        f" Learned matching ran too ({learned['pairs_written']} of {learned['pairs']} pairs matched)."
+        if learned["used"]
+        else ""
+    )
     if best is None:
         raise ScandropError(
             ErrorCode.no_overlap,
-            f"None of the {n} photos could be connected: they do not overlap enough.",
+            f"None of the {n} photos could be connected: they do not overlap enough.{tried}",
             "Take photos with about 60-80% overlap between neighbours, moving around the object." + hint_more,
         )
     registered = sorted(best.images[i].name for i in best.reg_image_ids())
     if len(registered) < config.min_registered:
         raise ScandropError(
             ErrorCode.too_few_registered,
-            f"Only {len(registered)} of {n} photos could be placed in 3D.",
+            f"Only {len(registered)} of {n} photos could be placed in 3D.{tried}",
             "Take more photos with more overlap, avoid plain surfaces, reflections and motion blur."
             + hint_more,
         )
@@ -532,5 +537,5 @@ def _map(
 
     with _cancellation(should_stop) as token:
         return mapping.map_images(
-            ws.database, ws.images_dir, raw_dir, config.seed, config.min_registered, token, placed
+            ws.database, ws.images_dir, raw_dir, n, config.seed, config.min_registered, token, placed
         )

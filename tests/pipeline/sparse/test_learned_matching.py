@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -69,3 +71,13 @@ def test_real_networks_place_the_three_view_barn(tmp_path: Path) -> None:
     assert set(result.placed_by.values()) == {"learned"}
     assert all(counts["learned"] >= 50 for counts in result.tie_points.values()), result.tie_points
     assert result.mean_reprojection_error_px < 2.0
+
+
+def test_daemon_and_pipeline_do_not_import_torch() -> None:
+    """torch and kornia load only inside a job that runs learned matching."""
+    code = (
+        "import sys, scandrop.daemon.service, scandrop.pipeline.run; "
+        "print('torch' in sys.modules, 'kornia' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]

@@ -277,7 +277,7 @@ class JobRunner:
         overrides: dict[str, dict[str, Any]] = {"mesh": {"max_triangles": job.max_triangles}}
         for stage, fields in job.stages.items():
             overrides.setdefault(stage, {}).update(fields)
-        for stage in ("single_view", "fill"):  # the daemon's models, whatever a drop says
+        for stage in ("single_view", "fill", "sparse"):  # the daemon's models, whatever a drop says
             overrides.setdefault(stage, {})["models_dir"] = str(self.settings.models_dir)
         return JobSpec(preset=job.preset, overrides=overrides)
 

@@ -39,6 +39,11 @@ def _sparse(device: dict[str, Any]) -> StagePlan:
     return StagePlan(stage="sparse", backend="pycolmap-cpu", reason=why)
 
 
+def learned_device(device: dict[str, Any]) -> str:
+    """Where the sparse stage's learned matcher (DISK + LightGlue, torch) runs: a CUDA torch if any."""
+    return "cuda" if device.get("name") == "cuda" and device.get("torch_cuda") else "cpu"
+
+
 def _depth(device: dict[str, Any]) -> StagePlan:
     if device.get("name") == "cuda" and device.get("pycolmap_cuda"):
         return StagePlan(

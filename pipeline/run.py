@@ -36,7 +36,7 @@ from scandrop.pipeline.dense import estimate_depth, fill_depth, fuse_depth, patc
 from scandrop.pipeline.export import export_assets, render_preview
 from scandrop.pipeline.ingest import drop_input, extract_frames, ingest_images
 from scandrop.pipeline.ingest.input_kind import InputKind, input_kind, job_kind, listing
-from scandrop.pipeline.plan import StagePlan, backend_device, build_plan, plan_stages
+from scandrop.pipeline.plan import StagePlan, backend_device, build_plan, learned_device, plan_stages
 from scandrop.pipeline.presets import PipelineConfig
 from scandrop.pipeline.report import Report, StageReport, new_report
 from scandrop.pipeline.sparse import reconstruct_sparse
@@ -147,7 +147,12 @@ def run_pipeline(
             report.images.registered = 1
             report.single_view = view.model_dump(mode="json")
         else:
-            sparse_config = sparse_config.model_copy(update={"device": backend_device(backends, "sparse")})
+            sparse_config = sparse_config.model_copy(
+                update={
+                    "device": backend_device(backends, "sparse"),
+                    "learned_device": learned_device(device or {"name": "cpu"}),
+                }
+            )
             sparse = stage("sparse", reconstruct_sparse.run, sparse_config, ws, ingested.camera_groups())
             report.images.registered = sparse.registered
             report.images.unregistered = sparse.unregistered

@@ -11,6 +11,8 @@ Datasets:
   kept frames must register);
 - video: a rendered orbit clip of 240 frames run at two frame budgets (50 and 200 keyframes): the
   time ratio (target <= 4 for 4x the frames), registered fractions and pose accuracy.
+- hard captures, by name only (minutes each on a CPU): cake, barn, tower, apple-photos: small
+  wide-baseline photo sets SIFT alone cannot connect; the row adds the learned matcher's time.
 """
 
 from __future__ import annotations
@@ -41,6 +43,12 @@ SHARED_NAMES = {
     "apple": "video_cotracker_apple",
 }
 VIDEO_BUDGETS = (50, 200)
+HARD_CAPTURES = {
+    "cake": "vggsfm_cake",
+    "barn": "instantsplat_tnt_barn_3view",
+    "tower": "mast3r_nle_tower",
+    "apple-photos": "vggsfm_apple",
+}
 
 
 def default_datasets_dir() -> Path:
@@ -178,6 +186,17 @@ def bench_room(root: Path, out: Path, preset: str) -> dict[str, Any]:
     return _summary(_run_ours(root / "images", out / "result", preset))
 
 
+def bench_hard(root: Path, out: Path, preset: str) -> dict[str, Any]:
+    """A hard capture: what was placed, by which matcher, and what the learned matcher cost."""
+    report = _run_ours(root / "images", out / "result", preset)
+    row = _summary(report)
+    sparse = next((s.result for s in report.stages if s.name == "sparse"), {})
+    learned = sparse.get("learned", {})
+    row["learned"] = {k: learned.get(k) for k in ("used", "why", "pairs", "pairs_written", "seconds")}
+    row["placed_by"] = sparse.get("placed_by", {})
+    return row
+
+
 def _frames_row(report: Report) -> dict[str, Any]:
     row = _summary(report)
     kept = (report.frames or {}).get("kept", 0)
@@ -252,6 +271,13 @@ def print_table(rows: dict[str, dict[str, Any]], file: Any = sys.stdout) -> None
                 + (f", time x{r['time_ratio']:.2f} of video-{VIDEO_BUDGETS[0]}" if "time_ratio" in r else ""),
                 file=file,
             )
+        if r.get("learned", {}).get("used"):
+            secs = r["learned"]["seconds"]
+            print(
+                f"{'':10} learned matching ({r['learned']['why']}): DISK {secs['extract']:.1f} s, "
+                f"LightGlue {secs['match']:.1f} s for {r['learned']['pairs']} pairs",
+                file=file,
+            )
         if "plain_seconds" in r:
             print(
                 f"{'':10} plain pycolmap: {r['plain_registered']} registered, {r['plain_seconds']:.1f} s, "
@@ -272,7 +298,7 @@ def main(names: list[str], out: Path, preset: str, datasets_dir: Path | None = N
         if name == "video":
             rows.update(bench_video(work, preset))
             continue
-        root = datasets_dir / SHARED_NAMES.get(name, name)
+        root = datasets_dir / {**SHARED_NAMES, **HARD_CAPTURES}.get(name, name)
         if not root.exists():
             print(
                 f"skipping {name}: {root} not found (the shared datasets live beside the project)",
@@ -284,9 +310,11 @@ def main(names: list[str], out: Path, preset: str, datasets_dir: Path | None = N
             "kitchen": bench_kitchen,
             "room": bench_room,
             "apple": bench_apple,
+            **dict.fromkeys(HARD_CAPTURES, bench_hard),
         }.get(name)
         if runner is None:
-            print(f"unknown dataset {name!r}; known: {', '.join(DEFAULT_DATASETS)}", file=sys.stderr)
+            known = ", ".join([*DEFAULT_DATASETS, *HARD_CAPTURES])
+            print(f"unknown dataset {name!r}; known: {known}", file=sys.stderr)
             return 2
         rows[name] = runner(root, work, preset)
     (out / "bench.json").write_text(json.dumps(rows, indent=2, default=float) + "\n")

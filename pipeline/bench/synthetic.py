@@ -479,6 +479,24 @@ def video_cameras(n_frames: int, turns: float = 1.0) -> tuple[list[np.ndarray], 
     return rs, ts
 
 
+def sweep_cameras(n_views: int, baseline: float = 0.5) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """World-to-camera (R, t) of a forward-facing sweep (LLFF-like): one viewing direction, centres on
+    two rows across `baseline` (world units, at distance 2.7), so every pair's triangulation angle
+    stays under about 11 degrees, below the incremental mapper's 16 degree initialisation default."""
+    r, t = _camera_at(0.0, math.radians(25.0))
+    centre0 = -r.T @ t
+    cols = n_views - n_views // 2
+    rs, ts = [], []
+    for k in range(n_views):
+        row, col = divmod(k, cols)
+        x = baseline * (col / max(1, cols - 1) - 0.5)
+        y = 0.12 * (row - 0.5)
+        centre = centre0 + x * r[0] + y * r[1]
+        rs.append(r.copy())
+        ts.append(-r @ centre)
+    return rs, ts
+
+
 def render_scene(
     n_views: int = 24,
     width: int = 640,
@@ -487,15 +505,17 @@ def render_scene(
     alpha: bool = False,
     texture: str = "rich",
     path: str = "rings",
+    baseline: float = 0.5,
 ) -> SyntheticScene:
     """Render the test object from `n_views` cameras orbiting it at two elevations (path="rings"),
-    or along one smooth video-like path (path="video", frames in time order).
+    or along one smooth video-like path (path="video", frames in time order), or as a forward-facing
+    sweep with small baselines (path="sweep", across `baseline` world units).
 
     `seed` picks the texture; cameras and geometry are fixed. texture="weak" leaves the sphere
     almost uniform, the hard case for feature matching and stereo.
     """
-    if path not in ("rings", "video"):
-        raise ValueError(f"path must be 'rings' or 'video', not {path!r}")
+    if path not in ("rings", "video", "sweep"):
+        raise ValueError(f"path must be 'rings', 'video' or 'sweep', not {path!r}")
     if texture not in ("rich", "weak"):
         raise ValueError(f"texture must be 'rich' or 'weak', not {texture!r}")
     if n_views < 2 or width < 16 or height < 16:
@@ -508,7 +528,10 @@ def render_scene(
     lo = np.min([p.bounds()[0] for p in primitives], axis=0)
     hi = np.max([p.bounds()[1] for p in primitives], axis=0)
     k = _intrinsics(width, height)
-    rs, ts = orbit_cameras(n_views) if path == "rings" else video_cameras(n_views)
+    if path == "sweep":
+        rs, ts = sweep_cameras(n_views, baseline)
+    else:
+        rs, ts = orbit_cameras(n_views) if path == "rings" else video_cameras(n_views)
     sub = np.array([0.25, 0.75])  # 2x2 supersampling inside each pixel
     uu, vv = np.meshgrid(
         (np.arange(width)[:, None] + sub).ravel(), (np.arange(height)[:, None] + sub).ravel()

@@ -1,8 +1,9 @@
 """Stage: fused points -> coloured triangle mesh (ws.mesh).
 
 Screened Poisson (COLMAP's `poisson_meshing`) closes the surface, at an octree depth that follows
-the fused points' spacing (a finest cell of about two spacings, capped by `depth`); Poisson also invents surface
-where there were no points (holes, the far side of a scene), so faces far from any fused point
+the fused points' spacing (a finest cell of about two spacings, capped by `depth`); Poisson also
+invents surface where there were no points (holes, the far side of a scene), so faces far from any
+fused point
 and small floating pieces are removed. The mesh is then decimated by quadric edge collapse
 (fast-simplification: 1 s for 1M -> 300k faces on this 2-core box, where pycolmap's
 `simplify_mesh` took 6-7 s) and its vertices re-coloured from the nearest fused points,

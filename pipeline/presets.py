@@ -56,7 +56,14 @@ _OVERRIDES: dict[Preset, dict[str, dict[str, Any]]] = {
         "ingest": {"max_image_size": 2400},
         "sparse": {"max_num_features": 8192},
         # PatchMatch on the full working resolution (the grid never exceeds the photo).
-        "depth": {"max_image_size": 4000, "stereo_max_size": 1000, "pm_levels": 4, "pm_sources": 8},
+        "depth": {
+            "max_image_size": 4000,
+            "stereo_max_size": 1000,
+            "pm_levels": 4,
+            "pm_sources": 8,
+            "pm_best_k": 3,
+            "pm_iterations_fine": 2,
+        },
         "fuse": {"neighbours": 12},
         "mesh": {"depth": 11, "max_triangles": 1_000_000},
     },

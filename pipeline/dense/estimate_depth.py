@@ -72,13 +72,13 @@ class DepthConfig(BaseModel):
         description="patchmatch: multi-view PatchMatch (precise, exposure-invariant); sgbm: pair stereo"
         " at stereo_max_size (fast, coarse).",
     )
-    pm_sources: int = Field(6, ge=1, le=16, description="PatchMatch: source views per reference view.")
+    pm_sources: int = Field(5, ge=1, le=16, description="PatchMatch: source views per reference view.")
     pm_best_k: int = Field(
-        3, ge=1, le=16, description="PatchMatch: a pixel's cost is the mean of its best k."
+        2, ge=1, le=16, description="PatchMatch: a pixel's cost is the mean of its best k."
     )
     pm_levels: int = Field(3, ge=1, le=5, description="PatchMatch: pyramid levels (each halves the size).")
     pm_iterations_coarse: int = Field(4, ge=1, le=12, description="PatchMatch: sweeps at the coarsest level.")
-    pm_iterations_fine: int = Field(2, ge=1, le=12, description="PatchMatch: sweeps at each finer level.")
+    pm_iterations_fine: int = Field(1, ge=1, le=12, description="PatchMatch: sweeps at each finer level.")
     pm_window_half: int = Field(2, ge=1, le=7, description="PatchMatch: window samples each side of a pixel.")
     pm_window_step: int = Field(1, ge=1, le=3, description="PatchMatch: pixels between window samples.")
     pm_far: int = Field(5, ge=1, le=25, description="PatchMatch: distance of the far propagation neighbours.")

@@ -65,7 +65,7 @@ _OVERRIDES: dict[Preset, dict[str, dict[str, Any]]] = {
             "pm_iterations_fine": 2,
         },
         "fuse": {"neighbours": 12},
-        "mesh": {"depth": 11, "max_triangles": 1_000_000},
+        "mesh": {"depth": 10, "max_triangles": 1_000_000},
     },
 }
 

@@ -68,16 +68,12 @@ def scaled_intrinsics(K: np.ndarray, scale: float) -> np.ndarray:
     return out
 
 
-def depth_range(ref: DenseView) -> tuple[float, float]:
-    """Depths to search, from the sparse points the view sees (with a margin)."""
+def depth_range(ref: DenseView) -> tuple[float, float] | None:
+    """Depths to search, from the sparse points the view sees (with a margin); None with too few."""
     z = (ref.points @ ref.R.T + ref.t)[:, 2] if len(ref.points) else np.zeros(0)
     z = z[z > 0]
     if len(z) < 5:
-        raise ScandropError(
-            ErrorCode.dense_failed,
-            f"View {ref.name} sees too few sparse points to bound its depth.",
-            "Take more photos that overlap, each a small step around the object.",
-        )
+        return None
     lo, hi = np.percentile(z, [1, 99])
     return float(lo * 0.75), float(hi * 1.33)
 
@@ -160,6 +156,10 @@ def depth_for_view(task: DepthTask) -> tuple[str, float]:
     """PatchMatch depth of one view, written to task.out_path. Returns (name, valid share)."""
     cfg = task.config
     ref = task.ref
+    bounds = depth_range(ref)
+    if bounds is None:  # too few sparse points to bound the search: no depth map for this view
+        return ref.name, 0.0
+    dmin, dmax = bounds
     ref_photo = read_photo(task.image_dir / ref.name)
     maps = ref.photo_map(ref.grid_rays())
     ref_gray = ref.undistort(cv2.cvtColor(ref_photo, cv2.COLOR_BGR2GRAY), maps=maps).astype(np.float32)
@@ -170,7 +170,6 @@ def depth_for_view(task: DepthTask) -> tuple[str, float]:
         src_Ks.append(src.K)
         R = src.R @ ref.R.T
         rel.append((R, src.t - R @ ref.t))
-    dmin, dmax = depth_range(ref)
     planes = patchmatch_planes(ref_gray, ref.K, src_grays, src_Ks, rel, dmin, dmax, cfg)
     depth = planes.depth.copy()
     depth[(planes.cost > cfg.pm_max_cost) | (depth < dmin) | (depth > dmax)] = 0.0

@@ -46,7 +46,7 @@ class MeshConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     depth: int = Field(
-        10, ge=5, le=12, description="Deepest Poisson octree level (the fixed level when adaptive is off)."
+        9, ge=5, le=12, description="Deepest Poisson octree level (the fixed level when adaptive is off)."
     )
     adaptive: bool = Field(
         True,

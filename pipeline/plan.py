@@ -49,8 +49,13 @@ def _depth(device: dict[str, Any]) -> StagePlan:
         return StagePlan(
             stage="depth", backend="colmap-patchmatch-cuda", reason="PatchMatch stereo on the GPU"
         )
-    why = "CPU device" if device.get("name") != "cuda" else "PatchMatch needs the CUDA build of pycolmap"
-    return StagePlan(stage="depth", backend="opencv-sgbm-cpu", reason=why)
+    why = (
+        "CPU device"
+        if device.get("name") != "cuda"
+        else "COLMAP's PatchMatch needs the CUDA build of pycolmap"
+    )
+    # The CPU method follows the preset: PatchMatch (numba), or OpenCV SGBM pairs in `fast`.
+    return StagePlan(stage="depth", backend="patchmatch-or-sgbm-cpu", reason=why)
 
 
 def _optimise(device: dict[str, Any]) -> StagePlan:

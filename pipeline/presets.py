@@ -46,7 +46,7 @@ _OVERRIDES: dict[Preset, dict[str, dict[str, Any]]] = {
         "frames": {"max_frames": 60},
         "ingest": {"max_image_size": 1024},
         "sparse": {"max_num_features": 2048, "small_set_features": 4096},
-        "depth": {"partners": 3, "stereo_max_size": 320},
+        "depth": {"method": "sgbm", "partners": 3, "stereo_max_size": 320},
         "fuse": {"neighbours": 6},
         "mesh": {"depth": 7},
     },
@@ -55,9 +55,17 @@ _OVERRIDES: dict[Preset, dict[str, dict[str, Any]]] = {
         "frames": {"max_frames": 240},
         "ingest": {"max_image_size": 2400},
         "sparse": {"max_num_features": 8192},
-        "depth": {"stereo_max_size": 1000},
+        # PatchMatch on the full working resolution (the grid never exceeds the photo).
+        "depth": {
+            "max_image_size": 4000,
+            "stereo_max_size": 1000,
+            "pm_levels": 4,
+            "pm_sources": 8,
+            "pm_best_k": 3,
+            "pm_iterations_fine": 2,
+        },
         "fuse": {"neighbours": 12},
-        "mesh": {"depth": 9},
+        "mesh": {"depth": 10, "max_triangles": 1_000_000},
     },
 }
 

@@ -100,7 +100,9 @@ def score_geometry(out_dir: Path, to_gt: metrics.Sim3, gt_points: np.ndarray, ta
     }
 
 
-def score_held_out(result: Path, to_gt: metrics.Sim3, held_out: synthetic.SyntheticScene) -> dict[str, Any]:
+def score_held_out(
+    result: Path, work: Path, to_gt: metrics.Sim3, held_out: synthetic.SyntheticScene
+) -> dict[str, Any]:
     """PSNR at views the pipeline never saw (rendered with alpha = coverage): the job's model.glb,
     and the same mesh with vertex colours, re-exported from the job's workspace for comparison."""
     cameras = [(held_out.K, r, t) for r, t in zip(held_out.R, held_out.t, strict=True)]
@@ -111,7 +113,6 @@ def score_held_out(result: Path, to_gt: metrics.Sim3, held_out: synthetic.Synthe
     scores = appearance.score_views(textured, cameras, images, masks)
     row["psnr_db"], row["psnr_per_view_db"] = scores["psnr_db"], scores["psnr_per_view_db"]
     row["textured"] = textured.texture is not None
-    work = result / ".work"
     if work.is_dir() and textured.texture is not None:
         vertex_out = result.parent / "vertex-colours"
         config = export_assets.ExportConfig(texture="vertex", points=False, splats=False, cameras=False)
@@ -165,7 +166,7 @@ def bench_synthetic(out: Path, preset: str) -> dict[str, Any]:
         row.update(
             score_geometry(out / "result", poses["sim3"], scene.surface_samples(400_000), 0.01 * scene.size)
         )
-        row.update(score_held_out(out / "result", poses.pop("sim3"), held_out))
+        row.update(score_held_out(out / "result", out / "result" / ".work", poses.pop("sim3"), held_out))
         row.pop("sim3", None)
     return row
 

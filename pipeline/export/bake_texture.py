@@ -186,7 +186,7 @@ def _candidates(
         cx = np.clip((cpx[:, 0] * s).astype(np.int64), 0, size[0] - 1)
         cy = np.clip((cpx[:, 1] * s).astype(np.int64), 0, size[1] - 1)
         front = zb.depth[cy * size[0] + cx]
-        in_front = cz <= front * 1.01 + 1e-9
+        in_front = cz <= front * 1.005 + 1e-9
         in_front[zb.face[zb.face >= 0]] = True  # a face owning a pixel is visible, however small
         ok &= in_front
         if view.mask is not None:

@@ -74,20 +74,26 @@ class ExportResult(BaseModel):
     seconds: float
 
 
-def _write_glb(mesh_ply: Path, out: Path) -> int:
-    """model.glb with POSITION, NORMAL and COLOR_0; returns the triangle count."""
+def _read_mesh(mesh_ply: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Vertices, faces and vertex colours of the mesh stage's output."""
     ply = plyio.read_ply(mesh_ply)
     rgb = plyio.rgb_of(ply.vertex)
     if rgb is None or len(ply.faces) == 0:
         raise ScandropError(
             ErrorCode.export_failed, "The mesh has no faces or no vertex colours.", "Rerun the mesh stage."
         )
+    return plyio.xyz_of(ply.vertex).astype(np.float64), ply.faces, rgb
+
+
+def _write_glb(mesh_ply: Path, out: Path) -> int:
+    """model.glb with POSITION, NORMAL and COLOR_0; returns the triangle count."""
+    xyz, faces, rgb = _read_mesh(mesh_ply)
     rgba = np.concatenate([rgb, np.full((len(rgb), 1), 255, np.uint8)], axis=1)
-    mesh = trimesh.Trimesh(plyio.xyz_of(ply.vertex), ply.faces, vertex_colors=rgba, process=False)
+    mesh = trimesh.Trimesh(xyz, faces, vertex_colors=rgba, process=False)
     _ = mesh.vertex_normals  # computed now so the exporter writes NORMAL
     with atomic_path(out) as tmp:
         tmp.write_bytes(trimesh.exchange.gltf.export_glb(mesh, include_normals=True))
-    return len(ply.faces)
+    return len(faces)
 
 
 _VISIBILITY_SIZE = 1024  # long side of the z-buffers that decide which photo sees which face
@@ -200,22 +206,16 @@ def _write_textured_glb(
             "texture": "vertex",
             "reason": "no registered photos to texture from",
         }
-    ply = plyio.read_ply(ws.mesh)
-    rgb = plyio.rgb_of(ply.vertex)
-    xyz = plyio.xyz_of(ply.vertex).astype(np.float64)
-    if rgb is None or len(ply.faces) == 0:
-        raise ScandropError(
-            ErrorCode.export_failed, "The mesh has no faces or no vertex colours.", "Rerun the mesh stage."
-        )
+    xyz, faces, rgb = _read_mesh(ws.mesh)
     textured = bake_texture.bake(
-        xyz, ply.faces, rgb, views, config.texture_size, _VISIBILITY_SIZE, progress, should_stop
+        xyz, faces, rgb, views, config.texture_size, _VISIBILITY_SIZE, progress, should_stop
     )
-    normals = trimesh.Trimesh(xyz, ply.faces, process=False).vertex_normals
+    normals = trimesh.Trimesh(xyz, faces, process=False).vertex_normals
     normals = np.where(np.linalg.norm(normals, axis=1, keepdims=True) > 0.5, normals, [0.0, 1.0, 0.0])
     split_normals = normals[textured.origin]
     with atomic_path(out) as tmp:
         tmp.write_bytes(textured_glb(textured, split_normals, config.texture_jpeg_quality))
-    return len(ply.faces), {"texture": "atlas", **textured.stats.model_dump()}
+    return len(faces), {"texture": "atlas", **textured.stats.model_dump()}
 
 
 def splat_bytes(

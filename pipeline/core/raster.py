@@ -123,6 +123,7 @@ def zbuffer(
 def sample_bilinear(image: np.ndarray, px: np.ndarray) -> np.ndarray:
     """Colours (n, C) float32 at pixel coordinates px (COLMAP convention), edges clamped."""
     h, w = image.shape[:2]
+    px = np.nan_to_num(px, nan=0.0)  # unprojectable points read the corner rather than crash
     x = np.clip(px[:, 0] - 0.5, 0.0, w - 1.0)
     y = np.clip(px[:, 1] - 0.5, 0.0, h - 1.0)
     x0 = np.minimum(x.astype(np.int64), w - 2) if w > 1 else np.zeros(len(x), np.int64)

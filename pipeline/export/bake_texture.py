@@ -52,6 +52,7 @@ _BORDER = 0.01  # share of the image size kept clear at the borders (lens distor
 _OUTLIER_RGB = 40.0  # a candidate this far (0..255, Euclidean) from the median colour is dropped
 _POTTS = 0.4  # cost of a neighbour textured from another photo, against a data cost in [0, 1]
 _ICM_ROUNDS = 6
+_GAIN_PAIRS = 300_000  # most (face, photo, photo) samples the gain fit uses
 _GAIN_PRIOR = 0.05  # weight pulling per-photo log gains towards 0 (fixes the free global scale)
 _SEAM_SPREAD_ROUNDS = 30  # Jacobi rounds spreading seam corrections into each patch
 _PAD_PX = 2  # photo pixels around each patch's rectangle
@@ -183,6 +184,7 @@ def _candidates(
         ok &= (
             (cpx[:, 0] > margin) & (cpx[:, 0] < w - margin) & (cpx[:, 1] > margin) & (cpx[:, 1] < h - margin)
         )
+        cpx = np.nan_to_num(cpx, nan=-1.0)  # outside the field of view: fails the margin test above
         cx = np.clip((cpx[:, 0] * s).astype(np.int64), 0, size[0] - 1)
         cy = np.clip((cpx[:, 1] * s).astype(np.int64), 0, size[1] - 1)
         front = zb.depth[cy * size[0] + cx]
@@ -262,6 +264,9 @@ def _photo_gains(view: np.ndarray, rgb: np.ndarray, n_views: int) -> np.ndarray:
             rows_a.append(np.flatnonzero(ok) * view.shape[1] + a)
             rows_b.append(np.flatnonzero(ok) * view.shape[1] + b)
     ia, ib = np.concatenate(rows_a), np.concatenate(rows_b)
+    if len(ia) > _GAIN_PAIRS:  # a few hundred thousand pairs pin a few hundred gains down
+        pick = np.random.default_rng(0).choice(len(ia), _GAIN_PAIRS, replace=False)
+        ia, ib = ia[pick], ib[pick]
     gains = np.ones((n_views, 3))
     if len(ia) == 0:
         return gains

@@ -1,7 +1,7 @@
 """Stage: a preview.png of the result, rendered in software (no GL on a headless CPU box).
 
 The mesh is drawn orthographically from the direction the photographer mostly looked, with +y
-up, framed on the subject: the 2-98% percentile box of the dense points (the mesh's vertices when
+up, framed on the subject: the 1-99% percentile box of the dense points (the mesh's vertices when
 there are none) fills the image, centred, so that stray points and Poisson skirts around a scene
 do not leave it small and off-centre. Each face gets its vertex colour times simple two-sided
 directional shading; core.raster's z-buffer resolves visibility. Without a mesh the fused points
@@ -25,8 +25,8 @@ from scandrop.pipeline.core.stage import Progress, StopCheck, atomic_path, check
 from scandrop.pipeline.core.workspace import Workspace
 
 _BACKGROUND = (236, 236, 236)  # RGB
-_FRAME_PERCENTILES = (2.0, 98.0)  # the subject: stray points and Poisson skirts fall outside
-_FRAME_PAD = 0.04  # share of the percentile box added on each side
+_FRAME_PERCENTILES = (1.0, 99.0)  # the subject: stray points and Poisson skirts fall outside
+_FRAME_PAD = 0.05  # share of the percentile box added on each side
 
 
 class PreviewConfig(BaseModel):

@@ -113,6 +113,20 @@ def views_from_model(sparse_dir: Path, images_dir: Path, masks_dir: Path) -> lis
     return views
 
 
+def spread_views(views: list[View], most: int) -> list[View]:
+    """At most `most` views, spread over the camera positions (farthest-point sampling): a video's
+    240 neighbouring keyframes add little texture over 60 of them, and each costs a z-buffer."""
+    if len(views) <= most:
+        return views
+    centres = np.array([-v.rotation.T @ v.translation for v in views])
+    chosen = [0]
+    dist = np.linalg.norm(centres - centres[0], axis=1)
+    for _ in range(most - 1):
+        chosen.append(int(dist.argmax()))
+        dist = np.minimum(dist, np.linalg.norm(centres - centres[chosen[-1]], axis=1))
+    return [views[i] for i in sorted(chosen)]
+
+
 class TextureStats(BaseModel):
     atlas_size: int
     charts: int

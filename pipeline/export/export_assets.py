@@ -97,6 +97,7 @@ def _write_glb(mesh_ply: Path, out: Path) -> int:
 
 
 _VISIBILITY_SIZE = 1024  # long side of the z-buffers that decide which photo sees which face
+_MAX_TEXTURE_VIEWS = 80  # photos considered for the texture (each costs ~1.5 CPU-s at 300k faces)
 
 
 def _glb_bytes(gltf: dict, chunks: list[bytes]) -> bytes:
@@ -201,6 +202,7 @@ def _write_textured_glb(
     views = []
     if (ws.sparse_dir / "images.bin").exists():
         views = bake_texture.views_from_model(ws.sparse_dir, ws.images_dir, ws.masks_dir)
+        views = bake_texture.spread_views(views, _MAX_TEXTURE_VIEWS)
     if not views:
         return _write_glb(ws.mesh, out), {
             "texture": "vertex",

@@ -24,7 +24,7 @@ from scandrop.pipeline.core import plyio, raster
 from scandrop.pipeline.core.pointcloud import PointCloud, save_points
 from scandrop.pipeline.core.stage import never_stop, no_progress
 from scandrop.pipeline.core.workspace import Workspace
-from scandrop.pipeline.export import export_assets
+from scandrop.pipeline.export import bake_texture, export_assets
 
 VALIDATOR = Path(__file__).resolve().parents[2] / "gltf_validator"
 W, H, F = 320, 240, 300.0
@@ -157,3 +157,14 @@ def test_textured_glb_is_valid_with_a_base_colour_texture(sphere_job) -> None:
     report = json.loads(proc.stdout)
     assert proc.returncode == 0 and report["issues"]["numErrors"] == 0, report["issues"]
     assert report["info"]["totalTriangleCount"] == len(mesh.faces)
+
+
+def test_many_views_are_thinned_evenly_over_the_path() -> None:
+    cam = pycolmap.Camera(model="PINHOLE", width=W, height=H, params=[F, F, W / 2, H / 2])
+    poses = ring(200, 20.0, 0.0)
+    views = [bake_texture.View(f"{i}", Path(f"{i}.png"), None, cam, r, t) for i, (r, t) in enumerate(poses)]
+    kept = bake_texture.spread_views(views, 20)
+    assert len(kept) == 20 and len({v.name for v in kept}) == 20
+    steps = np.diff(sorted(int(v.name) for v in kept))
+    assert steps.max() <= 2 * steps.min() + 1  # evenly around the ring, not bunched
+    assert bake_texture.spread_views(views[:5], 20) == views[:5]

@@ -55,24 +55,36 @@ def fragments(
     for s in np.unique(side[keep]):
         ids = np.flatnonzero(keep & (side == s))
         grid = np.stack(np.meshgrid(np.arange(s), np.arange(s), indexing="xy"), axis=-1).reshape(-1, 2)
+        gx, gy = grid[:, 0].astype(np.float64), grid[:, 1].astype(np.float64)
         batch = max(1, _MAX_CANDIDATES // (s * s))
         for start in range(0, len(ids), batch):
             check_stop(should_stop)
             f = ids[start : start + batch]
-            p = lo[f][:, None, :] + grid[None]  # (n, s*s, 2) pixel coords
-            centre = p + 0.5
-            a, b, c = tri[f, 0][:, None], tri[f, 1][:, None], tri[f, 2][:, None]
-            area = _edge(a, b, c)  # (n, 1)
-            w0, w1, w2 = _edge(b, c, centre), _edge(c, a, centre), _edge(a, b, centre)
-            sign = np.where(area >= 0, 1.0, -1.0)
-            inside = (w0 * sign >= 0) & (w1 * sign >= 0) & (w2 * sign >= 0) & (np.abs(area) > 1e-12)
-            inside &= (p[..., 0] < hi[f][:, None, 0]) & (p[..., 1] < hi[f][:, None, 1])
+            centre = lo[f] + 0.5  # (n, 2) centre of each box's first pixel
+            a, b, c = tri[f, 0], tri[f, 1], tri[f, 2]
+            area = _edge(a, b, c)  # (n,)
+            # An edge function is linear in the pixel: its value at the first pixel plus steps.
+            w = [
+                _edge(u, v, centre)[:, None]
+                + (v[:, 0] - u[:, 0])[:, None] * gy
+                - (v[:, 1] - u[:, 1])[:, None] * gx
+                for u, v in ((b, c), (c, a), (a, b))
+            ]
+            sign = np.where(area >= 0, 1.0, -1.0)[:, None]
+            inside = (
+                (w[0] * sign >= 0) & (w[1] * sign >= 0) & (w[2] * sign >= 0) & (np.abs(area) > 1e-12)[:, None]
+            )
+            inside &= (lo[f, 0][:, None] + grid[:, 0] < hi[f, 0][:, None]) & (
+                lo[f, 1][:, None] + grid[:, 1] < hi[f, 1][:, None]
+            )
             n_idx, k_idx = np.nonzero(inside)
             if len(n_idx) == 0:
                 continue
-            inv = 1.0 / area[n_idx, 0]
-            bary = np.stack([w0[n_idx, k_idx] * inv, w1[n_idx, k_idx] * inv, w2[n_idx, k_idx] * inv], axis=1)
-            q = p[n_idx, k_idx]
+            inv = 1.0 / area[n_idx]
+            bary = np.stack(
+                [w[0][n_idx, k_idx] * inv, w[1][n_idx, k_idx] * inv, w[2][n_idx, k_idx] * inv], axis=1
+            )
+            q = lo[f[n_idx]] + grid[k_idx]
             yield Fragments(ids_all[f[n_idx]], q[:, 0], q[:, 1], bary.astype(np.float32))
 
 

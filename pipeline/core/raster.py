@@ -47,10 +47,12 @@ def fragments(
     width, height = size
     ids_all = np.arange(len(faces)) if face_ids is None else np.asarray(face_ids, dtype=np.int64)
     tri = px[faces[ids_all]]  # (F, 3, 2)
-    lo = np.maximum(np.floor(tri.min(axis=1) - 0.5).astype(np.int64), 0)
-    hi = np.minimum(np.ceil(tri.max(axis=1) - 0.5).astype(np.int64) + 1, [width, height])
+    finite = np.isfinite(tri).all(axis=(1, 2))
+    tri = np.where(finite[:, None, None], tri, 0.0)  # unprojectable triangles are skipped below
+    lo = np.maximum(np.floor(np.maximum(tri.min(axis=1), -1.0) - 0.5).astype(np.int64), 0)
+    hi = np.minimum(np.ceil(np.minimum(tri.max(axis=1), 2.0**40) - 0.5).astype(np.int64) + 1, [width, height])
     extent = (hi - lo).max(axis=1)
-    keep = (extent > 0) & np.isfinite(tri).all(axis=(1, 2))
+    keep = (extent > 0) & finite
     side = 1 << np.ceil(np.log2(np.maximum(extent, 1))).astype(np.int64)
     for s in np.unique(side[keep]):
         ids = np.flatnonzero(keep & (side == s))

@@ -16,8 +16,9 @@ in a light CPU form:
    the face adjacency graph (MVS-Texturing solves the same energy with graph cuts);
 4. levelling: one gain per photo and channel, fitted in log space so that faces seen by several
    photos agree (exposure and white balance differ between photos), then seam levelling: at every
-   vertex where faces of different photos meet, each side's colour is corrected towards their mean,
-   and the correction fades linearly across each face (a light form of "global seam levelling");
+   vertex where faces of different photos meet, each side's colour is corrected to their mean,
+   and the correction is spread into each patch by averaging along its edges (about 30 edges
+   deep; a light form of MVS-Texturing's "global seam levelling");
 5. atlas: each connected patch of faces that picked the same photo becomes one chart whose UVs are
    the faces' own projection into that photo, so the chart is the photo's rectangle around the
    patch (plus 2 px of padding for bilinear filtering and mipmaps), copied at the photo's

@@ -53,7 +53,9 @@ def fragments(
     hi = np.minimum(np.ceil(np.minimum(tri.max(axis=1), 2.0**40) - 0.5).astype(np.int64) + 1, [width, height])
     extent = (hi - lo).max(axis=1)
     keep = (extent > 0) & finite
-    side = 1 << np.ceil(np.log2(np.maximum(extent, 1))).astype(np.int64)
+    # Boxes grouped by size: exact sides for small triangles (most of a dense mesh), powers of two
+    # above, so that few pixels are tested in vain and the groups stay few.
+    side = np.where(extent <= 8, extent, 1 << np.ceil(np.log2(np.maximum(extent, 1))).astype(np.int64))
     for s in np.unique(side[keep]):
         ids = np.flatnonzero(keep & (side == s))
         grid = np.stack(np.meshgrid(np.arange(s), np.arange(s), indexing="xy"), axis=-1).reshape(-1, 2)

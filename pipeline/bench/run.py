@@ -38,7 +38,10 @@ import trimesh
 
 from scandrop.daemon.worker import run_job
 from scandrop.models.device import resolve_device
-from scandrop.pipeline.bench import baseline, metrics, relief, synthetic
+from scandrop.pipeline.bench import appearance, baseline, metrics, relief, synthetic
+from scandrop.pipeline.core.stage import never_stop, no_progress
+from scandrop.pipeline.core.workspace import Workspace
+from scandrop.pipeline.export import export_assets
 from scandrop.pipeline.job_spec import JobSpec
 from scandrop.pipeline.presets import preset_config
 from scandrop.pipeline.report import Report
@@ -118,6 +121,30 @@ def score_geometry(out_dir: Path, to_gt: metrics.Sim3, gt_points: np.ndarray, ta
     }
 
 
+def score_held_out(
+    result: Path, work: Path, to_gt: metrics.Sim3, held_out: synthetic.SyntheticScene
+) -> dict[str, Any]:
+    """PSNR at views the pipeline never saw (rendered with alpha = coverage): the job's model.glb,
+    and the same mesh with vertex colours, re-exported from the job's workspace for comparison."""
+    cameras = [(held_out.K, r, t) for r, t in zip(held_out.R, held_out.t, strict=True)]
+    images = [image[..., :3] for image in held_out.images]
+    masks = [image[..., 3] == 255 for image in held_out.images]
+    row: dict[str, Any] = {}
+    textured = appearance.load_model(result / "model.glb").moved(to_gt)
+    scores = appearance.score_views(textured, cameras, images, masks)
+    row["psnr_db"], row["psnr_per_view_db"] = scores["psnr_db"], scores["psnr_per_view_db"]
+    row["textured"] = textured.texture is not None
+    if work.is_dir() and textured.texture is not None:
+        vertex_out = result.parent / "vertex-colours"
+        config = export_assets.ExportConfig(texture="vertex", points=False, splats=False, cameras=False)
+        export_assets.run(config, Workspace(work), vertex_out, no_progress, never_stop)
+        vertex = appearance.load_model(vertex_out / "model.glb").moved(to_gt)
+        row["psnr_vertex_db"] = appearance.score_views(vertex, cameras, images, masks)["psnr_db"]
+    glb = result / "model.glb"
+    row["glb_mb"] = round(glb.stat().st_size / 2**20, 2)
+    return row
+
+
 def _run_ours(
     images: Path, out: Path, preset: str, overrides: dict[str, dict[str, Any]] | None = None
 ) -> Report:
@@ -149,6 +176,7 @@ def _summary(report: Report) -> dict[str, Any]:
 
 def bench_synthetic(out: Path, preset: str) -> dict[str, Any]:
     scene = synthetic.render_scene(n_views=24, width=640, height=480, seed=0)
+    held_out = synthetic.render_scene(n_views=4, width=640, height=480, seed=0, alpha=True, path="held_out")
     images = out / "images"
     synthetic.write_scene(scene, images)
     report = _run_ours(images, out / "result", preset)
@@ -157,10 +185,9 @@ def bench_synthetic(out: Path, preset: str) -> dict[str, Any]:
         poses = score_poses(estimated_cameras(out / "result"), scene.cameras())
         row.update(poses)
         row.update(
-            score_geometry(
-                out / "result", poses.pop("sim3"), scene.surface_samples(400_000), 0.01 * scene.size
-            )
+            score_geometry(out / "result", poses["sim3"], scene.surface_samples(400_000), 0.01 * scene.size)
         )
+        row.update(score_held_out(out / "result", out / "result" / ".work", poses.pop("sim3"), held_out))
         row.pop("sim3", None)
     return row
 
@@ -365,6 +392,13 @@ def print_table(rows: dict[str, dict[str, Any]], file: Any = sys.stdout) -> None
             print(
                 f"{'':10} share of a photo explained: median {r['explained_median']:.3f}, "
                 f"min {r['explained_min']:.3f}",
+                file=file,
+            )
+        if "psnr_db" in r:
+            print(
+                f"{'':10} held-out views: PSNR {r['psnr_db']:.2f} dB "
+                f"({'texture' if r.get('textured') else 'vertex colours'}; vertex colours "
+                f"{_fmt(r.get('psnr_vertex_db'), '.2f')} dB), model.glb {r['glb_mb']} MB",
                 file=file,
             )
         if "plain_seconds" in r:

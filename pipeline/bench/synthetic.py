@@ -469,6 +469,17 @@ def _render_view(
     return colour, cover
 
 
+def held_out_cameras(n_views: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """World-to-camera (R, t) at 30 degrees up, between the two rings, at azimuths a quarter step
+    off both rings: viewpoints the reconstruction never saw, for scoring appearance (PSNR)."""
+    rs, ts = [], []
+    for k in range(n_views):
+        r, t = _camera_at(2 * math.pi * (k + 0.3) / n_views, math.radians(30.0))
+        rs.append(r)
+        ts.append(t)
+    return rs, ts
+
+
 def video_cameras(n_frames: int, turns: float = 1.0) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """World-to-camera (R, t) along a smooth hand-held-like path: `turns` orbits around the object
     while the elevation swings between 15 and 45 degrees, so neighbouring frames overlap heavily."""
@@ -510,14 +521,21 @@ def render_scene(
     baseline: float = 0.5,
 ) -> SyntheticScene:
     """Render the test object from `n_views` cameras orbiting it at two elevations (path="rings"),
-    or along one smooth video-like path (path="video", frames in time order), or as a forward-facing
-    sweep with small baselines (path="sweep", across `baseline` world units).
+    or along one smooth video-like path (path="video", frames in time order), as a forward-facing
+    sweep with small baselines (path="sweep", across `baseline` world units), or from held-out
+    viewpoints between the rings (path="held_out", see held_out_cameras).
 
     `seed` picks the texture; cameras and geometry are fixed. texture="weak" leaves the sphere
     almost uniform, the hard case for feature matching and stereo.
     """
-    if path not in ("rings", "video", "sweep"):
-        raise ValueError(f"path must be 'rings', 'video' or 'sweep', not {path!r}")
+    paths = {
+        "rings": orbit_cameras,
+        "video": video_cameras,
+        "held_out": held_out_cameras,
+        "sweep": lambda n: sweep_cameras(n, baseline),
+    }
+    if path not in paths:
+        raise ValueError(f"path must be one of {sorted(paths)}, not {path!r}")
     if texture not in ("rich", "weak"):
         raise ValueError(f"texture must be 'rich' or 'weak', not {texture!r}")
     if n_views < 2 or width < 16 or height < 16:
@@ -527,10 +545,7 @@ def render_scene(
     contrast = np.full(len(primitives), 0.22)
     if texture == "weak":
         contrast[1] = 0.01
-    if path == "sweep":
-        rs, ts = sweep_cameras(n_views, baseline)
-    else:
-        rs, ts = orbit_cameras(n_views) if path == "rings" else video_cameras(n_views)
+    rs, ts = paths[path](n_views)
     return render_views(primitives, tex, contrast, rs, ts, width, height, alpha)
 
 

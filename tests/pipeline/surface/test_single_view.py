@@ -24,6 +24,7 @@ from scandrop.pipeline.core.errors import ErrorCode, ScandropError
 from scandrop.pipeline.core.pointcloud import load_points
 from scandrop.pipeline.core.workspace import Workspace
 from scandrop.pipeline.job_spec import JobSpec
+from scandrop.pipeline.presets import resolve
 from scandrop.pipeline.run import run_pipeline
 from scandrop.pipeline.surface import single_view
 
@@ -88,7 +89,7 @@ def test_relief_follows_the_true_surface_inside_the_mask(
 ) -> None:
     folder, z_true, _ = photo
     report = run_pipeline(
-        folder / "object.png", tmp_path / "out", JobSpec(preset="fast").resolve(), tmp_path / "w"
+        folder / "object.png", tmp_path / "out", resolve(JobSpec(preset="fast")), tmp_path / "w"
     )
     assert report.ok, report.error
     view = next(s.result for s in report.stages if s.name == "single_view")
@@ -120,7 +121,7 @@ def test_without_the_model_the_job_says_how_to_install_it(
     tmp_path: Path, photo: tuple[Path, np.ndarray, Path]
 ) -> None:
     config = JobSpec(preset="fast", overrides={"single_view": {"models_dir": str(tmp_path / "none")}})
-    report = run_pipeline(photo[0] / "object.png", tmp_path / "out", config.resolve(), tmp_path / "w")
+    report = run_pipeline(photo[0] / "object.png", tmp_path / "out", resolve(config), tmp_path / "w")
     assert not report.ok and report.error is not None
     assert report.error.code == ErrorCode.model_missing
     assert "scandrop models pull depth-anything-v2-small" in report.error.hint
@@ -152,7 +153,7 @@ def test_depth_jumps_cut_the_grid() -> None:
 def test_a_broken_single_photo_fails_clearly(tmp_path: Path, pixels: np.ndarray, why: str) -> None:
     Image.fromarray(pixels).save(tmp_path / "photo.png")
     report = run_pipeline(
-        tmp_path / "photo.png", tmp_path / "out", JobSpec(preset="fast").resolve(), tmp_path / "w"
+        tmp_path / "photo.png", tmp_path / "out", resolve(JobSpec(preset="fast")), tmp_path / "w"
     )
     assert not report.ok and report.error is not None
     assert report.error.code == ErrorCode.too_few_images

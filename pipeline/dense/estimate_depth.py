@@ -35,7 +35,7 @@ from scandrop.pipeline.core.child_process import die_with_parent
 from scandrop.pipeline.core.errors import ErrorCode, ScandropError
 from scandrop.pipeline.core.stage import Progress, StopCheck, atomic_path, check_stop
 from scandrop.pipeline.core.workspace import Workspace
-from scandrop.pipeline.dense.dense_views import DenseView, load_views
+from scandrop.pipeline.dense.dense_views import DenseView, stereo_views
 from scandrop.pipeline.dense.pair_stereo import SgbmParams, pair_depth
 from scandrop.pipeline.dense.view_selection import stereo_partners
 
@@ -280,13 +280,7 @@ def run(config: DepthConfig, ws: Workspace, progress: Progress, should_stop: Sto
     """Compute a depth map for every registered view of the sparse model."""
     start = time.monotonic()
     check_stop(should_stop)
-    views = load_views(ws.sparse_dir, config.max_image_size)
-    if len(views) < 2:
-        raise ScandropError(
-            ErrorCode.dense_failed,
-            "Dense stereo needs at least two registered views.",
-            "Add photos that overlap, taken from slightly different positions.",
-        )
+    views = stereo_views(ws.sparse_dir, config.max_image_size)
     partners = stereo_partners(views, config.partners, config.min_angle_deg, config.max_angle_deg)
     ws.fresh_depth_dir()
     tasks = []

@@ -25,7 +25,7 @@ from scandrop.pipeline.core.errors import ErrorCode, ScandropError
 from scandrop.pipeline.core.stage import Progress, StopCheck, check_stop
 from scandrop.pipeline.core.workspace import Workspace
 from scandrop.pipeline.dense import patchmatch_kernel as kernel
-from scandrop.pipeline.dense.dense_views import DenseView, load_views
+from scandrop.pipeline.dense.dense_views import DenseView, stereo_views
 from scandrop.pipeline.dense.estimate_depth import (
     DepthConfig,
     DepthResult,
@@ -210,13 +210,7 @@ def run(config: DepthConfig, ws: Workspace, progress: Progress, should_stop: Sto
     """PatchMatch depth for every registered view; one view at a time, all cores per view."""
     start = time.monotonic()
     check_stop(should_stop)
-    views = load_views(ws.sparse_dir, config.max_image_size)
-    if len(views) < 2:
-        raise ScandropError(
-            ErrorCode.dense_failed,
-            "Dense stereo needs at least two registered views.",
-            "Add photos that overlap, taken from slightly different positions.",
-        )
+    views = stereo_views(ws.sparse_dir, config.max_image_size)
     ws.fresh_depth_dir()
     tasks = plan_tasks(views, config, ws)
     if not tasks:

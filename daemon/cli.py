@@ -93,14 +93,16 @@ def _models(args: argparse.Namespace) -> int:
 
     models_dir = load_settings(args.config, models_dir=args.models_dir).models_dir
     if args.action == "list":
-        rows = [("NAME", "LICENCE", "INSTALLED", "SHA256", "PURPOSE")]
+        rows = [("NAME", "LICENCE", "INSTALLED", "SHA256", "FROM", "PURPOSE")]
         for spec in REGISTRY.values():
             st = model_store.state(spec, models_dir)
             installed = "yes" if st.installed else "no"
-            rows.append((spec.name, spec.licence, installed, st.sha256_source, spec.purpose))
-        widths = [max(len(row[i]) for row in rows) for i in range(4)]
+            rows.append(
+                (spec.name, spec.licence, installed, st.sha256_source, st.origin or "-", spec.purpose)
+            )
+        widths = [max(len(row[i]) for row in rows) for i in range(5)]
         for row in rows:
-            print("  ".join(cell.ljust(w) for cell, w in zip(row[:4], widths, strict=True)) + "  " + row[4])
+            print("  ".join(cell.ljust(w) for cell, w in zip(row[:5], widths, strict=True)) + "  " + row[5])
         print(f"models_dir: {models_dir}")
         return 0
     if args.action == "pull":
@@ -109,13 +111,18 @@ def _models(args: argparse.Namespace) -> int:
         how = "pinned" if spec.sha256 else "recorded on first use"
         print(f"{spec.name}: {path} (sha256 {model_store.read_lock(models_dir)[spec.name]['sha256']}, {how})")
         return 0
+    if args.action == "import":
+        spec = get_spec(args.name)
+        path = model_store.import_file(spec, models_dir, args.file)
+        print(f"{spec.name}: {path} (sha256 {spec.sha256}, pinned)")
+        return 0
     if args.action == "path":
         print(model_store.model_path(get_spec(args.name), models_dir))
         return 0
     failed = 0
     for spec in [get_spec(args.name)] if args.name else list(REGISTRY.values()):
         try:
-            print(f"ok  {spec.name}  {model_store.verify(spec, models_dir)}")
+            print(f"ok  {spec.name}  {model_store.model_path(spec, models_dir)}")
         except ScandropError as exc:
             failed += 1
             print(f"error [{exc.code.value}]: {exc.message}\nhint: {exc.hint}", file=sys.stderr)
@@ -156,13 +163,18 @@ def build_parser() -> argparse.ArgumentParser:
     cfg.add_argument("--config", type=Path, default=None)
     cfg.set_defaults(func=_config)
 
-    mdl = sub.add_parser("models", help="List, install (pull), verify and locate the learned models.")
+    mdl = sub.add_parser("models", help="List, install (pull, import), verify and locate the learned models.")
     mdl.add_argument("--config", type=Path, default=None)
     mdl.add_argument("--models-dir", type=Path, default=None, help="Default: the models_dir setting.")
     msub = mdl.add_subparsers(dest="action", required=True)
     msub.add_parser("list", help="Every registered model, its licence and whether it is installed.")
     pull = msub.add_parser("pull", help="Download NAME from the Hugging Face hub and check its sha256.")
     pull.add_argument("name")
+    imp = msub.add_parser(
+        "import", help="Install FILE as NAME (no hub needed) if its sha256 is the pinned one."
+    )
+    imp.add_argument("name")
+    imp.add_argument("file", type=Path)
     ver = msub.add_parser("verify", help="Check installed models' sha256 (all when NAME is omitted).")
     ver.add_argument("name", nargs="?")
     pth = msub.add_parser("path", help="Print the verified path of NAME.")

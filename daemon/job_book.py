@@ -34,12 +34,13 @@ class JobBook:
             write_status(status)
         except OSError as exc:  # outbox unreachable for a moment: the row is safe, retried next change
             log.warning("status_write_failed", job_id=status.job_id, error=str(exc))
-        self.bus.publish(Event(type=event, job=status))
+        # A snapshot: listeners serialise the event later, when the job may be a stage further on.
+        self.bus.publish(Event(type=event, job=status.model_copy(deep=True)))
 
     def announce(self, status: JobStatus, event: EventType) -> None:
         """A live change (progress) that need not be durable at once."""
         status.updated_at = now()
-        self.bus.publish(Event(type=event, job=status))
+        self.bus.publish(Event(type=event, job=status.model_copy(deep=True)))
 
     def finish(self, status: JobStatus, error: ErrorInfo | None) -> None:
         """Record a job's outcome (durable first), then move its input to done/ or failed/."""

@@ -15,6 +15,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,11 +25,12 @@ import structlog
 
 from scandrop.daemon.drops import content_hash, content_patterns
 from scandrop.daemon.job_book import JobBook
+from scandrop.daemon.job_execution import ExecutionInfo, Executor, JobHooks, JobRequest, LocalExecutor
 from scandrop.daemon.job_settings import DROP_SETTINGS_FILE, JobSettings, effective, read_drop_options
 from scandrop.daemon.job_status import JobState, JobStatus, list_outputs, missing_input, now, quality_summary
-from scandrop.daemon.settings import Settings
+from scandrop.daemon.settings import ExecutorKind, Settings
 from scandrop.daemon.spool import Spool
-from scandrop.daemon.worker import GRACE_SECONDS, kill_group, run_job
+from scandrop.daemon.worker import GRACE_SECONDS, kill_group
 from scandrop.models.device import DeviceRequest, resolve_device_in_child
 from scandrop.pipeline.core.errors import ErrorCode, ErrorInfo, ScandropError
 from scandrop.pipeline.core.stage import ProgressEvent
@@ -70,6 +72,14 @@ class Running:
     progress_at_start: float = 0.0
 
 
+def make_executor(settings: Settings) -> Executor:
+    if settings.executor == ExecutorKind.ray:
+        from scandrop.daemon.ray_executor import RayExecutor  # Ray loads only for this executor
+
+        return RayExecutor(settings)
+    return LocalExecutor()
+
+
 class JobRunner:
     def __init__(
         self,
@@ -87,6 +97,10 @@ class JobRunner:
         self.inbox_ok = inbox_ok  # the job's input lives on its inbox's filesystem
         self.space_ok = space_ok  # below min_free_space_mb new jobs wait
         self._devices: dict[DeviceRequest, dict[str, Any]] = {settings.device: device}
+        self.executor = make_executor(settings)
+        # Each running job holds a thread for its whole life: its own pool, so that many jobs (a
+        # cluster's worth) never starve asyncio's default pool, which the scanner needs.
+        self._job_threads = ThreadPoolExecutor(settings.concurrency, thread_name_prefix="job")
         self.running: dict[str, Running] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
@@ -100,7 +114,8 @@ class JobRunner:
         self._loop = asyncio.get_running_loop()
         while self._accepting:
             self._wake.clear()
-            if self.space_ok():
+            space = self.space_ok()  # below min_free_space_mb new jobs wait
+            if space and self.executor.problem() is None:  # a Ray cluster may be unreachable a while
                 free = self.settings.concurrency - len(self.running)
                 waiting = [
                     s
@@ -109,7 +124,7 @@ class JobRunner:
                 ]
                 for status in waiting[: max(0, free)]:  # a started job stays queued while it is hashed
                     self._start(status)
-            else:  # say why on each queued job, once
+            elif not space:  # say why on each queued job, once
                 for status in self.book.store.in_states(JobState.queued):
                     if status.job_id not in self.running and status.message != WAITING_FOR_SPACE:
                         status.message = WAITING_FOR_SPACE
@@ -146,6 +161,8 @@ class JobRunner:
             entry.stop.set()
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=GRACE_SECONDS + 20)
+        self._job_threads.shutdown(wait=False)
+        await asyncio.to_thread(self.executor.close)
 
     async def _execute(self, entry: Running) -> None:
         status = entry.status
@@ -176,7 +193,10 @@ class JobRunner:
             status.state = JobState.running
             status.attempts += 1
             status.started_at = status.started_at or now()
-            status.device = await self._device(status.settings.device)
+            if self.settings.executor == ExecutorKind.ray:  # the node that runs it resolves the request
+                status.device = self.device
+            else:
+                status.device = await self._device(status.settings.device)
             status.message = "starting"
             self.book.commit(status, "state")
             bound.info(
@@ -187,7 +207,7 @@ class JobRunner:
                 preset=status.settings.preset.value,
                 settings=status.settings.sources,
             )
-            report = await asyncio.to_thread(self._run_process, entry)
+            report = await self._loop.run_in_executor(self._job_threads, self._run_process, entry)
             self.book.store.set_process(status.job_id, None, None)
             self._conclude(entry, report)
         except ScandropError as exc:  # the job's own settings (its drop file, its device): its failure
@@ -217,17 +237,27 @@ class JobRunner:
                 created = psutil.Process(pid).create_time()
                 loop.call_soon_threadsafe(self.book.store.set_process, status.job_id, pid, created)
 
-        return run_job(
-            Path(status.input.location),
-            Path(status.outbox),
-            spec,
-            self.work_dir(status.job_id),
-            status.device,
+        def attempt(number: int, where: ExecutionInfo, device: dict[str, Any]) -> None:
+            loop.call_soon_threadsafe(self._attempt, entry, number, where, device)
+
+        request = JobRequest(
+            job_id=status.job_id,
+            input_path=Path(status.input.location),
+            out_dir=Path(status.outbox),
+            work_dir=self.work_dir(status.job_id),
+            spec=spec,
+            device=status.device,
+            timeout=self.settings.job_timeout,
+            input_bytes=status.input.bytes,
+            device_request=status.settings.device.value if status.settings else self.settings.device.value,
+        )
+        hooks = JobHooks(
             on_event=lambda e: loop.call_soon_threadsafe(self._progress, entry, e),
             should_stop=entry.stop.is_set,
-            timeout=self.settings.job_timeout,
             on_start=started,
+            on_attempt=attempt,
         )
+        return self.executor.run(request, hooks)  # the one dispatch point: local process or Ray task
 
     def job_settings(self, status: JobStatus, input_path: Path) -> JobSettings:
         """Global settings < the job's hot folder < the drop's scandrop.toml (invalid_settings if bad)."""
@@ -247,7 +277,7 @@ class JobRunner:
         overrides: dict[str, dict[str, Any]] = {"mesh": {"max_triangles": job.max_triangles}}
         for stage, fields in job.stages.items():
             overrides.setdefault(stage, {}).update(fields)
-        for stage in ("single_view", "fill"):  # the daemon's models, whatever a drop says
+        for stage in ("single_view", "fill", "sparse"):  # the daemon's models, whatever a drop says
             overrides.setdefault(stage, {})["models_dir"] = str(self.settings.models_dir)
         return JobSpec(preset=job.preset, overrides=overrides)
 
@@ -260,6 +290,17 @@ class JobRunner:
 
     def work_dir(self, job_id: str) -> Path:
         return self.settings.state_dir / "work" / job_id
+
+    def _attempt(self, entry: Running, number: int, where: ExecutionInfo, device: dict[str, Any]) -> None:
+        """Where an attempt runs; a second one (its node died, Ray re-ran it) counts in attempts."""
+        status = entry.status
+        if number > 1:
+            status.attempts += 1
+            status.stage, status.stage_progress, status.progress = None, 0.0, 0.0
+            status.message = f"retried on another node (attempt {number})"
+            log.warning("job_retried_elsewhere", job_id=status.job_id, attempt=number, node=where.node)
+        status.execution, status.device = where, device
+        self.book.commit(status, "state")
 
     def _progress(self, entry: Running, event: ProgressEvent) -> None:
         status = entry.status
@@ -295,6 +336,10 @@ class JobRunner:
         if entry.shutdown and code in (ErrorCode.cancelled, ErrorCode.worker_crashed):
             status.attempts -= 1  # not the job's fault
             self._requeue(status, "interrupted by shutdown; resumes at the next start")
+            return
+        if code == ErrorCode.worker_crashed and (problem := self.executor.problem()) is not None:
+            status.attempts -= 1  # the cluster went away, not the job's fault: it waits for it
+            self._requeue(status, problem)
             return
         if code == ErrorCode.worker_crashed and status.attempts <= self.settings.max_retries:
             self._requeue(

@@ -14,6 +14,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from scandrop.daemon.job_settings import JobSettings
+from scandrop.daemon.settings import ExecutorKind
 from scandrop.pipeline.core.errors import ErrorCode, ErrorInfo
 from scandrop.pipeline.core.stage import sha256_file, write_json_atomic
 from scandrop.pipeline.report import Report
@@ -49,6 +50,23 @@ class OutputFile(BaseModel):
     sha256: str
 
 
+class DataMode(StrEnum):
+    """How a job's input reaches the machine that runs it, and its outputs come back."""
+
+    local = "local"  # the daemon's own machine
+    shared = "shared"  # the node mounts the inbox and outbox (checked by a probe): paths used as is
+    shipped = "shipped"  # input through Ray's object store; outputs returned and written by the daemon
+
+
+class ExecutionInfo(BaseModel):
+    """status.json's `execution`: where the job's current attempt runs."""
+
+    executor: ExecutorKind
+    data: DataMode
+    node: str | None = Field(None, description="The Ray node's address (ray executor).")
+    node_id: str | None = Field(None, description="The Ray node's id (ray executor).")
+
+
 class JobStatus(BaseModel):
     schema_version: int = STATUS_SCHEMA_VERSION
     job_id: str
@@ -77,6 +95,7 @@ class JobStatus(BaseModel):
     eta_seconds: float | None = Field(
         None, description="Estimated seconds until the job is done, once its stage has shown enough progress."
     )
+    execution: ExecutionInfo | None = Field(None, description="Where the job's current attempt runs.")
 
 
 def now() -> datetime:
@@ -100,6 +119,8 @@ def list_outputs(folder: Path, names: list[str]) -> list[OutputFile]:
     """Name, size and checksum of each finished output (report.json's list) that is really there."""
     found = []
     for name in [*names, "report.json"]:
+        if name == STATUS_FILE:  # the pipeline lists what it found in the folder: ours, rewritten later
+            continue
         path = folder / name
         if path.is_file():
             found.append(OutputFile(name=name, size=path.stat().st_size, sha256=sha256_file(path)))

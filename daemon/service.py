@@ -29,11 +29,11 @@ from scandrop.daemon.job_status import JobState, JobStatus, now
 from scandrop.daemon.job_store import JobStore
 from scandrop.daemon.metrics import Metrics
 from scandrop.daemon.notifications import WebhookOutbox, run_on_finish
-from scandrop.daemon.settings import Settings
+from scandrop.daemon.settings import ExecutorKind, Settings
 from scandrop.daemon.spool import Spool
 from scandrop.daemon.status_page import BUILD_COMMAND, viewer_versions
 from scandrop.daemon.systemd_notify import notify, watchdog_interval
-from scandrop.models.device import resolve_device_in_child
+from scandrop.models.device import DeviceRequest, resolve_device_in_child
 from scandrop.pipeline.core.errors import ErrorCode, ScandropError
 from scandrop.pipeline.plan import kinds_plan
 from scandrop.pipeline.report import scandrop_version
@@ -47,7 +47,9 @@ class Service:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         # Once, in a child: an impossible request stops start-up; CUDA libraries never load here.
-        self.device = resolve_device_in_child(settings.device)
+        # With Ray, each job's node resolves the request itself (a GPU daemon box is not needed).
+        ray = settings.executor == ExecutorKind.ray
+        self.device = resolve_device_in_child(DeviceRequest.auto if ray else settings.device)
         self.started_at = now()
         self.store = JobStore(settings.state_dir / "jobs.sqlite3")
         self.bus = EventBus()
@@ -119,6 +121,8 @@ class Service:
                 problems.append(
                     f"the watch loop of {scanner.settings.inbox} has not run for over 30 s (a hung mount?)"
                 )
+        if (executor_problem := self.runner.executor.problem()) is not None:
+            problems.append(executor_problem)
         return {"ok": not problems, "problems": problems}
 
     def status(self) -> dict[str, Any]:
@@ -166,6 +170,7 @@ class Service:
                 "concurrency": self.settings.concurrency,
                 "preset": self.settings.preset.value,
                 "job_timeout": self.settings.job_timeout,
+                "executor": self.settings.executor.value,
             },
         }
 

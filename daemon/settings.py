@@ -59,6 +59,19 @@ class WatchMode(StrEnum):
     poll = "poll"
 
 
+class ExecutorKind(StrEnum):
+    local = "local"
+    ray = "ray"
+
+
+class RayData(StrEnum):
+    """How ray jobs reach their data: probe the nodes (auto), or say so."""
+
+    auto = "auto"
+    shared = "shared"
+    shipped = "shipped"
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SCANDROP_", extra="forbid", frozen=True)
 
@@ -92,6 +105,20 @@ class Settings(BaseSettings):
     job_timeout: float = Field(3600.0, gt=0, description="Seconds before a job is stopped as timed out.")
     max_retries: int = Field(1, ge=0, le=10, description="Re-runs of a job whose process crashed.")
     max_triangles: int = Field(300_000, ge=1000, description="Triangle cap of model.glb.")
+    executor: ExecutorKind = Field(
+        ExecutorKind.local, description="local: child processes here; ray: tasks on a Ray cluster."
+    )
+    ray_address: str = Field(
+        "auto",
+        min_length=1,
+        description="The Ray cluster: auto (this machine's), HOST:6379 or ray://HOST:10001.",
+    )
+    ray_data: RayData = Field(
+        RayData.auto,
+        description="auto: probe whether the nodes see the inbox and outbox (shared) or ship the data; "
+        "shared or shipped to decide it.",
+    )
+    ray_job_cpus: float = Field(1.0, gt=0, description="CPUs a job reserves on a Ray node.")
     models_dir: Path = Field(
         default_factory=user_models_dir,
         description="Installed learned models (`scandrop models pull`); default ~/.cache/scandrop/models "

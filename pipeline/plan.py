@@ -39,13 +39,23 @@ def _sparse(device: dict[str, Any]) -> StagePlan:
     return StagePlan(stage="sparse", backend="pycolmap-cpu", reason=why)
 
 
+def learned_device(device: dict[str, Any]) -> str:
+    """Where the sparse stage's learned matcher (DISK + LightGlue, torch) runs: a CUDA torch if any."""
+    return "cuda" if device.get("name") == "cuda" and device.get("torch_cuda") else "cpu"
+
+
 def _depth(device: dict[str, Any]) -> StagePlan:
     if device.get("name") == "cuda" and device.get("pycolmap_cuda"):
         return StagePlan(
             stage="depth", backend="colmap-patchmatch-cuda", reason="PatchMatch stereo on the GPU"
         )
-    why = "CPU device" if device.get("name") != "cuda" else "PatchMatch needs the CUDA build of pycolmap"
-    return StagePlan(stage="depth", backend="opencv-sgbm-cpu", reason=why)
+    why = (
+        "CPU device"
+        if device.get("name") != "cuda"
+        else "COLMAP's PatchMatch needs the CUDA build of pycolmap"
+    )
+    # The CPU method follows the preset: PatchMatch (numba), or OpenCV SGBM pairs in `fast`.
+    return StagePlan(stage="depth", backend="patchmatch-or-sgbm-cpu", reason=why)
 
 
 def _optimise(device: dict[str, Any]) -> StagePlan:

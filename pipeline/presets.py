@@ -43,21 +43,31 @@ class PipelineConfig(BaseModel):
 # Only what differs from the stage defaults (which are the balanced preset).
 _OVERRIDES: dict[Preset, dict[str, dict[str, Any]]] = {
     Preset.fast: {
-        "frames": {"max_frames": 60},
+        "frames": {"max_frames": 60, "min_frames": 24},
+        "export": {"texture_size": 2048},
         "ingest": {"max_image_size": 1024},
         "sparse": {"max_num_features": 2048, "small_set_features": 4096},
-        "depth": {"partners": 3, "stereo_max_size": 320},
+        "depth": {"method": "sgbm", "partners": 3, "stereo_max_size": 320},
         "fuse": {"neighbours": 6},
         "mesh": {"depth": 7},
     },
     Preset.balanced: {},
     Preset.quality: {
         "frames": {"max_frames": 240},
+        "export": {"texture_size": 8192},
         "ingest": {"max_image_size": 2400},
         "sparse": {"max_num_features": 8192},
-        "depth": {"stereo_max_size": 1000},
+        # PatchMatch on the full working resolution (the grid never exceeds the photo).
+        "depth": {
+            "max_image_size": 4000,
+            "stereo_max_size": 1000,
+            "pm_levels": 4,
+            "pm_sources": 8,
+            "pm_best_k": 3,
+            "pm_iterations_fine": 2,
+        },
         "fuse": {"neighbours": 12},
-        "mesh": {"depth": 9},
+        "mesh": {"depth": 10, "max_triangles": 1_000_000},
     },
 }
 

@@ -32,11 +32,11 @@ from scandrop.pipeline.core.stage import (
     write_json_atomic,
 )
 from scandrop.pipeline.core.workspace import Workspace
-from scandrop.pipeline.dense import estimate_depth, fill_depth, fuse_depth, patchmatch_depth
+from scandrop.pipeline.dense import estimate_depth, fill_depth, fuse_depth, patchmatch_cpu, patchmatch_depth
 from scandrop.pipeline.export import export_assets, render_preview
 from scandrop.pipeline.ingest import drop_input, extract_frames, ingest_images
 from scandrop.pipeline.ingest.input_kind import InputKind, input_kind, job_kind, listing
-from scandrop.pipeline.plan import StagePlan, backend_device, build_plan, plan_stages
+from scandrop.pipeline.plan import StagePlan, backend_device, build_plan, learned_device, plan_stages
 from scandrop.pipeline.presets import PipelineConfig
 from scandrop.pipeline.report import Report, StageReport, new_report
 from scandrop.pipeline.sparse import reconstruct_sparse
@@ -147,13 +147,19 @@ def run_pipeline(
             report.images.registered = 1
             report.single_view = view.model_dump(mode="json")
         else:
-            sparse_config = sparse_config.model_copy(update={"device": backend_device(backends, "sparse")})
+            sparse_config = sparse_config.model_copy(
+                update={
+                    "device": backend_device(backends, "sparse"),
+                    "learned_device": learned_device(device or {"name": "cpu"}),
+                }
+            )
             sparse = stage("sparse", reconstruct_sparse.run, sparse_config, ws, ingested.camera_groups())
             report.images.registered = sparse.registered
             report.images.unregistered = sparse.unregistered
             report.mean_reprojection_error_px = sparse.mean_reprojection_error_px
             on_gpu = backend_device(backends, "depth") == "cuda"  # PatchMatch writes the same depth maps
-            stage("depth", patchmatch_depth.run if on_gpu else estimate_depth.run, config.depth, ws)
+            on_cpu = patchmatch_cpu.run if config.depth.method == "patchmatch" else estimate_depth.run
+            stage("depth", patchmatch_depth.run if on_gpu else on_cpu, config.depth, ws)
             on = backend_device(backends, "fill")
             filled = stage("fill", fill_depth.run, config.fill, ws, on)
             report.mono_depth = filled.model_dump(mode="json", exclude={"per_view"})

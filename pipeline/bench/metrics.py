@@ -106,3 +106,80 @@ def sample_mesh(vertices: np.ndarray, faces: np.ndarray, n: int, seed: int = 0) 
     r1 = np.sqrt(rng.uniform(0.0, 1.0, n))[:, None]
     r2 = rng.uniform(0.0, 1.0, n)[:, None]
     return (1 - r1) * a[tri] + r1 * (1 - r2) * b[tri] + r1 * r2 * c[tri]
+
+
+def fscores_at(points: np.ndarray, gt_points: np.ndarray, taus: dict[str, float]) -> dict[str, float]:
+    """F-score (precision, recall) at each named tau, e.g. {"1%": 0.01 * size, ...}."""
+    out: dict[str, float] = {}
+    for name, tau in taus.items():
+        pr, re, f = precision_recall_fscore(points, gt_points, tau)
+        out[f"f@{name}"] = f
+        out[f"precision@{name}"] = pr
+        out[f"recall@{name}"] = re
+    return out
+
+
+@dataclass(frozen=True)
+class PhotoCamera:
+    """One registered photo as transforms.json describes it (OPENCV model, OpenCV axes here)."""
+
+    name: str
+    R: np.ndarray  # world-to-camera rotation
+    t: np.ndarray
+    fx: float
+    fy: float
+    cx: float
+    cy: float
+    width: int
+    height: int
+    dist: tuple[float, float, float, float]  # k1, k2, p1, p2
+
+    def project(self, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Pixel coordinates (COLMAP/nerfstudio: pixel centres at +0.5) and in-front mask."""
+        cam = np.einsum("ij,kj->ki", self.R, np.asarray(points, dtype=np.float64)) + self.t
+        front = cam[:, 2] > 1e-9
+        z = np.where(front, cam[:, 2], 1.0)
+        x, y = cam[:, 0] / z, cam[:, 1] / z
+        k1, k2, p1, p2 = self.dist
+        r2 = x * x + y * y
+        radial = 1 + k1 * r2 + k2 * r2 * r2
+        xd = x * radial + 2 * p1 * x * y + p2 * (r2 + 2 * x * x)
+        yd = y * radial + p1 * (r2 + 2 * y * y) + 2 * p2 * x * y
+        return np.stack([self.fx * xd + self.cx, self.fy * yd + self.cy], axis=1), front
+
+
+def transforms_cameras(data: dict) -> list[PhotoCamera]:
+    """The cameras of a transforms.json (dict): camera-to-world in OpenGL axes -> world-to-camera
+    in OpenCV axes; intrinsics per frame or shared at the top level."""
+    cams = []
+    gl_to_cv = np.diag([1.0, -1.0, -1.0])
+    for frame in data["frames"]:
+        f = {**data, **frame}
+        c2w = np.asarray(frame["transform_matrix"], dtype=np.float64)
+        rot_c2w = c2w[:3, :3] @ gl_to_cv
+        R = rot_c2w.T
+        cams.append(
+            PhotoCamera(
+                name=str(frame["file_path"]),
+                R=R,
+                t=-R @ c2w[:3, 3],
+                fx=float(f["fl_x"]),
+                fy=float(f["fl_y"]),
+                cx=float(f["cx"]),
+                cy=float(f["cy"]),
+                width=int(f["w"]),
+                height=int(f["h"]),
+                dist=tuple(float(f.get(k, 0.0)) for k in ("k1", "k2", "p1", "p2")),  # type: ignore[arg-type]
+            )
+        )
+    return cams
+
+
+def explained_share(points: np.ndarray, camera: PhotoCamera, cell: int = 8) -> float:
+    """Share of the photo's cell x cell pixel cells that at least one point projects into
+    (no occlusion test: a point behind another still counts, as the issue defines it)."""
+    uv, front = camera.project(points)
+    nx, ny = -(-camera.width // cell), -(-camera.height // cell)
+    ok = front & (uv[:, 0] >= 0) & (uv[:, 1] >= 0) & (uv[:, 0] < camera.width) & (uv[:, 1] < camera.height)
+    cells = (uv[ok, 1] // cell).astype(np.int64) * nx + (uv[ok, 0] // cell).astype(np.int64)
+    return float(len(np.unique(cells)) / (nx * ny))

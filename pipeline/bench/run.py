@@ -10,12 +10,22 @@ Datasets:
 - apple: ../shared/datasets/video_cotracker_apple/apple.mp4, a hand-held video arc (>= 90% of the
   kept frames must register);
 - video: a rendered orbit clip of 240 frames run at two frame budgets (50 and 200 keyframes): the
-  time ratio (target <= 4 for 4x the frames), registered fractions and pose accuracy.
+  time ratio (target <= 4 for 4x the frames), registered fractions and pose accuracy;
+- relief: a rendered object with fine relief (bench/relief.py), 24 photos at 1600x1200: points and
+  mesh F-score at 1%, 0.5%, 0.25% and 0.125% of its size, wall time against a plain pycolmap
+  sparse run on the same photos; held-out views are written beside for texture scoring.
+  `relief:seed=1,shape=pebble` is a held-out object of the same kind; views=, width=, height=
+  give reduced settings for quick runs;
+- fern, sacre_coeur, nle_tower: real sets without ground truth; like kitchen they report the
+  share of each photo that the dense points explain (median over registered photos).
+- hard captures, by name only (minutes each on a CPU): cake, barn, tower, apple-photos: small
+  wide-baseline photo sets SIFT alone cannot connect; the row adds the learned matcher's time.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import sys
 import tempfile
 import time
@@ -28,19 +38,33 @@ import trimesh
 
 from scandrop.daemon.worker import run_job
 from scandrop.models.device import resolve_device
-from scandrop.pipeline.bench import baseline, metrics, synthetic
+from scandrop.pipeline.bench import appearance, baseline, metrics, relief, synthetic
+from scandrop.pipeline.core.stage import never_stop, no_progress
+from scandrop.pipeline.core.workspace import Workspace
+from scandrop.pipeline.export import export_assets
 from scandrop.pipeline.job_spec import JobSpec
 from scandrop.pipeline.presets import preset_config
 from scandrop.pipeline.report import Report
 
 DEFAULT_DATASETS = ["synthetic", "herzjesu", "kitchen", "room", "apple", "video"]
+DEFAULT_DATASETS += ["relief", "fern", "sacre_coeur", "nle_tower"]
 SHARED_NAMES = {
     "herzjesu": "strecha_herz_jesus_p8",
     "kitchen": "vggt_kitchen",
     "room": "vggt_room",
     "apple": "video_cotracker_apple",
+    "fern": "vggt_llff_fern",
+    "sacre_coeur": "hloc_sacre_coeur",
+    "nle_tower": "mast3r_nle_tower",
 }
+RELIEF_TAUS = {"1%": 0.01, "0.5%": 0.005, "0.25%": 0.0025, "0.125%": 0.00125}
 VIDEO_BUDGETS = (50, 200)
+HARD_CAPTURES = {
+    "cake": "vggsfm_cake",
+    "barn": "instantsplat_tnt_barn_3view",
+    "tower": "mast3r_nle_tower",
+    "apple-photos": "vggsfm_apple",
+}
 
 
 def default_datasets_dir() -> Path:
@@ -97,6 +121,30 @@ def score_geometry(out_dir: Path, to_gt: metrics.Sim3, gt_points: np.ndarray, ta
     }
 
 
+def score_held_out(
+    result: Path, work: Path, to_gt: metrics.Sim3, held_out: synthetic.SyntheticScene
+) -> dict[str, Any]:
+    """PSNR at views the pipeline never saw (rendered with alpha = coverage): the job's model.glb,
+    and the same mesh with vertex colours, re-exported from the job's workspace for comparison."""
+    cameras = [(held_out.K, r, t) for r, t in zip(held_out.R, held_out.t, strict=True)]
+    images = [image[..., :3] for image in held_out.images]
+    masks = [image[..., 3] == 255 for image in held_out.images]
+    row: dict[str, Any] = {}
+    textured = appearance.load_model(result / "model.glb").moved(to_gt)
+    scores = appearance.score_views(textured, cameras, images, masks)
+    row["psnr_db"], row["psnr_per_view_db"] = scores["psnr_db"], scores["psnr_per_view_db"]
+    row["textured"] = textured.texture is not None
+    if work.is_dir() and textured.texture is not None:
+        vertex_out = result.parent / "vertex-colours"
+        config = export_assets.ExportConfig(texture="vertex", points=False, splats=False, cameras=False)
+        export_assets.run(config, Workspace(work), vertex_out, no_progress, never_stop)
+        vertex = appearance.load_model(vertex_out / "model.glb").moved(to_gt)
+        row["psnr_vertex_db"] = appearance.score_views(vertex, cameras, images, masks)["psnr_db"]
+    glb = result / "model.glb"
+    row["glb_mb"] = round(glb.stat().st_size / 2**20, 2)
+    return row
+
+
 def _run_ours(
     images: Path, out: Path, preset: str, overrides: dict[str, dict[str, Any]] | None = None
 ) -> Report:
@@ -128,6 +176,7 @@ def _summary(report: Report) -> dict[str, Any]:
 
 def bench_synthetic(out: Path, preset: str) -> dict[str, Any]:
     scene = synthetic.render_scene(n_views=24, width=640, height=480, seed=0)
+    held_out = synthetic.render_scene(n_views=4, width=640, height=480, seed=0, alpha=True, path="held_out")
     images = out / "images"
     synthetic.write_scene(scene, images)
     report = _run_ours(images, out / "result", preset)
@@ -136,10 +185,9 @@ def bench_synthetic(out: Path, preset: str) -> dict[str, Any]:
         poses = score_poses(estimated_cameras(out / "result"), scene.cameras())
         row.update(poses)
         row.update(
-            score_geometry(
-                out / "result", poses.pop("sim3"), scene.surface_samples(400_000), 0.01 * scene.size
-            )
+            score_geometry(out / "result", poses["sim3"], scene.surface_samples(400_000), 0.01 * scene.size)
         )
+        row.update(score_held_out(out / "result", out / "result" / ".work", poses.pop("sim3"), held_out))
         row.pop("sim3", None)
     return row
 
@@ -174,8 +222,83 @@ def bench_kitchen(root: Path, out: Path, preset: str) -> dict[str, Any]:
     return row
 
 
+def share_explained(out_dir: Path) -> dict[str, Any]:
+    """Median over registered photos of the 8x8-pixel cells that points.ply projects into."""
+    cams = metrics.transforms_cameras(json.loads((out_dir / "cameras" / "transforms.json").read_text()))
+    points = np.asarray(trimesh.load(out_dir / "points.ply").vertices)
+    shares = [metrics.explained_share(points, cam) for cam in cams]
+    return {
+        "explained_median": float(np.median(shares)) if shares else None,
+        "explained_min": float(np.min(shares)) if shares else None,
+    }
+
+
+def bench_explained(root: Path, out: Path, preset: str) -> dict[str, Any]:
+    report = _run_ours(root / "images", out / "result", preset)
+    row = _summary(report)
+    if report.ok:
+        row.update(share_explained(out / "result"))
+    return row
+
+
+def relief_options(name: str) -> dict[str, Any]:
+    """`relief` or `relief:seed=1,shape=pebble,views=12,width=800,height=600` -> scene options."""
+    options: dict[str, Any] = {"n_views": 24, "width": 1600, "height": 1200, "seed": 0, "shape": "sphere"}
+    _, _, spec = name.partition(":")
+    keys = {"views": "n_views", "width": "width", "height": "height", "seed": "seed", "shape": "shape"}
+    for item in filter(None, spec.split(",")):
+        key, _, value = item.partition("=")
+        if key not in keys:
+            raise ValueError(f"unknown relief option {key!r}; known: {', '.join(keys)}")
+        options[keys[key]] = value if key == "shape" else int(value)
+    return options
+
+
+def bench_relief(out: Path, preset: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Fine relief at the photos' resolution: F at four taus, time against plain pycolmap."""
+    scene = relief.render_relief_scene(**options)
+    images = out / "images"
+    synthetic.write_scene(scene.train, images)
+    relief.write_held_out(scene.held_out, out / "held_out")
+    plain = baseline.run_plain_pycolmap(images, out / "plain")
+    report = _run_ours(images, out / "result", preset)
+    row = _summary(report)
+    row["scene"] = options
+    row["held_out_dir"] = str(out / "held_out")
+    row["plain_registered"] = plain.registered
+    row["plain_seconds"] = plain.seconds.wall
+    row["plain_peak_rss_mb"] = plain.peak_rss_mb
+    row["time_ratio"] = report.seconds / plain.seconds.wall if plain.seconds.wall else None
+    if report.ok:
+        poses = score_poses(estimated_cameras(out / "result"), scene.train.cameras())
+        row.update(poses)
+        to_gt = row.pop("sim3")
+        taus = {k: v * scene.train.size for k, v in RELIEF_TAUS.items()}
+        gt = scene.train.surface_samples(600_000)
+        points = to_gt(trimesh.load(out / "result" / "points.ply").vertices)
+        mesh = trimesh.load(out / "result" / "model.glb", force="mesh")
+        mesh_pts = to_gt(metrics.sample_mesh(np.asarray(mesh.vertices), np.asarray(mesh.faces), 600_000))
+        row["points_scores"] = metrics.fscores_at(points, gt, taus)
+        row["mesh_scores"] = metrics.fscores_at(mesh_pts, gt, taus)
+        row["points_f"] = row["points_scores"]["f@1%"]
+        row["mesh_f"] = row["mesh_scores"]["f@1%"]
+        row.update(share_explained(out / "result"))
+    return row
+
+
 def bench_room(root: Path, out: Path, preset: str) -> dict[str, Any]:
     return _summary(_run_ours(root / "images", out / "result", preset))
+
+
+def bench_hard(root: Path, out: Path, preset: str) -> dict[str, Any]:
+    """A hard capture: what was placed, by which matcher, and what the learned matcher cost."""
+    report = _run_ours(root / "images", out / "result", preset)
+    row = _summary(report)
+    sparse = next((s.result for s in report.stages if s.name == "sparse"), {})
+    learned = sparse.get("learned", {})
+    row["learned"] = {k: learned.get(k) for k in ("used", "why", "pairs", "pairs_written", "seconds")}
+    row["placed_by"] = sparse.get("placed_by", {})
+    return row
 
 
 def _frames_row(report: Report) -> dict[str, Any]:
@@ -252,6 +375,32 @@ def print_table(rows: dict[str, dict[str, Any]], file: Any = sys.stdout) -> None
                 + (f", time x{r['time_ratio']:.2f} of video-{VIDEO_BUDGETS[0]}" if "time_ratio" in r else ""),
                 file=file,
             )
+        if r.get("learned", {}).get("used"):
+            secs = r["learned"]["seconds"]
+            print(
+                f"{'':10} learned matching ({r['learned']['why']}): DISK {secs['extract']:.1f} s, "
+                f"LightGlue {secs['match']:.1f} s for {r['learned']['pairs']} pairs",
+                file=file,
+            )
+        if "points_scores" in r:
+            taus = "  ".join(
+                f"{t}: {r['points_scores'][f'f@{t}']:.3f}/{r['mesh_scores'][f'f@{t}']:.3f}"
+                for t in RELIEF_TAUS
+            )
+            print(f"{'':10} F points/mesh at tau  {taus}", file=file)
+        if r.get("explained_median") is not None:
+            print(
+                f"{'':10} share of a photo explained: median {r['explained_median']:.3f}, "
+                f"min {r['explained_min']:.3f}",
+                file=file,
+            )
+        if "psnr_db" in r:
+            print(
+                f"{'':10} held-out views: PSNR {r['psnr_db']:.2f} dB "
+                f"({'texture' if r.get('textured') else 'vertex colours'}; vertex colours "
+                f"{_fmt(r.get('psnr_vertex_db'), '.2f')} dB), model.glb {r['glb_mb']} MB",
+                file=file,
+            )
         if "plain_seconds" in r:
             print(
                 f"{'':10} plain pycolmap: {r['plain_registered']} registered, {r['plain_seconds']:.1f} s, "
@@ -265,14 +414,17 @@ def main(names: list[str], out: Path, preset: str, datasets_dir: Path | None = N
     out.mkdir(parents=True, exist_ok=True)
     rows: dict[str, dict[str, Any]] = {}
     for name in names or DEFAULT_DATASETS:
-        work = Path(tempfile.mkdtemp(prefix=f"bench-{name}-", dir=out))
+        work = Path(tempfile.mkdtemp(prefix=f"bench-{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}-", dir=out))
         if name == "synthetic":
             rows[name] = bench_synthetic(work, preset)
             continue
         if name == "video":
             rows.update(bench_video(work, preset))
             continue
-        root = datasets_dir / SHARED_NAMES.get(name, name)
+        if name.partition(":")[0] == "relief":
+            rows[name] = bench_relief(work, preset, relief_options(name))
+            continue
+        root = datasets_dir / {**SHARED_NAMES, **HARD_CAPTURES}.get(name, name)
         if not root.exists():
             print(
                 f"skipping {name}: {root} not found (the shared datasets live beside the project)",
@@ -284,9 +436,14 @@ def main(names: list[str], out: Path, preset: str, datasets_dir: Path | None = N
             "kitchen": bench_kitchen,
             "room": bench_room,
             "apple": bench_apple,
+            **dict.fromkeys(HARD_CAPTURES, bench_hard),
+            "fern": bench_explained,
+            "sacre_coeur": bench_explained,
+            "nle_tower": bench_explained,
         }.get(name)
         if runner is None:
-            print(f"unknown dataset {name!r}; known: {', '.join(DEFAULT_DATASETS)}", file=sys.stderr)
+            known = ", ".join([*DEFAULT_DATASETS, *HARD_CAPTURES])
+            print(f"unknown dataset {name!r}; known: {known}", file=sys.stderr)
             return 2
         rows[name] = runner(root, work, preset)
     (out / "bench.json").write_text(json.dumps(rows, indent=2, default=float) + "\n")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -293,13 +294,15 @@ def _upsample_matrix(n_fine: int, ratio: int, n_coarse: int) -> np.ndarray:
     return m
 
 
-def make_texture(primitives: tuple[Primitive, ...], seed: int) -> SolidTexture:
+def make_texture(
+    primitives: tuple[Primitive, ...], seed: int, spacing: float = _TEXTURE_SPACING
+) -> SolidTexture:
     """Sum of value-noise octaves (1, 3, 9, 27 lattice steps): fine blobs of a few pixels for
     features plus coarse colour variation so that matching is not ambiguous."""
     rng = np.random.default_rng(seed)
-    lo = np.min([p.bounds()[0] for p in primitives], axis=0) - 2 * _TEXTURE_SPACING
-    hi = np.max([p.bounds()[1] for p in primitives], axis=0) + 2 * _TEXTURE_SPACING
-    n = np.ceil((hi - lo) / _TEXTURE_SPACING).astype(int) + 2
+    lo = np.min([p.bounds()[0] for p in primitives], axis=0) - 2 * spacing
+    hi = np.max([p.bounds()[1] for p in primitives], axis=0) + 2 * spacing
+    n = np.ceil((hi - lo) / spacing).astype(int) + 2
     grid = rng.standard_normal((*n, 3)).astype(np.float32)
     for ratio, amp in ((3, 0.9), (9, 0.8), (27, 0.7)):
         nc = n // ratio + 2
@@ -310,7 +313,7 @@ def make_texture(primitives: tuple[Primitive, ...], seed: int) -> SolidTexture:
         grid += coarse
     grid -= grid.mean(axis=(0, 1, 2))
     grid /= grid.std(axis=(0, 1, 2))
-    return SolidTexture(origin=lo, spacing=_TEXTURE_SPACING, grid=np.ascontiguousarray(grid))
+    return SolidTexture(origin=lo, spacing=spacing, grid=np.ascontiguousarray(grid))
 
 
 def _look_at(centre: np.ndarray, target: np.ndarray) -> np.ndarray:
@@ -428,7 +431,7 @@ def _intrinsics(width: int, height: int) -> np.ndarray:
 
 def _render_view(
     primitives: tuple[Primitive, ...],
-    texture: SolidTexture,
+    texture: Callable[[np.ndarray], np.ndarray],
     contrast: np.ndarray,
     cam_dirs: np.ndarray,
     r: np.ndarray,
@@ -436,7 +439,7 @@ def _render_view(
     width: int,
     height: int,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Linear RGB in [0, 1] and coverage in [0, 1], 2x2 supersampled."""
+    """Linear RGB in [0, 1] and coverage in [0, 1], averaged over each pixel's rays."""
     dirs = _mul(cam_dirs, r)  # camera to world: R^T d
     origin = -r.T @ t
     colour = np.full((len(dirs), 3), _BACKGROUND)
@@ -460,11 +463,21 @@ def _render_view(
     shade = _AMBIENT + (1 - _AMBIENT) * np.clip(normals @ _LIGHT, 0.0, None)
     colour[idx] = albedo * shade[:, None]
     cover[idx] = 1.0
-    colour = colour.reshape(height, 2, width, 2, 3)
-    colour = 0.25 * (colour[:, 0, :, 0] + colour[:, 0, :, 1] + colour[:, 1, :, 0] + colour[:, 1, :, 1])
-    cover = cover.reshape(height, 2, width, 2)
-    cover = 0.25 * (cover[:, 0, :, 0] + cover[:, 0, :, 1] + cover[:, 1, :, 0] + cover[:, 1, :, 1])
+    ss = round(math.sqrt(len(dirs) / (width * height)))  # samples per pixel side
+    colour = colour.reshape(height, ss, width, ss, 3).mean(axis=(1, 3))
+    cover = cover.reshape(height, ss, width, ss).mean(axis=(1, 3))
     return colour, cover
+
+
+def held_out_cameras(n_views: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """World-to-camera (R, t) at 30 degrees up, between the two rings, at azimuths a quarter step
+    off both rings: viewpoints the reconstruction never saw, for scoring appearance (PSNR)."""
+    rs, ts = [], []
+    for k in range(n_views):
+        r, t = _camera_at(2 * math.pi * (k + 0.3) / n_views, math.radians(30.0))
+        rs.append(r)
+        ts.append(t)
+    return rs, ts
 
 
 def video_cameras(n_frames: int, turns: float = 1.0) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -479,6 +492,24 @@ def video_cameras(n_frames: int, turns: float = 1.0) -> tuple[list[np.ndarray], 
     return rs, ts
 
 
+def sweep_cameras(n_views: int, baseline: float = 0.5) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """World-to-camera (R, t) of a forward-facing sweep (LLFF-like): one viewing direction, centres on
+    two rows across `baseline` (world units, at distance 2.7), so every pair's triangulation angle
+    stays under about 11 degrees, below the incremental mapper's 16 degree initialisation default."""
+    r, t = _camera_at(0.0, math.radians(25.0))
+    centre0 = -r.T @ t
+    cols = n_views - n_views // 2
+    rs, ts = [], []
+    for k in range(n_views):
+        row, col = divmod(k, cols)
+        x = baseline * (col / max(1, cols - 1) - 0.5)
+        y = 0.12 * (row - 0.5)
+        centre = centre0 + x * r[0] + y * r[1]
+        rs.append(r.copy())
+        ts.append(-r @ centre)
+    return rs, ts
+
+
 def render_scene(
     n_views: int = 24,
     width: int = 640,
@@ -487,15 +518,24 @@ def render_scene(
     alpha: bool = False,
     texture: str = "rich",
     path: str = "rings",
+    baseline: float = 0.5,
 ) -> SyntheticScene:
     """Render the test object from `n_views` cameras orbiting it at two elevations (path="rings"),
-    or along one smooth video-like path (path="video", frames in time order).
+    or along one smooth video-like path (path="video", frames in time order), as a forward-facing
+    sweep with small baselines (path="sweep", across `baseline` world units), or from held-out
+    viewpoints between the rings (path="held_out", see held_out_cameras).
 
     `seed` picks the texture; cameras and geometry are fixed. texture="weak" leaves the sphere
     almost uniform, the hard case for feature matching and stereo.
     """
-    if path not in ("rings", "video"):
-        raise ValueError(f"path must be 'rings' or 'video', not {path!r}")
+    paths = {
+        "rings": orbit_cameras,
+        "video": video_cameras,
+        "held_out": held_out_cameras,
+        "sweep": lambda n: sweep_cameras(n, baseline),
+    }
+    if path not in paths:
+        raise ValueError(f"path must be one of {sorted(paths)}, not {path!r}")
     if texture not in ("rich", "weak"):
         raise ValueError(f"texture must be 'rich' or 'weak', not {texture!r}")
     if n_views < 2 or width < 16 or height < 16:
@@ -505,11 +545,27 @@ def render_scene(
     contrast = np.full(len(primitives), 0.22)
     if texture == "weak":
         contrast[1] = 0.01
+    rs, ts = paths[path](n_views)
+    return render_views(primitives, tex, contrast, rs, ts, width, height, alpha)
+
+
+def render_views(
+    primitives: tuple[Primitive, ...],
+    tex: Callable[[np.ndarray], np.ndarray],
+    contrast: np.ndarray,
+    rs: list[np.ndarray],
+    ts: list[np.ndarray],
+    width: int,
+    height: int,
+    alpha: bool = False,
+    supersample: int = 2,
+) -> SyntheticScene:
+    """Render `primitives` from the cameras (R, t) with the shared intrinsics of this module,
+    `supersample` x `supersample` rays per pixel."""
     lo = np.min([p.bounds()[0] for p in primitives], axis=0)
     hi = np.max([p.bounds()[1] for p in primitives], axis=0)
     k = _intrinsics(width, height)
-    rs, ts = orbit_cameras(n_views) if path == "rings" else video_cameras(n_views)
-    sub = np.array([0.25, 0.75])  # 2x2 supersampling inside each pixel
+    sub = (np.arange(supersample) + 0.5) / supersample  # ray offsets inside each pixel
     uu, vv = np.meshgrid(
         (np.arange(width)[:, None] + sub).ravel(), (np.arange(height)[:, None] + sub).ravel()
     )
@@ -525,11 +581,11 @@ def render_scene(
             rgb = np.concatenate([rgb, a[..., None]], axis=2)
         images.append(rgb)
     return SyntheticScene(
-        names=[f"view_{i:03d}.png" for i in range(n_views)],
+        names=[f"view_{i:03d}.png" for i in range(len(rs))],
         images=images,
         K=k,
-        R=rs,
-        t=ts,
+        R=list(rs),
+        t=list(ts),
         width=width,
         height=height,
         size=float(np.linalg.norm(hi - lo)),

@@ -139,3 +139,15 @@ def load_views(sparse_dir: Path, max_size: int) -> list[DenseView]:
             )
         )
     return views
+
+
+def stereo_views(sparse_dir: Path, max_size: int) -> list[DenseView]:
+    """The registered views, for a depth method that needs at least two of them."""
+    views = load_views(sparse_dir, max_size)
+    if len(views) < 2:
+        raise ScandropError(
+            ErrorCode.dense_failed,
+            "Dense stereo needs at least two registered views.",
+            "Add photos that overlap, taken from slightly different positions.",
+        )
+    return views

@@ -1,4 +1,6 @@
-"""Per-view depth maps from rectified pair stereo (OpenCV semi-global matching) on the CPU.
+"""Per-view depth maps on the CPU: rectified pair stereo (OpenCV semi-global matching), the fast
+preset's method; the other presets use PatchMatch multi-view stereo (patchmatch_cpu), which
+shares this module's config, file layout and helpers.
 
 Each registered view is matched against one to three partners chosen from sparse covisibility
 (see view_selection). The partners' depth maps are merged per pixel: where two agree they are
@@ -16,14 +18,14 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import cv2
 import numpy as np
@@ -33,7 +35,7 @@ from scandrop.pipeline.core.child_process import die_with_parent
 from scandrop.pipeline.core.errors import ErrorCode, ScandropError
 from scandrop.pipeline.core.stage import Progress, StopCheck, atomic_path, check_stop
 from scandrop.pipeline.core.workspace import Workspace
-from scandrop.pipeline.dense.dense_views import DenseView, load_views
+from scandrop.pipeline.dense.dense_views import DenseView, stereo_views
 from scandrop.pipeline.dense.pair_stereo import SgbmParams, pair_depth
 from scandrop.pipeline.dense.view_selection import stereo_partners
 
@@ -65,6 +67,24 @@ class DepthConfig(BaseModel):
     agree_rel: float = Field(0.01, gt=0, lt=0.2, description="Relative depth difference partners may have.")
     max_grazing_deg: float = Field(80.0, gt=30, le=90, description="Drop pixels seen more obliquely.")
     workers: int = Field(0, ge=0, le=64, description="Worker processes; 0 = one per CPU core.")
+    method: Literal["patchmatch", "sgbm"] = Field(
+        "patchmatch",
+        description="patchmatch: multi-view PatchMatch (precise, exposure-invariant); sgbm: pair stereo"
+        " at stereo_max_size (fast, coarse).",
+    )
+    pm_sources: int = Field(5, ge=1, le=16, description="PatchMatch: source views per reference view.")
+    pm_best_k: int = Field(
+        2, ge=1, le=16, description="PatchMatch: a pixel's cost is the mean of its best k."
+    )
+    pm_levels: int = Field(3, ge=1, le=5, description="PatchMatch: pyramid levels (each halves the size).")
+    pm_iterations_coarse: int = Field(4, ge=1, le=12, description="PatchMatch: sweeps at the coarsest level.")
+    pm_iterations_fine: int = Field(1, ge=1, le=12, description="PatchMatch: sweeps at each finer level.")
+    pm_window_half: int = Field(2, ge=1, le=7, description="PatchMatch: window samples each side of a pixel.")
+    pm_window_step: int = Field(1, ge=1, le=3, description="PatchMatch: pixels between window samples.")
+    pm_far: int = Field(5, ge=1, le=25, description="PatchMatch: distance of the far propagation neighbours.")
+    pm_max_cost: float = Field(
+        0.5, gt=0, le=2, description="PatchMatch: drop pixels whose best sources' mean 1 - NCC is above."
+    )
 
     def sgbm(self, grid_size: tuple[int, int]) -> SgbmParams:
         """Matcher settings for a view whose depth grid has this (width, height)."""
@@ -90,7 +110,7 @@ class _Task:
     config: DepthConfig
 
 
-def _read_photo(path: Path) -> np.ndarray:
+def read_photo(path: Path) -> np.ndarray:
     photo = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if photo is None:
         raise ScandropError(ErrorCode.dense_failed, f"Cannot read image {path.name}.", "Rerun the job.")
@@ -158,7 +178,7 @@ def _view_depth(task: _Task) -> tuple[str, float]:
         cv2.setNumThreads(1)
     cfg = task.config
     ref = task.ref
-    ref_photo = _read_photo(task.image_dir / ref.name)
+    ref_photo = read_photo(task.image_dir / ref.name)
     ref_gray = cv2.cvtColor(ref_photo, cv2.COLOR_BGR2GRAY)
     maps = ref.photo_map(ref.grid_rays())
     textured = ref.undistort(texture_strength(ref_gray), maps=maps) >= cfg.min_texture
@@ -180,7 +200,7 @@ def _view_depth(task: _Task) -> tuple[str, float]:
     depths = []
     params = cfg.sgbm(ref.grid_size)
     for src in task.partners:
-        src_gray = cv2.cvtColor(_read_photo(task.image_dir / src.name), cv2.COLOR_BGR2GRAY)
+        src_gray = cv2.cvtColor(read_photo(task.image_dir / src.name), cv2.COLOR_BGR2GRAY)
         if cfg.normalise:
             src_gray = normalise_contrast(src_gray)
         # The pair's depth range (hence SGBM's disparity range) from the points both views see.
@@ -197,18 +217,51 @@ def _view_depth(task: _Task) -> tuple[str, float]:
     if mask is not None:
         depth[~mask] = 0.0
     normals = depth_normals(depth, ref.K)
-    rays = ref.grid_rays()
-    cos_view = -np.sum(normals * rays, axis=-1) / np.linalg.norm(rays, axis=-1)
-    depth[(cos_view < np.cos(np.radians(cfg.max_grazing_deg))) | ~np.any(normals != 0, axis=-1)] = 0.0
+    depth = view_normal_filter(depth, normals, ref, cfg.max_grazing_deg)
     normals[depth <= 0] = 0.0
     conf[depth <= 0] = 0.0
     rgb = cv2.cvtColor(ref.undistort(ref_photo, maps=maps), cv2.COLOR_BGR2RGB)
-    with atomic_path(task.out_path) as tmp, open(tmp, "wb") as fh:
+    write_depth_file(task.out_path, ref, depth, normals, conf, rgb, mask)
+    return ref.name, float(np.mean(depth > 0))
+
+
+def read_grid_mask(
+    ref: DenseView, mask_path: Path | None, maps: tuple[np.ndarray, np.ndarray]
+) -> np.ndarray | None:
+    """The photo's object mask on the view's depth grid, or None without one."""
+    if mask_path is None:
+        return None
+    mask_img = cv2.imread(str(mask_path), cv2.IMREAD_GRAYSCALE)
+    return None if mask_img is None else ref.undistort(mask_img, cv2.INTER_NEAREST, maps) > 127
+
+
+def view_normal_filter(
+    depth: np.ndarray, normals: np.ndarray, ref: DenseView, max_grazing_deg: float
+) -> np.ndarray:
+    """Depth with pixels dropped that have no normal or are seen more obliquely than the limit."""
+    rays = ref.grid_rays()
+    cos_view = -np.sum(normals * rays, axis=-1) / np.linalg.norm(rays, axis=-1)
+    out = depth.copy()
+    out[(cos_view < np.cos(np.radians(max_grazing_deg))) | ~np.any(normals != 0, axis=-1)] = 0.0
+    return out
+
+
+def write_depth_file(
+    path: Path,
+    ref: DenseView,
+    depth: np.ndarray,
+    normals: np.ndarray,
+    conf: np.ndarray,
+    rgb: np.ndarray,
+    mask: np.ndarray | None,
+) -> None:
+    """One view's depth file in the layout of this module's docstring (atomically)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         np.savez(
             fh,
-            depth=depth,
-            normals=normals,
-            confidence=conf,
+            depth=depth.astype(np.float32),
+            normals=normals.astype(np.float32),
+            confidence=conf.astype(np.float32),
             rgb=rgb,
             K=ref.K,
             R=ref.R,
@@ -217,7 +270,6 @@ def _view_depth(task: _Task) -> tuple[str, float]:
             name=np.str_(ref.name),
             **({"mask": mask} if mask is not None else {}),
         )
-    return ref.name, float(np.mean(depth > 0))
 
 
 def _worker_count(config: DepthConfig) -> int:
@@ -228,13 +280,7 @@ def run(config: DepthConfig, ws: Workspace, progress: Progress, should_stop: Sto
     """Compute a depth map for every registered view of the sparse model."""
     start = time.monotonic()
     check_stop(should_stop)
-    views = load_views(ws.sparse_dir, config.max_image_size)
-    if len(views) < 2:
-        raise ScandropError(
-            ErrorCode.dense_failed,
-            "Dense stereo needs at least two registered views.",
-            "Add photos that overlap, taken from slightly different positions.",
-        )
+    views = stereo_views(ws.sparse_dir, config.max_image_size)
     partners = stereo_partners(views, config.partners, config.min_angle_deg, config.max_angle_deg)
     ws.fresh_depth_dir()
     tasks = []
@@ -257,7 +303,7 @@ def run(config: DepthConfig, ws: Workspace, progress: Progress, should_stop: Sto
             "No pair of views is suitable for stereo (too little overlap or too little parallax).",
             "Take photos around the object, each a small step (about 10 degrees) from the last.",
         )
-    fractions = _run_tasks(tasks, _worker_count(config), progress, should_stop)
+    fractions = run_tasks(_view_depth, tasks, _worker_count(config), progress, should_stop)
     valid = [f for f in fractions if f > 0]
     if float(np.mean(fractions)) < 1e-3:
         raise ScandropError(
@@ -290,13 +336,20 @@ def _single_threaded_children() -> Iterator[None]:
                 os.environ[key] = value
 
 
-def _run_tasks(tasks: list[_Task], workers: int, progress: Progress, should_stop: StopCheck) -> list[float]:
+def run_tasks(
+    work: Callable[[Any], tuple[str, float]],
+    tasks: list[Any],
+    workers: int,
+    progress: Progress,
+    should_stop: StopCheck,
+) -> list[float]:
+    """Run per-view tasks (`work(task) -> (name, valid share)`) in this process or a process pool."""
     fractions: list[float] = []
     total = len(tasks)
     if workers <= 1:
         for task in tasks:
             check_stop(should_stop)
-            name, frac = _view_depth(task)
+            name, frac = work(task)
             fractions.append(frac)
             progress(len(fractions) / total, f"depth {len(fractions)}/{total}: {name}")
         return fractions
@@ -312,7 +365,7 @@ def _run_tasks(tasks: list[_Task], workers: int, progress: Progress, should_stop
             while queue or pending:
                 while queue and len(pending) < workers * 2:
                     check_stop(should_stop)
-                    pending.add(pool.submit(_view_depth, queue.pop(0)))
+                    pending.add(pool.submit(work, queue.pop(0)))
                 done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
                 for fut in done:
                     try:

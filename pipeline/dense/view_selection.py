@@ -89,3 +89,29 @@ def fusion_neighbours(views: list[DenseView], count: int, min_shared: int = 8) -
         shared.sort(reverse=True)
         result.append([j for _, j in shared[:count]])
     return result
+
+
+def mvs_sources(
+    views: list[DenseView], count: int, min_angle_deg: float, max_angle_deg: float, min_shared: int = 12
+) -> list[list[int]]:
+    """For each view, up to `count` source views for multi-view stereo, best first: many shared
+    points at a moderate triangulation angle (COLMAP's and ACMM's criterion). Unlike rectified
+    pairs, forward motion is fine here; views facing more than 75 degrees apart are not."""
+    best_angle = 0.5 * (min_angle_deg + max_angle_deg)
+    sources: list[list[int]] = []
+    for ref in views:
+        scored: list[tuple[float, int]] = []
+        for j, other in enumerate(views):
+            if other is ref or float(ref.axis @ other.axis) < np.cos(np.radians(75.0)):
+                continue
+            pts = _shared(ref, other)
+            if len(pts) < min_shared:
+                continue
+            angle = _median_angle_deg(pts, ref.center, other.center)
+            if not min_angle_deg * 0.5 <= angle <= max_angle_deg:
+                continue
+            weight = np.exp(-(((angle - best_angle) / (max_angle_deg - min_angle_deg)) ** 2) * 2.0)
+            scored.append((float(np.sqrt(len(pts)) * weight), j))
+        scored.sort(reverse=True)
+        sources.append([j for _, j in scored[:count]])
+    return sources

@@ -1,6 +1,7 @@
 """Stage: workspace -> the files a person gets back, in the formats other tools read.
 
-    model.glb                 glTF 2.0 mesh with vertex colours and normals (y-up, metres)
+    model.glb                 glTF 2.0 mesh (y-up, metres): texture-mapped from the photos (a baked
+                              atlas, export.texture = "atlas"), or with vertex colours ("vertex")
     points.ply                fused cloud: x y z nx ny nz red green blue
     splats.splat              antimatter15/splat web-viewer format, 32 bytes a splat
     splats.ply                3D Gaussian Splatting PLY (degree-0 colour only)
@@ -16,9 +17,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 import time
 from pathlib import Path
+from typing import Literal
 
+import cv2
 import numpy as np
 import pycolmap
 import trimesh
@@ -29,6 +33,7 @@ from scandrop.pipeline.core.errors import ErrorCode, ScandropError
 from scandrop.pipeline.core.pointcloud import load_points
 from scandrop.pipeline.core.stage import Progress, StopCheck, atomic_dir, atomic_path, check_stop
 from scandrop.pipeline.core.workspace import Workspace
+from scandrop.pipeline.export import bake_texture
 
 SH_C0 = 0.28209479177387814
 # OpenCV camera axes (x right, y down, z forward) -> OpenGL (x right, y up, z back).
@@ -44,6 +49,18 @@ class ExportConfig(BaseModel):
     points: bool = Field(True, description="Write points.ply from the fused cloud.")
     splats: bool = Field(True, description="Write splats.splat and splats.ply.")
     cameras: bool = Field(True, description="Write cameras/transforms.json and cameras/sparse/.")
+    texture: Literal["atlas", "vertex"] = Field(
+        "atlas",
+        description="Colour of model.glb: 'atlas' bakes a texture image from the photos (falls back to "
+        "vertex colours when no registered photo is there); 'vertex' keeps per-vertex colours.",
+    )
+    texture_size: int = Field(
+        4096,
+        ge=256,
+        le=8192,
+        description="Side of the square texture atlas, pixels (fast 2048, quality 8192).",
+    )
+    texture_jpeg_quality: int = Field(90, ge=50, le=100, description="JPEG quality of the embedded atlas.")
 
 
 class ExportResult(BaseModel):
@@ -53,23 +70,154 @@ class ExportResult(BaseModel):
     splats: int
     cameras: int
     skipped: dict[str, str]  # asset -> why
+    texture: dict | None = None  # the atlas's statistics (bake_texture.TextureStats), or why none
     seconds: float
 
 
-def _write_glb(mesh_ply: Path, out: Path) -> int:
-    """model.glb with POSITION, NORMAL and COLOR_0; returns the triangle count."""
+def _read_mesh(mesh_ply: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Vertices, faces and vertex colours of the mesh stage's output."""
     ply = plyio.read_ply(mesh_ply)
     rgb = plyio.rgb_of(ply.vertex)
     if rgb is None or len(ply.faces) == 0:
         raise ScandropError(
             ErrorCode.export_failed, "The mesh has no faces or no vertex colours.", "Rerun the mesh stage."
         )
+    return plyio.xyz_of(ply.vertex).astype(np.float64), ply.faces, rgb
+
+
+def _write_glb(mesh_ply: Path, out: Path) -> int:
+    """model.glb with POSITION, NORMAL and COLOR_0; returns the triangle count."""
+    xyz, faces, rgb = _read_mesh(mesh_ply)
     rgba = np.concatenate([rgb, np.full((len(rgb), 1), 255, np.uint8)], axis=1)
-    mesh = trimesh.Trimesh(plyio.xyz_of(ply.vertex), ply.faces, vertex_colors=rgba, process=False)
+    mesh = trimesh.Trimesh(xyz, faces, vertex_colors=rgba, process=False)
     _ = mesh.vertex_normals  # computed now so the exporter writes NORMAL
     with atomic_path(out) as tmp:
         tmp.write_bytes(trimesh.exchange.gltf.export_glb(mesh, include_normals=True))
-    return len(ply.faces)
+    return len(faces)
+
+
+_VISIBILITY_SIZE = 1024  # long side of the z-buffers that decide which photo sees which face
+_MAX_TEXTURE_VIEWS = 80  # photos considered for the texture (each costs ~1.5 CPU-s at 300k faces)
+
+
+def _glb_bytes(gltf: dict, chunks: list[bytes]) -> bytes:
+    """A GLB from a glTF dict and binary chunks: one buffer, one 4-byte aligned bufferView each."""
+    blob = bytearray()
+    views = []
+    for data in chunks:
+        views.append({"buffer": 0, "byteOffset": len(blob), "byteLength": len(data)})
+        blob += data + b"\0" * (-len(data) % 4)
+    for view, target in zip(views, gltf.pop("_targets"), strict=True):
+        if target:
+            view["target"] = target
+    gltf["bufferViews"] = views
+    gltf["buffers"] = [{"byteLength": len(blob)}]
+    text = json.dumps(gltf, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 4)
+    total = 12 + 8 + len(text) + 8 + len(blob)
+    return (
+        struct.pack("<4sII", b"glTF", 2, total)
+        + struct.pack("<I4s", len(text), b"JSON")
+        + text
+        + struct.pack("<I4s", len(blob), b"BIN\0")
+        + bytes(blob)
+    )
+
+
+def textured_glb(mesh: bake_texture.TexturedMesh, normals: np.ndarray, jpeg_quality: int) -> bytes:
+    """model.glb with POSITION, NORMAL, TEXCOORD_0 and the atlas as baseColorTexture (JPEG).
+
+    The material is unlit (KHR_materials_unlit): the photos' light is already in the texture, as in
+    every photogrammetry tool's output; viewers without the extension fall back to a matte material.
+    """
+    ok, jpeg = cv2.imencode(
+        ".jpg", cv2.cvtColor(mesh.atlas, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality]
+    )
+    if not ok:
+        raise ScandropError(ErrorCode.export_failed, "Could not encode the texture atlas.", "")
+    pos = np.ascontiguousarray(mesh.vertices, dtype=np.float32)
+    accessors = [
+        {
+            "componentType": 5126,
+            "count": len(pos),
+            "type": "VEC3",
+            "min": pos.min(axis=0).tolist(),
+            "max": pos.max(axis=0).tolist(),
+        },
+        {"componentType": 5126, "count": len(pos), "type": "VEC3"},
+        {"componentType": 5126, "count": len(pos), "type": "VEC2"},
+        {"componentType": 5125, "count": mesh.faces.size, "type": "SCALAR"},
+    ]
+    for i, accessor in enumerate(accessors):
+        accessor["bufferView"] = i
+    gltf = {
+        "asset": {"version": "2.0", "generator": "scandrop"},
+        "extensionsUsed": ["KHR_materials_unlit"],
+        "scene": 0,
+        "scenes": [{"nodes": [0]}],
+        "nodes": [{"mesh": 0, "name": "model"}],
+        "meshes": [
+            {
+                "primitives": [
+                    {
+                        "attributes": {"POSITION": 0, "NORMAL": 1, "TEXCOORD_0": 2},
+                        "indices": 3,
+                        "material": 0,
+                        "mode": 4,
+                    }
+                ]
+            }
+        ],
+        "materials": [
+            {
+                "name": "photo texture",
+                "pbrMetallicRoughness": {
+                    "baseColorTexture": {"index": 0, "texCoord": 0},
+                    "metallicFactor": 0.0,
+                    "roughnessFactor": 1.0,
+                },
+                "extensions": {"KHR_materials_unlit": {}},
+            }
+        ],
+        "textures": [{"sampler": 0, "source": 0}],
+        "samplers": [{"magFilter": 9729, "minFilter": 9987, "wrapS": 33071, "wrapT": 33071}],
+        "images": [{"bufferView": 4, "mimeType": "image/jpeg"}],
+        "accessors": accessors,
+        "_targets": [34962, 34962, 34962, 34963, None],
+    }
+    chunks = [
+        pos.tobytes(),
+        np.ascontiguousarray(normals, dtype=np.float32).tobytes(),
+        np.ascontiguousarray(mesh.uv, dtype=np.float32).tobytes(),
+        np.ascontiguousarray(mesh.faces, dtype=np.uint32).tobytes(),
+        jpeg.tobytes(),
+    ]
+    return _glb_bytes(gltf, chunks)
+
+
+def _write_textured_glb(
+    config: ExportConfig, ws: Workspace, out: Path, progress: Progress, should_stop: StopCheck
+) -> tuple[int, dict]:
+    """Bake the atlas and write model.glb; vertex colours (and why) where no photo is registered."""
+    views = []
+    if (ws.sparse_dir / "images.bin").exists():
+        views = bake_texture.views_from_model(ws.sparse_dir, ws.images_dir, ws.masks_dir)
+        views = bake_texture.spread_views(views, _MAX_TEXTURE_VIEWS)
+    if not views:
+        return _write_glb(ws.mesh, out), {
+            "texture": "vertex",
+            "reason": "no registered photos to texture from",
+        }
+    xyz, faces, rgb = _read_mesh(ws.mesh)
+    textured = bake_texture.bake(
+        xyz, faces, rgb, views, config.texture_size, _VISIBILITY_SIZE, progress, should_stop
+    )
+    normals = trimesh.Trimesh(xyz, faces, process=False).vertex_normals
+    normals = np.where(np.linalg.norm(normals, axis=1, keepdims=True) > 0.5, normals, [0.0, 1.0, 0.0])
+    split_normals = normals[textured.origin]
+    with atomic_path(out) as tmp:
+        tmp.write_bytes(textured_glb(textured, split_normals, config.texture_jpeg_quality))
+    return len(faces), {"texture": "atlas", **textured.stats.model_dump()}
 
 
 def splat_bytes(
@@ -200,10 +348,16 @@ def run(
         written.append(out_dir / "points.ply")
     check_stop(should_stop)
 
+    texture: dict | None = None
     if config.glb:
         if ws.mesh.exists():
-            progress(0.2, "Writing model.glb")
-            triangles = _write_glb(ws.mesh, out_dir / "model.glb")
+            progress(0.1, "Writing model.glb")
+            if config.texture == "atlas":
+                triangles, texture = _write_textured_glb(
+                    config, ws, out_dir / "model.glb", lambda f, m: progress(0.1 + 0.5 * f, m), should_stop
+                )
+            else:
+                triangles = _write_glb(ws.mesh, out_dir / "model.glb")
             written.append(out_dir / "model.glb")
         else:
             skipped["model.glb"] = "no mesh was built"
@@ -211,7 +365,7 @@ def run(
 
     if config.splats:
         if ws.splats.exists():
-            progress(0.6, "Writing splats")
+            progress(0.65, "Writing splats")
             with np.load(ws.splats) as s:
                 xyz, scales, quats = s["xyz"], s["scales"], s["quats"]
                 rgb, opacity = s["rgb"], s["opacity"]
@@ -251,5 +405,6 @@ def run(
         splats=n_splats,
         cameras=n_cameras,
         skipped=skipped,
+        texture=texture,
         seconds=round(time.perf_counter() - t0, 3),
     )

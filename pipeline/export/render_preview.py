@@ -1,9 +1,11 @@
 """Stage: a preview.png of the result, rendered in software (no GL on a headless CPU box).
 
 The mesh is drawn orthographically from the direction the photographer mostly looked, with +y
-up, framed to fit; each face gets its vertex colour times simple two-sided directional shading
-and a vectorised z-buffer resolves visibility (every face's bounding-box pixels are tested at
-once with edge functions, grouped by box size). Without a mesh the fused points are drawn.
+up, framed on the subject: the 1-99% percentile box of the dense points (the mesh's vertices when
+there are none) fills the image, centred, so that stray points and Poisson skirts around a scene
+do not leave it small and off-centre. Each face gets its vertex colour times simple two-sided
+directional shading; core.raster's z-buffer resolves visibility. Without a mesh the fused points
+are drawn.
 """
 
 from __future__ import annotations
@@ -16,14 +18,15 @@ import numpy as np
 import pycolmap
 from pydantic import BaseModel, ConfigDict, Field
 
-from scandrop.pipeline.core import plyio
+from scandrop.pipeline.core import plyio, raster
 from scandrop.pipeline.core.errors import ErrorCode, ScandropError
 from scandrop.pipeline.core.pointcloud import load_points
 from scandrop.pipeline.core.stage import Progress, StopCheck, atomic_path, check_stop
 from scandrop.pipeline.core.workspace import Workspace
 
 _BACKGROUND = (236, 236, 236)  # RGB
-_MAX_CANDIDATES = 4_000_000  # pixel tests per batch: bounds memory
+_FRAME_PERCENTILES = (1.0, 99.0)  # the subject: stray points and Poisson skirts fall outside
+_FRAME_PAD = 0.05  # share of the percentile box added on each side
 
 
 class PreviewConfig(BaseModel):
@@ -87,62 +90,13 @@ def _zbuffer(pix: np.ndarray, depth: np.ndarray, colour: np.ndarray, image: np.n
     return covered
 
 
-def rasterise(
-    px: np.ndarray,
-    depth: np.ndarray,
-    faces: np.ndarray,
-    face_rgb: np.ndarray,
-    size: tuple[int, int],
-    should_stop: StopCheck,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Fill triangles (pixel coords px, camera depth) with flat colours; nearest wins.
-
-    Returns candidate (pixel index, depth, colour) arrays, for one z-buffer pass.
-    """
-    width, height = size
-    tri = px[faces]  # (F, 3, 2)
-    lo = np.floor(tri.min(axis=1)).astype(np.int64)
-    hi = np.ceil(tri.max(axis=1)).astype(np.int64)
-    lo = np.maximum(lo, 0)
-    hi = np.minimum(hi, [width, height])
-    extent = (hi - lo).max(axis=1)
-    keep = extent > 0
-    side = 1 << np.ceil(np.log2(np.maximum(extent, 1))).astype(np.int64)
-    pix_parts, depth_parts, colour_parts = [], [], []
-    for s in np.unique(side[keep]):
-        ids = np.flatnonzero(keep & (side == s))
-        grid = np.stack(np.meshgrid(np.arange(s), np.arange(s), indexing="xy"), axis=-1).reshape(-1, 2)
-        batch = max(1, _MAX_CANDIDATES // (s * s))
-        for start in range(0, len(ids), batch):
-            check_stop(should_stop)
-            f = ids[start : start + batch]
-            p = lo[f][:, None, :] + grid[None]  # (n, s*s, 2) pixel coords
-            centre = p + 0.5
-            a, b, c = tri[f, 0][:, None], tri[f, 1][:, None], tri[f, 2][:, None]
-
-            def edge(u: np.ndarray, v: np.ndarray, q: np.ndarray) -> np.ndarray:
-                return (v[..., 0] - u[..., 0]) * (q[..., 1] - u[..., 1]) - (v[..., 1] - u[..., 1]) * (
-                    q[..., 0] - u[..., 0]
-                )
-
-            area = edge(a, b, c)  # (n, 1)
-            w0, w1, w2 = edge(b, c, centre), edge(c, a, centre), edge(a, b, centre)
-            sign = np.where(area >= 0, 1.0, -1.0)
-            inside = (w0 * sign >= 0) & (w1 * sign >= 0) & (w2 * sign >= 0) & (np.abs(area) > 1e-12)
-            inside &= (p[..., 0] < hi[f][:, None, 0]) & (p[..., 1] < hi[f][:, None, 1])
-            n_idx, k_idx = np.nonzero(inside)
-            if len(n_idx) == 0:
-                continue
-            inv = 1.0 / area[n_idx, 0]
-            z = depth[faces[f[n_idx]]]
-            zi = (w0[n_idx, k_idx] * z[:, 0] + w1[n_idx, k_idx] * z[:, 1] + w2[n_idx, k_idx] * z[:, 2]) * inv
-            q = p[n_idx, k_idx]
-            pix_parts.append(q[:, 1] * width + q[:, 0])
-            depth_parts.append(zi)
-            colour_parts.append(face_rgb[f[n_idx]])
-    if not pix_parts:
-        return np.zeros(0, np.int64), np.zeros(0), np.zeros((0, 3), np.uint8)
-    return np.concatenate(pix_parts), np.concatenate(depth_parts), np.concatenate(colour_parts)
+def subject_bounds(points: np.ndarray, right: np.ndarray, up: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Screen-plane box (right, up) of the subject: percentiles, so that a few stray points or a
+    far background wall do not shrink the subject into a corner of the preview."""
+    screen = np.stack([points @ right, points @ up], axis=1)
+    lo, hi = np.percentile(screen, _FRAME_PERCENTILES, axis=0)
+    pad = _FRAME_PAD * (hi - lo)  # the percentiles cut into the subject's own extremities a little
+    return lo - pad, np.maximum(hi + pad, lo + 1e-9)
 
 
 def run(
@@ -172,18 +126,20 @@ def run(
 
     forward, source = view_direction(ws.sparse_dir)
     right, up = _camera_axes(forward)
-    lo, hi = vertices.min(axis=0), vertices.max(axis=0)
-    centre = (lo + hi) / 2
+    subject = load_points(ws.fused).xyz.astype(np.float64) if ws.fused.exists() else vertices
+    lo, hi = subject_bounds(subject, right, up)
+    mid = (lo + hi) / 2
+    centre = mid[0] * right + mid[1] * up + float(np.median(subject @ forward)) * forward
     rel = vertices - centre
     sx, sy, depth = rel @ right, rel @ up, rel @ forward
-    sx -= (sx.min() + sx.max()) / 2  # centre the silhouette, not the 3-D box
-    sy -= (sy.min() + sy.max()) / 2
     width, height = config.width, config.height
-    half = max(np.abs(sx).max() / width, np.abs(sy).max() / height, 1e-12)
+    half = max((hi - lo)[0] / 2 / width, (hi - lo)[1] / 2 / height, 1e-12)
     scale = (1 - 2 * config.margin) / (2 * half)  # pixels per world unit
     px = np.stack([width / 2 + sx * scale, height / 2 - sy * scale], axis=1)
     check_stop(should_stop)
 
+    image = np.empty((height * width, 3), np.uint8)
+    image[:] = _BACKGROUND
     if faces is not None:
         tri = vertices[faces]
         normal = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
@@ -192,7 +148,9 @@ def run(
         light /= np.linalg.norm(light)
         shade = 0.35 + 0.65 * np.abs(normal @ light)
         face_rgb = np.clip(rgb[faces].mean(axis=1) * shade[:, None], 0, 255).astype(np.uint8)
-        pix, zs, colour = rasterise(px, depth, faces, face_rgb, (width, height), should_stop)
+        drawn = raster.zbuffer(px, depth, faces, (width, height), should_stop, perspective=False)
+        hit = drawn.face >= 0
+        image[hit] = face_rgb[drawn.face[hit]]
         primitives = len(faces)
     else:
         base = np.floor(px).astype(np.int64)
@@ -201,13 +159,10 @@ def run(
         zs = np.repeat(depth, config.point_size**2)
         colour = np.repeat(rgb, config.point_size**2, axis=0)
         ok = (p[:, 0] >= 0) & (p[:, 0] < width) & (p[:, 1] >= 0) & (p[:, 1] < height)
-        pix, zs, colour = p[ok, 1] * width + p[ok, 0], zs[ok], colour[ok]
+        if ok.any():
+            _zbuffer(p[ok, 1] * width + p[ok, 0], zs[ok], colour[ok], image)
         primitives = len(vertices)
     progress(0.8, "Compositing")
-    image = np.empty((height * width, 3), np.uint8)
-    image[:] = _BACKGROUND
-    if len(pix):
-        _zbuffer(pix, zs, colour, image)
     out = out_dir / "preview.png"
     with atomic_path(out) as tmp:
         ok = cv2.imwrite(str(tmp), cv2.cvtColor(image.reshape(height, width, 3), cv2.COLOR_RGB2BGR))

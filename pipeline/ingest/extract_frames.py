@@ -9,7 +9,12 @@ decodes the clip twice with PyAV:
    image diagonal), with presentation timestamps so variable frame rate is handled;
 2. split the cumulative motion into equal stretches about `target_motion` long (at most
    `max_frames` of them, always from the first frame to the last) and keep the sharpest frame of
-   each stretch, never a blurred one where the stretch has a sharp one;
+   each stretch, never a blurred one where the stretch has a sharp one. Image motion alone
+   under-counts what reconstruction needs: an orbit that keeps its subject centred (a drone
+   circling a building) turns the viewpoint a lot while the image barely shifts, and a slow pan
+   still shows new surface. So there is a floor: at least `min_frames` keyframes, spread over the
+   clip's motion, when the clip has that many distinct views (positions at least
+   `distinct_motion` apart; a tripod shot has one);
 3. decode again and write only the chosen frames, full resolution, upright, as JPEG.
 
 Full-resolution frames are never held in memory; the output folder appears only whole.
@@ -60,6 +65,21 @@ class FramesConfig(BaseModel):
         description="Image motion wanted between consecutive keyframes, as a fraction of the image "
         "diagonal (median corner displacement); keyframes are at most this far apart. 0.025 is about "
         "8 degrees of an orbit around an object the camera keeps in view; smaller = more overlap.",
+    )
+    min_frames: int = Field(
+        30,
+        ge=1,
+        description="Fewest keyframes wanted when the clip has that many distinct views: slow, "
+        "steady footage (an orbit that keeps its subject centred) moves the image little but still "
+        "needs this many viewpoints for the overlap reconstruction wants. max_frames still caps it.",
+    )
+    distinct_motion: float = Field(
+        0.002,
+        gt=0.0,
+        le=1.0,
+        description="Image motion, as a fraction of the image diagonal, that makes two frames distinct "
+        "views for the min_frames floor (0.002 is under a pixel at analysis size; a tripod's noise is "
+        "less).",
     )
     blur_ratio: float = Field(
         0.5,
@@ -127,7 +147,13 @@ def run(
         analysis = _analyse(config, container, stream, video, progress, should_stop)
     blurred = blurred_frames(analysis.sharpness, analysis.times, config.blur_ratio)
     chosen = select_keyframes(
-        analysis.motion, analysis.sharpness, blurred, config.target_motion, config.max_frames
+        analysis.motion,
+        analysis.sharpness,
+        blurred,
+        config.target_motion,
+        config.max_frames,
+        min_frames=config.min_frames,
+        distinct_motion=config.distinct_motion,
     )
     notes = list(analysis.notes)
     if analysis.lost:
@@ -378,13 +404,29 @@ def blurred_frames(sharpness: np.ndarray, times: np.ndarray, ratio: float) -> np
     return sharpness < ratio * local
 
 
+def distinct_views(motion: np.ndarray, step: float) -> int:
+    """How many frames of the clip are at least `step` of cumulative motion apart (greedily)."""
+    count, last = 1, 0.0
+    for c in np.cumsum(motion):
+        if c - last >= step:
+            count, last = count + 1, float(c)
+    return count
+
+
 def select_keyframes(
-    motion: np.ndarray, sharpness: np.ndarray, blurred: np.ndarray, target: float, budget: int
+    motion: np.ndarray,
+    sharpness: np.ndarray,
+    blurred: np.ndarray,
+    target: float,
+    budget: int,
+    min_frames: int = 1,
+    distinct_motion: float = 0.002,
 ) -> list[int]:
     """Indices of the keyframes, ascending: one per equal stretch of cumulative motion.
 
-    The clip's total motion is cut into n-1 equal steps, n = ceil(total / target) + 1 capped at
-    `budget`, with keyframe k wanted at k steps; stretch k gathers the frames whose cumulative motion
+    The clip's total motion is cut into n-1 equal steps, n = ceil(total / target) + 1, raised to
+    `min_frames` where the clip has that many distinct views, capped at `budget`; keyframe k is
+    wanted at k steps; stretch k gathers the frames whose cumulative motion
     rounds to step k (the first and last stretches are half steps, so the clip is covered from its
     first frame to its last). Each stretch gives its sharpest frame that is not blurred, looking
     within a quarter step of the wanted position first so that neighbouring keyframes do not bunch
@@ -395,7 +437,8 @@ def select_keyframes(
     """
     cum = np.cumsum(motion)
     total = float(cum[-1])
-    n = min(budget, math.ceil(total / target - 1e-9) + 1) if total > 0 else 1
+    floor = min(min_frames, distinct_views(motion, distinct_motion))
+    n = min(budget, max(math.ceil(total / target - 1e-9) + 1, floor)) if total > 0 else 1
     step = total / (n - 1) if n > 1 else math.inf
     stretch = np.zeros(len(cum), dtype=int) if n == 1 else np.clip(np.rint(cum / step), 0, n - 1).astype(int)
     chosen: set[int] = set()

@@ -1,19 +1,24 @@
 """Sparse reconstruction: SIFT features, matching chosen by input, incremental mapping (COLMAP).
 
-Ends by turning the model into the scandrop world frame (+y up, centred, unit-ish scale), so that
-every later stage and every output share one frame and viewers show the object upright.
+Where SIFT cannot connect the photos (small, wide-baseline sets), learned matches (DISK + LightGlue,
+the `learned` extra) are added to the same database before mapping; every random choice is seeded,
+so the same photos and settings give the same model. Ends by turning the model into the scandrop
+world frame (+y up, centred, unit-ish scale), so that every later stage and every output share one
+frame and viewers show the object upright.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import StrEnum
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import pycolmap
@@ -22,7 +27,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from scandrop.pipeline.core.errors import ErrorCode, ScandropError
 from scandrop.pipeline.core.stage import Progress, StopCheck, atomic_dir, check_stop, write_json_atomic
 from scandrop.pipeline.core.workspace import Workspace
-from scandrop.pipeline.sparse import world_frame
+from scandrop.pipeline.sparse import learned_matching, mapping, world_frame
+from scandrop.pipeline.sparse.mapping import MappingAttempt
 
 
 class Matching(StrEnum):
@@ -56,6 +62,30 @@ class SparseConfig(BaseModel):
     device: Literal["cpu", "cuda"] = Field(
         "cpu", description="Where SIFT extraction and matching run (set by the device plan)."
     )
+    seed: int = Field(
+        0, ge=0, description="Seed of every random choice (RANSAC, mapping): same photos, same model."
+    )
+    learned: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Learned matching (DISK + LightGlue): auto = small sets, and larger sets SIFT leaves "
+        "partly unplaced, when the models are installed; on = always (missing models fail the job).",
+    )
+    learned_always_max_images: int = Field(
+        12, ge=0, description="Sets this small always get learned matches too (auto)."
+    )
+    learned_min_placed_fraction: float = Field(
+        0.9, ge=0.0, le=1.0, description="Larger sets get learned matches when SIFT places less than this."
+    )
+    learned_neighbours: int = Field(
+        5, ge=1, description="LightGlue pairs per photo (best partners by a cheap score)."
+    )
+    learned_max_pairs: int = Field(150, ge=1, description="At most this many LightGlue pairs per job.")
+    learned_keypoints: int = Field(1024, ge=64, description="DISK keypoints per photo.")
+    learned_max_size: int = Field(1024, ge=128, description="Longest side DISK sees, in pixels.")
+    learned_device: Literal["cpu", "cuda"] = Field(
+        "cpu", description="Where DISK and LightGlue run (torch; set by the device plan)."
+    )
+    models_dir: str | None = Field(None, description="Where models are installed (as for single view).")
 
 
 class SparseResult(BaseModel):
@@ -70,6 +100,17 @@ class SparseResult(BaseModel):
     mean_track_length: float
     up_method: str
     seconds: dict[str, float]
+    seed: int = 0
+    mapping: list[MappingAttempt] = Field(default_factory=list, description="Mapping attempts, in order.")
+    learned: dict[str, Any] = Field(
+        default_factory=dict, description="Whether learned matching ran, why, and what it did."
+    )
+    placed_by: dict[str, str] = Field(
+        default_factory=dict, description="Per placed photo: the matcher most of its tie points came from."
+    )
+    tie_points: dict[str, dict[str, int]] = Field(
+        default_factory=dict, description="Per placed photo: tie points from SIFT and from learned keypoints."
+    )
 
 
 def features_per_image(config: SparseConfig, num_images: int) -> int:
@@ -122,12 +163,12 @@ VOCAB_TRAIN_DESCRIPTORS = 60_000
 VOCAB_WORDS = 2048
 
 
-def _build_visual_index(ws: Workspace, path: Path, num_images: int) -> Path:
+def _build_visual_index(ws: Workspace, path: Path, num_images: int, seed: int) -> Path:
     """Build a small vocabulary tree from this scene's own descriptors (no download, works offline)."""
     per_image = max(50, min(1000, VOCAB_TRAIN_DESCRIPTORS // max(1, num_images)))
     db = pycolmap.Database.open(str(ws.database))
     try:
-        rng = np.random.default_rng(0)
+        rng = np.random.default_rng(seed)
         descriptors = []
         for image in db.read_all_images():
             d = np.asarray(db.read_descriptors(image.image_id).to_float().data)
@@ -144,46 +185,211 @@ def _build_visual_index(ws: Workspace, path: Path, num_images: int) -> Path:
     return path
 
 
+def _pairs(config: SparseConfig, strategy: Matching, ws: Workspace, num_images: int) -> list[tuple[str, str]]:
+    """The image pairs the strategy matches, from COLMAP's own pair generators."""
+    if strategy == Matching.exhaustive:
+        options: Any = pycolmap.ExhaustivePairingOptions()
+        make: Any = pycolmap.ExhaustivePairGenerator
+    elif strategy == Matching.sequential:
+        options, make = pycolmap.SequentialPairingOptions(), pycolmap.SequentialPairGenerator
+        options.overlap = config.sequential_overlap
+        if num_images > 3 * config.sequential_overlap:
+            options.loop_detection = True
+            options.loop_detection_period = max(1, config.sequential_overlap // 2)
+            options.vocab_tree_path = str(
+                _build_visual_index(ws, ws.root / "vocab_tree.bin", num_images, config.seed)
+            )
+    else:
+        options, make = pycolmap.VocabTreePairingOptions(), pycolmap.VocabTreePairGenerator
+        options.num_images = config.retrieval_neighbors
+        options.vocab_tree_path = str(
+            _build_visual_index(ws, ws.root / "vocab_tree.bin", num_images, config.seed)
+        )
+    db = pycolmap.Database.open(str(ws.database))
+    try:
+        names = {image.image_id: image.name for image in db.read_all_images()}
+        pairs = make(options, db).all_pairs()
+    finally:
+        db.close()
+    return [(names[a], names[b]) for a, b in pairs]
+
+
+# Pairs per matching call: pycolmap's matchers have no progress callback, so the pairs are matched
+# in batches (kitchen's 300 pairs: 3 batches of about 4 s).
+MATCH_BATCH = 100
+
+
 def _match(
     config: SparseConfig,
     strategy: Matching,
     ws: Workspace,
     num_images: int,
-    token: pycolmap.CancellationToken,
+    progress: Progress,
+    should_stop: StopCheck,
 ) -> None:
     matching = pycolmap.FeatureMatchingOptions()
-    if strategy == Matching.exhaustive:
-        pycolmap.match_exhaustive(
-            ws.database,
-            matching_options=matching,
-            device=pycolmap.Device(config.device),
-            cancellation_token=token,
-        )
-    elif strategy == Matching.sequential:
-        pairing = pycolmap.SequentialPairingOptions()
-        pairing.overlap = config.sequential_overlap
-        if num_images > 3 * config.sequential_overlap:
-            pairing.loop_detection = True
-            pairing.loop_detection_period = max(1, config.sequential_overlap // 2)
-            pairing.vocab_tree_path = str(_build_visual_index(ws, ws.root / "vocab_tree.bin", num_images))
-        pycolmap.match_sequential(
-            ws.database,
-            matching_options=matching,
-            pairing_options=pairing,
-            device=pycolmap.Device(config.device),
-            cancellation_token=token,
-        )
-    else:
-        pairing = pycolmap.VocabTreePairingOptions()
-        pairing.num_images = config.retrieval_neighbors
-        pairing.vocab_tree_path = str(_build_visual_index(ws, ws.root / "vocab_tree.bin", num_images))
-        pycolmap.match_vocabtree(
-            ws.database,
-            matching_options=matching,
-            pairing_options=pairing,
-            device=pycolmap.Device(config.device),
-            cancellation_token=token,
-        )
+    verification = pycolmap.TwoViewGeometryOptions()
+    verification.ransac.random_seed = config.seed
+    pairs = _pairs(config, strategy, ws, num_images)
+    pairs_file = ws.root / "match_pairs.txt"
+    for start in range(0, len(pairs), MATCH_BATCH):
+        progress(start / max(1, len(pairs)), f"matching ({strategy.value}): pair {start + 1} of {len(pairs)}")
+        batch = pairs[start : start + MATCH_BATCH]
+        pairs_file.write_text("".join(f"{a} {b}\n" for a, b in batch))
+        pairing = pycolmap.ImportedPairingOptions()
+        pairing.match_list_path = pairs_file
+        with _cancellation(should_stop) as token:
+            pycolmap.match_image_pairs(
+                ws.database,
+                matching_options=matching,
+                pairing_options=pairing,
+                verification_options=verification,
+                device=pycolmap.Device(config.device),
+                cancellation_token=token,
+            )
+        check_stop(should_stop)
+
+
+def _extract(
+    config: SparseConfig,
+    ws: Workspace,
+    camera_groups: list[list[str]],
+    reader: pycolmap.ImageReaderOptions,
+    extraction: pycolmap.FeatureExtractionOptions,
+    progress: Progress,
+    should_stop: StopCheck,
+) -> None:
+    """SIFT in chunks of a few photos (one per core), so progress moves photo by photo; each
+    camera group's later chunks reuse the camera its first chunk created."""
+    n = sum(len(group) for group in camera_groups)
+    chunk = max(2, os.cpu_count() or 2)
+    done = 0
+    for group in camera_groups:
+        reader.existing_camera_id = -1
+        for start in range(0, len(group), chunk):
+            progress(done / max(1, n), f"features: photo {done + 1} of {n}")
+            names = group[start : start + chunk]
+            with _cancellation(should_stop) as token:
+                pycolmap.extract_features(
+                    ws.database,
+                    ws.images_dir,
+                    image_names=names,
+                    camera_mode=pycolmap.CameraMode.SINGLE,
+                    reader_options=reader,
+                    extraction_options=extraction,
+                    device=pycolmap.Device(config.device),
+                    cancellation_token=token,
+                )
+            check_stop(should_stop)
+            done += len(names)
+            if reader.existing_camera_id < 0 and ws.database.exists():
+                db = pycolmap.Database.open(str(ws.database))
+                try:
+                    reader.existing_camera_id = db.read_image_with_name(names[0]).camera_id
+                finally:
+                    db.close()
+
+
+def _renumber_images(database: Path) -> None:
+    """Give images (and their one-image frames) ids in name order.
+
+    COLMAP's extractor writes images in the order its threads finish, so the ids, and with them
+    the mapper's choices, changed from run to run; in name order, the same photos give the same model.
+    Runs before matching, so only these tables hold image ids yet.
+    """
+    con = sqlite3.connect(database)
+    try:
+        with con:
+            rows = con.execute(
+                "SELECT i.image_id, i.name, d.frame_id FROM images i "
+                "JOIN frame_data d ON d.data_id = i.image_id"
+            ).fetchall()
+            if len({frame for _, _, frame in rows}) != len(rows):
+                return  # frames with several images (rigs): keep COLMAP's ids
+            shift = 1 + max(max(image, frame) for image, _, frame in rows)
+            for table, column in [
+                ("images", "image_id"),
+                ("keypoints", "image_id"),
+                ("descriptors", "image_id"),
+                ("frame_data", "data_id"),
+                ("frame_data", "frame_id"),
+                ("frames", "frame_id"),
+            ]:
+                con.execute(f"UPDATE {table} SET {column} = {column} + ?", (shift,))
+            for new, (image, _, frame) in enumerate(sorted(rows, key=lambda row: row[1]), start=1):
+                for table, column, old in [
+                    ("images", "image_id", image),
+                    ("keypoints", "image_id", image),
+                    ("descriptors", "image_id", image),
+                    ("frame_data", "data_id", image),
+                    ("frame_data", "frame_id", frame),
+                    ("frames", "frame_id", frame),
+                ]:
+                    con.execute(f"UPDATE {table} SET {column} = ? WHERE {column} = ?", (new, old + shift))
+    finally:
+        con.close()
+
+
+def _learned_networks(config: SparseConfig) -> tuple[Any | None, str]:
+    """The DISK and LightGlue networks, or None and why not (auto mode); on: missing is an error."""
+    from scandrop.models import model_store
+    from scandrop.models.registry import DISK_DEPTH, LIGHTGLUE_DISK
+    from scandrop.pipeline.sparse import learned_features
+
+    if not learned_features.available():
+        reason = "torch and kornia are not installed (pip install 'scandrop[learned]')"
+        if config.learned == "on":
+            raise ScandropError(ErrorCode.model_missing, f"Learned matching needs {reason}.", LEARNED_HINT)
+        return None, reason
+    models_dir = Path(config.models_dir) if config.models_dir else model_store.default_models_dir()
+    try:
+        disk = model_store.model_path(DISK_DEPTH, models_dir)
+        glue = model_store.model_path(LIGHTGLUE_DISK, models_dir)
+    except ScandropError as exc:
+        if config.learned == "on" or exc.code != ErrorCode.model_missing:
+            raise
+        return None, f"the learned matching models are not installed ({exc.message})"
+    return learned_features.load(disk, glue, config.learned_device, config.seed), "loaded"
+
+
+LEARNED_HINT = (
+    "For hard captures install learned matching: `pip install 'scandrop[learned]'`, or "
+    "`scandrop models pull disk-depth` and `scandrop models pull lightglue-disk` "
+    "(or `scandrop models import NAME FILE` on a station without hub access)."
+)
+
+
+def _with_learned(
+    config: SparseConfig,
+    ws: Workspace,
+    names: list[str],
+    focus: list[str],
+    why: str,
+    progress: Progress,
+    should_stop: StopCheck,
+) -> dict[str, Any]:
+    """Add learned matches for `focus` (and its best partners); what was done, for report.json."""
+    nets, status = _learned_networks(config)
+    if nets is None:
+        return {"used": False, "why": why, "skipped": status}
+    candidates = learned_matching.candidate_pairs(ws.database, names, focus, 2 * config.learned_neighbours)
+    stats, pairs = learned_matching.add_matches(
+        ws.database,
+        ws.images_dir,
+        candidates,
+        nets,
+        max_size=config.learned_max_size,
+        num_keypoints=config.learned_keypoints,
+        neighbours=config.learned_neighbours,
+        max_pairs=config.learned_max_pairs,
+        progress=progress,
+        should_stop=should_stop,
+    )
+    t0 = time.perf_counter()
+    if pairs:
+        learned_matching.verify(ws.database, pairs, ws.root / "learned_pairs.txt", config.seed)
+    stats.seconds["verify"] = round(time.perf_counter() - t0, 3)
+    return {"used": True, "why": why, "device": config.learned_device, **stats.model_dump()}
 
 
 def run(
@@ -200,70 +406,90 @@ def run(
     per photo, while mixed cameras still get their own.
     """
     image_names = [name for group in camera_groups for name in group]
+    n = len(image_names)
     if ws.sparse_json.exists() and ws.sparse_dir.exists():
         return SparseResult.model_validate_json(ws.sparse_json.read_text())
     seconds: dict[str, float] = {}
     ws.database.unlink(missing_ok=True)
     check_stop(should_stop)
+    pycolmap.set_random_seed(config.seed)
 
     t0 = time.perf_counter()
-    progress(0.0, f"extracting features from {len(image_names)} photos")
+    progress(0.0, f"extracting features from {n} photos")
     extraction = pycolmap.FeatureExtractionOptions()
-    extraction.sift.max_num_features = features_per_image(config, len(image_names))
+    extraction.sift.max_num_features = features_per_image(config, n)
     reader = pycolmap.ImageReaderOptions()
     reader.camera_model = config.camera_model
     if ws.masks_dir.exists():
         reader.mask_path = str(ws.masks_dir)
-    for group in camera_groups:
-        with _cancellation(should_stop) as token:
-            pycolmap.extract_features(
-                ws.database,
-                ws.images_dir,
-                image_names=group,
-                camera_mode=pycolmap.CameraMode.SINGLE,
-                reader_options=reader,
-                extraction_options=extraction,
-                device=pycolmap.Device(config.device),
-                cancellation_token=token,
-            )
-        check_stop(should_stop)
+    _extract(config, ws, camera_groups, reader, extraction, _sub(progress, 0.0, 0.25), should_stop)
+    if ws.database.exists():
+        _renumber_images(ws.database)
     seconds["extract"] = time.perf_counter() - t0
     check_stop(should_stop)
 
-    strategy = choose_matching(config, len(image_names))
-    progress(0.35, f"matching features ({strategy.value})")
+    strategy = choose_matching(config, n)
+    progress(0.25, f"matching features ({strategy.value})")
     t0 = time.perf_counter()
-    with _cancellation(should_stop) as token:
-        _match(config, strategy, ws, len(image_names), token)
+    _match(config, strategy, ws, n, _sub(progress, 0.25, 0.2), should_stop)
     seconds["match"] = time.perf_counter() - t0
     check_stop(should_stop)
 
-    progress(0.7, "incremental mapping")
-    t0 = time.perf_counter()
-    raw_dir = ws.root / "sparse.raw"
-    shutil.rmtree(raw_dir, ignore_errors=True)
-    raw_dir.mkdir()
-    mapping = pycolmap.IncrementalPipelineOptions()
-    with _cancellation(should_stop) as token:
-        models = pycolmap.incremental_mapping(
-            ws.database, ws.images_dir, raw_dir, options=mapping, cancellation_token=token
+    learned: dict[str, Any] = {"used": False}
+    if config.learned == "on" or (config.learned == "auto" and n <= config.learned_always_max_images):
+        why = (
+            "learned = on"
+            if config.learned == "on"
+            else f"small set ({n} <= {config.learned_always_max_images})"
         )
+        t0 = time.perf_counter()
+        learned = _with_learned(
+            config, ws, image_names, image_names, why, _sub(progress, 0.45, 0.35), should_stop
+        )
+        seconds["learned"] = time.perf_counter() - t0
+
+    raw_dir = ws.root / "sparse.raw"
+    t0 = time.perf_counter()
+    first = (0.8, 0.15) if learned["used"] else (0.45, 0.15)
+    best, found, attempts = _map(config, ws, raw_dir, n, _sub(progress, *first), should_stop)
     seconds["map"] = time.perf_counter() - t0
+    placed = best.num_reg_images() if best is not None else 0
+    if not learned["used"] and config.learned == "auto" and placed < config.learned_min_placed_fraction * n:
+        placed_names = {best.images[i].name for i in best.reg_image_ids()} if best is not None else set()
+        focus = [name for name in image_names if name not in placed_names]
+        why = f"SIFT placed {placed} of {n} photos (< {config.learned_min_placed_fraction:.0%})"
+        t0 = time.perf_counter()
+        learned = _with_learned(config, ws, image_names, focus, why, _sub(progress, 0.6, 0.2), should_stop)
+        seconds["learned"] = time.perf_counter() - t0
+        if learned["used"]:
+            learned["sift_only_placed"] = placed
+            t0 = time.perf_counter()
+            best, found, more = _map(config, ws, raw_dir, n, _sub(progress, 0.8, 0.15), should_stop)
+            attempts += more
+            seconds["map"] += time.perf_counter() - t0
     check_stop(should_stop)
-    if not models:
+    hint_more = "" if learned["used"] else " " + LEARNED_HINT
+    tried = (
+        f" Learned matching ran too ({learned['pairs_written']} of {learned['pairs']} pairs matched)."
+        if learned["used"]
+        else ""
+    )
+    if best is None:
         raise ScandropError(
             ErrorCode.no_overlap,
-            f"None of the {len(image_names)} photos could be connected: they do not overlap enough.",
-            "Take photos with about 60-80% overlap between neighbours, moving around the object.",
+            f"None of the {n} photos could be connected: they do not overlap enough.{tried}",
+            "Take photos with about 60-80% overlap between neighbours, moving around the object." + hint_more,
         )
-    best = max(models.values(), key=lambda rec: rec.num_reg_images())
     registered = sorted(best.images[i].name for i in best.reg_image_ids())
     if len(registered) < config.min_registered:
         raise ScandropError(
             ErrorCode.too_few_registered,
-            f"Only {len(registered)} of {len(image_names)} photos could be placed in 3D.",
-            "Take more photos with more overlap, avoid plain surfaces, reflections and motion blur.",
+            f"Only {len(registered)} of {n} photos could be placed in 3D.{tried}",
+            "Take more photos with more overlap, avoid plain surfaces, reflections and motion blur."
+            + hint_more,
         )
+    tie_points = learned_matching.tie_points_by_matcher(best, learned.get("keypoints_from", {}))
+    placed_by = {name: "learned" if c["learned"] > c["sift"] else "sift" for name, c in tie_points.items()}
 
     progress(0.95, "turning the model upright")
     frame = world_frame.estimate(best)
@@ -274,17 +500,42 @@ def run(
 
     result = SparseResult(
         matching=strategy,
-        images=len(image_names),
+        images=n,
         registered=len(registered),
         registered_names=registered,
         unregistered=sorted(set(image_names) - set(registered)),
-        models_found=len(models),
+        models_found=found,
         points3D=best.num_points3D(),
         mean_reprojection_error_px=float(best.compute_mean_reprojection_error()),
         mean_track_length=float(best.compute_mean_track_length()),
         up_method=frame.method,
         seconds={k: round(v, 3) for k, v in seconds.items()},
+        seed=config.seed,
+        mapping=attempts,
+        learned=learned,
+        placed_by=placed_by,
+        tie_points=tie_points,
     )
     write_json_atomic(ws.sparse_json, result.model_dump(mode="json"))
-    progress(1.0, f"{len(registered)} of {len(image_names)} photos registered")
+    progress(1.0, f"{len(registered)} of {n} photos registered")
     return result
+
+
+def _sub(progress: Progress, start: float, span: float) -> Progress:
+    """A part of this stage's progress bar: `fraction` 0..1 of it maps onto start..start+span."""
+    return lambda fraction, message: progress(start + span * fraction, message)
+
+
+def _map(
+    config: SparseConfig, ws: Workspace, raw_dir: Path, n: int, progress: Progress, should_stop: StopCheck
+) -> tuple[pycolmap.Reconstruction | None, int, list[MappingAttempt]]:
+    def placed(count: int, method: str) -> None:
+        progress(
+            0.8 + 0.15 * min(1.0, count / max(1, n)),
+            f"mapping ({method}): {min(count, n)} of {n} photos placed",
+        )
+
+    with _cancellation(should_stop) as token:
+        return mapping.map_images(
+            ws.database, ws.images_dir, raw_dir, n, config.seed, config.min_registered, token, placed
+        )

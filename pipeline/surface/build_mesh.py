@@ -1,7 +1,9 @@
 """Stage: fused points -> coloured triangle mesh (ws.mesh).
 
-Screened Poisson (COLMAP's `poisson_meshing`) closes the surface; Poisson also invents surface
-where there were no points (holes, the far side of a scene), so faces far from any fused point
+Screened Poisson (COLMAP's `poisson_meshing`) closes the surface, at an octree depth that follows
+the fused points' spacing (a finest cell of about two spacings, capped by `depth`); Poisson also
+invents surface where there were no points (holes, the far side of a scene), so faces far from any
+fused point
 and small floating pieces are removed. The mesh is then decimated by quadric edge collapse
 (fast-simplification: 1 s for 1M -> 300k faces on this 2-core box, where pycolmap's
 `simplify_mesh` took 6-7 s) and its vertices re-coloured from the nearest fused points,
@@ -43,7 +45,22 @@ class MeshConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    depth: int = Field(8, ge=5, le=12, description="Poisson octree depth: 8 balanced, 9-10 quality.")
+    depth: int = Field(
+        9, ge=5, le=12, description="Deepest Poisson octree level (the fixed level when adaptive is off)."
+    )
+    adaptive: bool = Field(
+        True,
+        description="Pick the Poisson depth from the fused points' spacing (see cell_spacings), up to"
+        " `depth`: the mesh is as fine as the points, not finer.",
+    )
+    min_depth: int = Field(7, ge=5, le=12, description="Shallowest Poisson depth the adaptive choice uses.")
+    cell_spacings: float = Field(
+        2.0,
+        ge=0.5,
+        le=8.0,
+        description="Adaptive depth: finest Poisson cell in point spacings (finer cells hold too few"
+        " points, and the density trim then removes true surface).",
+    )
     trim: float = Field(7.0, ge=0.0, le=20.0, description="COLMAP density trim: drop low-density surface.")
     point_weight: float = Field(1.0, ge=0.0, description="Screened Poisson point interpolation weight.")
     max_distance_factor: float = Field(
@@ -65,6 +82,7 @@ class MeshConfig(BaseModel):
 
 
 class MeshResult(BaseModel):
+    poisson_depth: int
     vertices: int
     triangles: int
     poisson_triangles: int
@@ -157,6 +175,15 @@ def median_spacing(xyz: np.ndarray, tree: cKDTree, sample: int = 20_000) -> floa
     return float(np.median(dist[:, 1]))
 
 
+def poisson_depth(extent: float, spacing: float, config: MeshConfig) -> int:
+    """The octree depth whose finest cell (box = 1.1 x extent) is about `cell_spacings` point
+    spacings, within [min_depth, depth]: finer cells only add triangles the points cannot support."""
+    if spacing <= 0 or extent <= 0:
+        return config.depth
+    wanted = int(np.ceil(np.log2(1.1 * extent / (config.cell_spacings * spacing))))
+    return int(min(config.depth, max(min(config.min_depth, config.depth), wanted)))
+
+
 def thin(cloud: PointCloud, voxel: float) -> PointCloud:
     """One point per occupied voxel: mean position and colour, normalised mean normal."""
     if voxel <= 0:
@@ -241,13 +268,15 @@ def run(config: MeshConfig, ws: Workspace, progress: Progress, should_stop: Stop
     cloud = _check_cloud(load_points(ws.fused))
     tree = cKDTree(cloud.xyz)
     check_stop(should_stop)
-    progress(0.02, f"Meshing {len(cloud)} points (Poisson depth {config.depth})")
+    extent = float(np.ptp(cloud.xyz, axis=0).max())
+    spacing = median_spacing(cloud.xyz, tree)
+    depth = poisson_depth(extent, spacing, config) if config.adaptive else config.depth
+    progress(0.02, f"Meshing {len(cloud)} points (Poisson depth {depth})")
 
     with tempfile.TemporaryDirectory(dir=ws.root, prefix=".mesh-") as tmp_name:
         tmp = Path(tmp_name)
         src, poisson_out = tmp / "points.ply", tmp / "poisson.ply"
-        extent = float(np.ptp(cloud.xyz, axis=0).max())
-        cell = 1.1 * extent / 2**config.depth  # Poisson's finest cell (COLMAP pads the box by 1.1)
+        cell = 1.1 * extent / 2**depth  # Poisson's finest cell (COLMAP pads the box by 1.1)
         sparse_cloud = thin(cloud, config.thin_cells * cell)
         if len(sparse_cloud) < _MIN_POINTS:
             sparse_cloud = cloud
@@ -255,8 +284,11 @@ def run(config: MeshConfig, ws: Workspace, progress: Progress, should_stop: Stop
         tp = time.perf_counter()
         plyio.write_ply(src, plyio.points_vertex(sparse_cloud.xyz, sparse_cloud.normals, sparse_cloud.rgb))
         options = {
-            "depth": config.depth,
-            "trim": config.trim,
+            "depth": depth,
+            # COLMAP's trim is an absolute density level (octree depth of the samples): near the
+            # octree depth itself it removes true surface too (at depth 7, trim 7 kept nothing of a
+            # 6500-point test cloud), so it stays two levels below the depth.
+            "trim": min(config.trim, max(0.0, depth - 2.0)),
             "color": True,
             "point_weight": config.point_weight,
             "num_threads": config.num_threads,
@@ -275,7 +307,7 @@ def run(config: MeshConfig, ws: Workspace, progress: Progress, should_stop: Stop
             (faces[:, 0] != faces[:, 1]) & (faces[:, 1] != faces[:, 2]) & (faces[:, 0] != faces[:, 2])
         ]
         # Poisson's smallest cell: faces closer than a cell to the points are not invented.
-        limit = config.max_distance_factor * max(median_spacing(cloud.xyz, tree), cell)
+        limit = config.max_distance_factor * max(spacing, cell)
         dist, _ = tree.query(vertices[faces].mean(axis=1), distance_upper_bound=limit, workers=-1)
         near = np.isfinite(dist)
         removed_far = int((~near).sum())
@@ -324,6 +356,7 @@ def run(config: MeshConfig, ws: Workspace, progress: Progress, should_stop: Stop
     seconds["total"] = time.perf_counter() - t0
     progress(1.0, f"Mesh: {len(vertices)} vertices, {len(faces)} triangles")
     return MeshResult(
+        poisson_depth=depth,
         vertices=len(vertices),
         triangles=len(faces),
         poisson_triangles=poisson_triangles,

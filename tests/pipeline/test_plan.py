@@ -36,7 +36,7 @@ def test_cuda_plan_uses_the_gpu_only_where_a_library_offers_it() -> None:
     assert plan["splats"].backend == "initialised-cpu" and plan["optimise"].backend == "gsplat-cuda"
     torch_only = {p.stage: p for p in build_plan(plan_stages(InputKind.photos), CUDA_TORCH_ONLY)}
     assert (
-        torch_only["depth"].backend == "opencv-sgbm-cpu"
+        torch_only["depth"].backend == "patchmatch-or-sgbm-cpu"
         and "CUDA build of pycolmap" in torch_only["depth"].reason
     )
     assert torch_only["optimise"].backend == "skipped" and "gsplat" in torch_only["optimise"].reason

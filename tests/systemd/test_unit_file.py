@@ -44,6 +44,11 @@ def test_unit_is_hardened_without_hiding_devices() -> None:
     for hides_gpus in ("PrivateDevices", "DevicePolicy", "DeviceAllow"):
         assert f"Service.{hides_gpus}" not in unit
     assert "AF_UNIX" in unit["Service.RestrictAddressFamilies"][0]  # the notify socket
+    # numba's kernel cache must be writable under ProtectSystem=strict: in the state directory.
+    numba_cache = [
+        e.split("=", 1)[1] for e in unit["Service.Environment"] if e.startswith("NUMBA_CACHE_DIR=")
+    ]
+    assert numba_cache and numba_cache[0].startswith("/var/lib/scandrop/")
 
 
 def test_unit_passes_systemd_analyze(tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ from scandrop.pipeline.core.workspace import Workspace
 from scandrop.pipeline.export import export_assets
 from scandrop.pipeline.surface import make_splats
 
-VALIDATOR = Path(__file__).resolve().parents[1] / "gltf_validator"
+VALIDATOR = Path(__file__).resolve().parents[2] / "gltf_validator"
 GS_FIELDS = [
     "x",
     "y",
@@ -199,7 +199,11 @@ def test_glb_is_valid_and_loads_back(tmp_path: Path) -> None:
     ws, _ = build_workspace(tmp_path / "job")
     out = tmp_path / "out"
     export_assets.run(
-        export_assets.ExportConfig(splats=False, cameras=False), ws, out, no_progress, never_stop
+        export_assets.ExportConfig(splats=False, cameras=False, texture="vertex"),
+        ws,
+        out,
+        no_progress,
+        never_stop,
     )
     glb = out / "model.glb"
 
@@ -225,7 +229,11 @@ def test_glb_is_valid_and_loads_back(tmp_path: Path) -> None:
 def test_glb_has_normals_and_vertex_colours(tmp_path: Path) -> None:
     ws, _ = build_workspace(tmp_path / "job")
     export_assets.run(
-        export_assets.ExportConfig(splats=False, cameras=False), ws, tmp_path, no_progress, never_stop
+        export_assets.ExportConfig(splats=False, cameras=False, texture="vertex"),
+        ws,
+        tmp_path,
+        no_progress,
+        never_stop,
     )
     raw = (tmp_path / "model.glb").read_bytes()
     magic, version, _ = struct.unpack("<4sII", raw[:12])

@@ -94,3 +94,34 @@ def test_nothing_to_render_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ScandropError) as err:
         render_preview.run(render_preview.PreviewConfig(), ws, tmp_path, no_progress, never_stop)
     assert err.value.code is ErrorCode.export_failed
+
+
+def test_preview_frames_the_subject_not_its_stray_points(tmp_path: Path) -> None:
+    """Far-off points (0.5% of the cloud) and a stray Poisson blob must not shrink the subject
+    into a corner: its 1-99% box fills the frame, centred."""
+    ws = Workspace(tmp_path / "job").create()
+    snowman(ws)
+    write_front_cameras(ws.sparse_dir)
+    ply = plyio.read_ply(ws.mesh)
+    blob = trimesh.creation.icosphere(subdivisions=1, radius=0.3)
+    blob.apply_translation([9.0, 4.0, 0.0])
+    v = np.concatenate([plyio.xyz_of(ply.vertex), blob.vertices]).astype(np.float32)
+    f = np.concatenate([ply.faces, blob.faces + len(ply.vertex)])
+    rgb = np.concatenate([plyio.rgb_of(ply.vertex), np.full((len(blob.vertices), 3), 30, np.uint8)])
+    cols = {"x": v[:, 0], "y": v[:, 1], "z": v[:, 2], "red": rgb[:, 0], "green": rgb[:, 1], "blue": rgb[:, 2]}
+    plyio.write_ply(ws.mesh, plyio.vertex_array(cols), f)
+    cloud_v = np.concatenate([v, np.random.default_rng(0).uniform(-12, 12, (len(v) // 200, 3))]).astype(
+        np.float32
+    )
+    normals = np.tile(np.float32([0, 0, 1]), (len(cloud_v), 1))
+    save_points(ws.fused, PointCloud(cloud_v, normals, np.full((len(cloud_v), 3), 128, np.uint8)))
+
+    render_preview.run(render_preview.PreviewConfig(), ws, tmp_path, no_progress, never_stop)
+    image = cv2.cvtColor(cv2.imread(str(tmp_path / "preview.png")), cv2.COLOR_BGR2RGB)
+    red_or_green = ((image[..., 0] > 2 * image[..., 1]) | (image[..., 1] > 2 * image[..., 0])) & _object_mask(
+        image
+    )
+    ys, xs = np.nonzero(red_or_green)
+    # The snowman spans y -1..2.1 and x -1..1: tall, so its height should fill most of the frame.
+    assert (ys.max() - ys.min()) > 0.75 * 720
+    assert abs((xs.min() + xs.max()) / 2 - 480) < 25 and abs((ys.min() + ys.max()) / 2 - 360) < 40

@@ -25,7 +25,7 @@ W, H = 320, 240
 BLURRED = (12, 13, 14)
 DIAG = math.hypot(W, H)
 APPLE = (
-    Path(__file__).resolve().parents[2] / ".." / "shared" / "datasets" / "video_cotracker_apple" / "apple.mp4"
+    Path(__file__).resolve().parents[3] / ".." / "shared" / "datasets" / "video_cotracker_apple" / "apple.mp4"
 )
 
 
@@ -160,6 +160,37 @@ def test_select_keyframes_prefers_sharp_frames_and_keeps_coverage() -> None:
     chosen = select(motion, sharp, blurred, target=0.05, budget=10)
     assert chosen[0] == 1 and chosen[-1] == 20 and blurred[chosen].sum() == 1
     assert select(np.zeros(10), sharp[:10], np.zeros(10, bool), 0.05, 10) == [9]  # no motion: one frame
+
+
+def test_floor_counts_distinct_views_not_frames() -> None:
+    select = extract_frames.select_keyframes
+    sharp, clear = np.full(101, 100.0), np.zeros(101, bool)
+    slow = np.r_[0.0, np.full(100, 0.001)]  # 0.1 diagonals: 5 keyframes by motion alone
+    assert len(select(slow, sharp, clear, target=0.025, budget=120)) == 5
+    assert len(select(slow, sharp, clear, 0.025, 120, min_frames=30)) == 30
+    assert len(select(slow, sharp, clear, 0.025, 20, min_frames=30)) == 20  # the budget still caps
+    # Only 10 views 0.01 apart exist: the floor asks for no more than that.
+    assert extract_frames.distinct_views(slow, 0.01) == 11
+    assert len(select(slow, sharp, clear, 0.025, 120, min_frames=30, distinct_motion=0.01)) == 11
+    jittery_tripod = np.r_[0.0, np.full(100, 0.00002)]  # codec noise, no real motion
+    assert len(select(jittery_tripod, sharp, clear, 0.025, 120, min_frames=30)) == 2
+
+
+def test_a_slow_steady_pan_still_gives_the_floor_of_keyframes(tmp_path: Path) -> None:
+    """5 s of a slow, steady pan (a drone's orbit) over 0.25 image diagonals: motion alone would
+    keep 11 frames."""
+    xs = 10 + np.arange(150) * 100.0 / 149
+    tex = _texture(W + 140, H + 40)
+    frames = [cv2.warpAffine(tex, np.float32([[1, 0, -x], [0, 1, -20]]), (W, H)) for x in xs]
+    video = tmp_path / "slow.mp4"
+    _encode(video, frames)
+    r = _run(video, tmp_path / "f")
+    idx = [k.index for k in r.kept]
+    assert len(idx) == FramesConfig().min_frames == 30
+    assert idx[0] <= 10 and idx[-1] >= 140
+    gaps = np.diff(xs[idx])
+    assert gaps.min() > 0.4 * gaps.mean() and gaps.max() < 1.6 * gaps.mean()  # even in motion
+    assert not r.notes or not any("barely moved" in n for n in r.notes)
 
 
 def test_blurred_frames_are_judged_against_their_neighbours() -> None:
@@ -299,7 +330,7 @@ def test_real_hand_held_clip(tmp_path: Path) -> None:
         f"notes {r.notes}"
     )
     assert (r.decoded, r.width, r.height, r.rotation) == (50, 1296, 720, 0)
-    assert 15 <= len(idx) <= 50 and idx[0] <= 4 and idx[-1] >= 45
+    assert 30 <= len(idx) <= 50 and idx[0] <= 4 and idx[-1] >= 45  # the min_frames floor
     assert len(list((tmp_path / "f").iterdir())) == len(idx)
 
 

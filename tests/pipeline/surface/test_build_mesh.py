@@ -148,3 +148,21 @@ def test_thin_averages_points_per_voxel() -> None:
     assert np.all(np.einsum("ij,ij->i", thinned.normals, thinned.xyz) > 0.9)
     assert np.median(thinned.rgb[:, 0]) == 220
     assert build_mesh.thin(cloud, 0.0) is cloud
+
+
+def test_poisson_depth_follows_the_point_spacing(tmp_path: Path) -> None:
+    config = build_mesh.MeshConfig(depth=10, min_depth=6, cell_spacings=2.0)
+    # finest cell = 1.1 * extent / 2**depth: about two spacings, within [min_depth, depth]
+    assert build_mesh.poisson_depth(2.0, 2.2 / 512, config) == 8
+    assert build_mesh.poisson_depth(2.0, 2.2 / 600, config) == 9
+    assert build_mesh.poisson_depth(2.0, 1e-6, config) == 10
+    assert build_mesh.poisson_depth(2.0, 1.0, config) == 6
+    # On a real cloud: four times the points (half the spacing) -> one level deeper.
+    sparse_ws = _workspace(tmp_path / "sparse", sphere_and_box(4_000, 2_500))
+    dense_ws = _workspace(tmp_path / "dense", sphere_and_box(16_000, 10_000))
+    run = build_mesh.MeshConfig(depth=9, min_depth=5, max_triangles=20_000)
+    coarse = build_mesh.run(run, sparse_ws, no_progress, never_stop)
+    fine = build_mesh.run(run, dense_ws, no_progress, never_stop)
+    assert fine.poisson_depth == coarse.poisson_depth + 1
+    fixed = run.model_copy(update={"adaptive": False, "depth": 6})
+    assert build_mesh.run(fixed, dense_ws, no_progress, never_stop).poisson_depth == 6

@@ -1,0 +1,84 @@
+"""Where a job's pipeline runs: the one dispatch point between the runner and an executor.
+
+`local` (the default) runs each job in a child process of the daemon (daemon/worker.py); `ray`
+runs it as a task on a Ray cluster (daemon/ray_executor.py, Ray imported only then). Both take the
+same request and hooks and return the job's Report, so the runner, status.json and the WebSocket
+cannot tell them apart, except by the `execution` field that says where the job ran.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from scandrop.daemon.job_status import DataMode, ExecutionInfo
+from scandrop.daemon.settings import ExecutorKind
+from scandrop.daemon.worker import run_job
+from scandrop.pipeline.core.stage import OnEvent, StopCheck, never_stop
+from scandrop.pipeline.job_spec import JobSpec
+from scandrop.pipeline.report import Report
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    job_id: str
+    input_path: Path
+    out_dir: Path
+    work_dir: Path
+    spec: JobSpec
+    device: dict[str, Any]
+    timeout: float | None
+    input_bytes: int = 0
+    device_request: str = "auto"  # what the job asked for; a Ray node resolves it itself
+
+
+@dataclass
+class JobHooks:
+    """Callbacks from the executor's thread; they must be thread-safe."""
+
+    on_event: OnEvent | None = None
+    should_stop: StopCheck = never_stop
+    on_start: Callable[[int], None] | None = None  # local: the job's pid (its process group)
+    on_attempt: Callable[[int, ExecutionInfo, dict[str, Any]], None] | None = field(default=None)
+    """(attempt number from 1, where it runs, the device it resolved there)."""
+
+
+class Executor(Protocol):
+    kind: ExecutorKind
+
+    def problem(self) -> str | None:
+        """Why no job can start now (e.g. the cluster is unreachable); None when ready."""
+        ...
+
+    def run(self, request: JobRequest, hooks: JobHooks) -> Report:
+        """Blocking, in a worker thread: the job's Report, whatever happened to it."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class LocalExecutor:
+    kind = ExecutorKind.local
+
+    def problem(self) -> str | None:
+        return None
+
+    def run(self, request: JobRequest, hooks: JobHooks) -> Report:
+        if hooks.on_attempt is not None:
+            hooks.on_attempt(1, ExecutionInfo(executor=self.kind, data=DataMode.local), request.device)
+        return run_job(
+            request.input_path,
+            request.out_dir,
+            request.spec,
+            request.work_dir,
+            request.device,
+            on_event=hooks.on_event,
+            should_stop=hooks.should_stop,
+            timeout=request.timeout,
+            on_start=hooks.on_start,
+        )
+
+    def close(self) -> None:
+        return None

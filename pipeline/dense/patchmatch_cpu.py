@@ -1,0 +1,234 @@
+"""Dense depth on the CPU by PatchMatch multi-view stereo (see patchmatch_kernel for the method).
+
+Coarse to fine: random planes at 1/4 of the depth grid converge in a few sweeps (few pixels,
+large windows in world terms), then each finer level starts from the planes of the one below
+and only refines. Precision therefore follows the photos: at the finest level the window is a
+few pixels of the photo itself. The numba kernels use every core of the machine for one view at
+a time; `depth_for_view` takes one small picklable task and writes that view's file, so views can
+as well be fanned out over processes or machines.
+
+Output: the same per-view npz as estimate_depth (fill and fuse run unchanged); `confidence` is
+1 - cost (mean NCC of the best sources).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+from numba import njit
+
+from scandrop.pipeline.core.errors import ErrorCode, ScandropError
+from scandrop.pipeline.core.stage import Progress, StopCheck, check_stop
+from scandrop.pipeline.core.workspace import Workspace
+from scandrop.pipeline.dense import patchmatch_kernel as kernel
+from scandrop.pipeline.dense.dense_views import DenseView, stereo_views
+from scandrop.pipeline.dense.estimate_depth import (
+    DepthConfig,
+    DepthResult,
+    read_grid_mask,
+    read_photo,
+    run_tasks,
+    view_normal_filter,
+    write_depth_file,
+)
+from scandrop.pipeline.dense.view_selection import mvs_sources
+
+
+@dataclass(frozen=True)
+class DepthTask:
+    """Everything one view's depth needs; plain data, so it pickles to another process or host."""
+
+    ref: DenseView
+    sources: tuple[DenseView, ...]
+    image_dir: Path
+    mask_path: Path | None
+    out_path: Path
+    config: DepthConfig
+
+
+@dataclass(frozen=True)
+class PlaneMaps:
+    depth: np.ndarray  # (H, W) float32 camera z, 0 = none
+    normal: np.ndarray  # (H, W, 3) float32 camera frame, facing the camera
+    cost: np.ndarray  # (H, W) float32 mean of the best sources' 1 - NCC
+
+
+def scaled_intrinsics(K: np.ndarray, scale: float) -> np.ndarray:
+    """K of an image resized by `scale`, pixel centres on integers (OpenCV)."""
+    out = K.astype(np.float64).copy()
+    out[0, 0] *= scale
+    out[1, 1] *= scale
+    out[0, 1] *= scale
+    out[0, 2] = (K[0, 2] + 0.5) * scale - 0.5
+    out[1, 2] = (K[1, 2] + 0.5) * scale - 0.5
+    return out
+
+
+def depth_range(ref: DenseView) -> tuple[float, float] | None:
+    """Depths to search, from the sparse points the view sees (with a margin); None with too few."""
+    z = (ref.points @ ref.R.T + ref.t)[:, 2] if len(ref.points) else np.zeros(0)
+    z = z[z > 0]
+    if len(z) < 5:
+        return None
+    lo, hi = np.percentile(z, [1, 99])
+    return float(lo * 0.75), float(hi * 1.33)
+
+
+def patchmatch_planes(
+    ref_gray: np.ndarray,
+    ref_K: np.ndarray,
+    src_grays: list[np.ndarray],
+    src_Ks: list[np.ndarray],
+    rel_poses: list[tuple[np.ndarray, np.ndarray]],
+    dmin: float,
+    dmax: float,
+    config: DepthConfig,
+    seed: int = 0,
+) -> PlaneMaps:
+    """Depth and normal of every reference pixel: images in grey levels (0-255), poses source-from-
+    reference (R, t), all intrinsics with OpenCV pixel centres."""
+    _numba_seed(seed)  # numba keeps its own random state: seeded, a run is repeatable
+    levels = config.pm_levels
+    half, step = config.pm_window_half, config.pm_window_step
+    depth = normal = cost = kinv_prev = None
+    for level in range(levels - 1, -1, -1):
+        scale = 0.5**level
+        ref = _resize(ref_gray, scale)
+        K = scaled_intrinsics(ref_K, scale)
+        kinv = np.linalg.inv(K)
+        srcs = [_resize(g, scale) for g in src_grays]
+        hmax = max(s.shape[0] for s in srcs)
+        wmax = max(s.shape[1] for s in srcs)
+        stack = np.zeros((len(srcs), hmax + 1, wmax + 1), np.float32)
+        for i, s in enumerate(srcs):
+            stack[i, : s.shape[0], : s.shape[1]] = s
+        src_hw = np.array([s.shape for s in srcs], np.int64)
+        A = np.empty((len(srcs), 3, 3))
+        b = np.empty((len(srcs), 3))
+        for i, ((R, t), Ks) in enumerate(zip(rel_poses, src_Ks, strict=True)):
+            ks = scaled_intrinsics(Ks, scale)
+            A[i] = ks @ R @ kinv
+            b[i] = ks @ t
+        ref_mean, ref_std = kernel.ref_window_stats(ref, half, step)
+        ref_std[ref_std < config.min_texture] = 0.0
+        h, w = ref.shape
+        if depth is None:
+            depth = np.zeros((h, w), np.float32)
+            normal = np.zeros((h, w, 3), np.float32)
+            randomise, iterations = True, config.pm_iterations_coarse
+        else:
+            depth, normal = kernel.upsample_planes(depth, normal, kinv_prev, kinv, h, w)
+            randomise, iterations = False, config.pm_iterations_fine
+        cost = np.empty((h, w), np.float32)
+        args = (ref, ref_mean, ref_std, stack, src_hw, A, b, kinv, dmin, dmax, half, step, config.pm_best_k)
+        kernel.initialise(depth, normal, cost, randomise, *args)
+        for it in range(iterations):
+            # Perturbations shrink with the iterations. Refining levels start from planes good to
+            # about a pixel of the level below: near neighbours and two small perturbations do.
+            if randomise:
+                far, ranges, trials = config.pm_far, (0.2 * 0.5**it, 0.4 * 0.5**it), 3
+            else:
+                far, ranges, trials = 1, (0.02 * 0.5**it, 0.15 * 0.5**it), 2
+            for colour in (0, 1):
+                kernel.sweep(colour, depth, normal, cost, *args, far, *ranges, trials)
+        kinv_prev = kinv
+    return PlaneMaps(depth=depth, normal=normal, cost=cost)
+
+
+@njit(cache=True)
+def _numba_seed(seed: int) -> None:
+    np.random.seed(seed)
+
+
+def _resize(gray: np.ndarray, scale: float) -> np.ndarray:
+    if scale == 1.0:
+        return np.ascontiguousarray(gray, dtype=np.float32)
+    h, w = gray.shape
+    size = (max(8, round(w * scale)), max(8, round(h * scale)))
+    return cv2.resize(gray.astype(np.float32), size, interpolation=cv2.INTER_AREA)
+
+
+def depth_for_view(task: DepthTask) -> tuple[str, float]:
+    """PatchMatch depth of one view, written to task.out_path. Returns (name, valid share)."""
+    cfg = task.config
+    ref = task.ref
+    bounds = depth_range(ref)
+    if bounds is None:  # too few sparse points to bound the search: no depth map for this view
+        return ref.name, 0.0
+    dmin, dmax = bounds
+    ref_photo = read_photo(task.image_dir / ref.name)
+    maps = ref.photo_map(ref.grid_rays())
+    ref_gray = ref.undistort(cv2.cvtColor(ref_photo, cv2.COLOR_BGR2GRAY), maps=maps).astype(np.float32)
+    src_grays, src_Ks, rel = [], [], []
+    for src in task.sources:
+        gray = cv2.cvtColor(read_photo(task.image_dir / src.name), cv2.COLOR_BGR2GRAY)
+        src_grays.append(src.undistort(gray).astype(np.float32))
+        src_Ks.append(src.K)
+        R = src.R @ ref.R.T
+        rel.append((R, src.t - R @ ref.t))
+    planes = patchmatch_planes(ref_gray, ref.K, src_grays, src_Ks, rel, dmin, dmax, cfg)
+    depth = planes.depth.copy()
+    depth[(planes.cost > cfg.pm_max_cost) | (depth < dmin) | (depth > dmax)] = 0.0
+    mask = read_grid_mask(ref, task.mask_path, maps)
+    if mask is not None:
+        depth[~mask] = 0.0
+    normals = planes.normal.copy()
+    depth = view_normal_filter(depth, normals, ref, cfg.max_grazing_deg)
+    normals[depth <= 0] = 0.0
+    conf = np.where(depth > 0, 1.0 - planes.cost, 0.0).astype(np.float32)
+    rgb = cv2.cvtColor(ref.undistort(ref_photo, maps=maps), cv2.COLOR_BGR2RGB)
+    write_depth_file(task.out_path, ref, depth, normals, conf, rgb, mask)
+    return ref.name, float(np.mean(depth > 0))
+
+
+def plan_tasks(views: list[DenseView], config: DepthConfig, ws: Workspace) -> list[DepthTask]:
+    """One task per view that has source views."""
+    sources = mvs_sources(views, config.pm_sources, config.min_angle_deg, config.max_angle_deg)
+    tasks = []
+    for view, chosen in zip(views, sources, strict=True):
+        if not chosen:
+            continue
+        mask = ws.mask_for(view.name)
+        tasks.append(
+            DepthTask(
+                ref=view,
+                sources=tuple(views[j] for j in chosen),
+                image_dir=ws.images_dir,
+                mask_path=mask if mask.exists() else None,
+                out_path=ws.depth_dir / f"{view.name}.npz",
+                config=config,
+            )
+        )
+    return tasks
+
+
+def run(config: DepthConfig, ws: Workspace, progress: Progress, should_stop: StopCheck) -> DepthResult:
+    """PatchMatch depth for every registered view; one view at a time, all cores per view."""
+    start = time.monotonic()
+    check_stop(should_stop)
+    views = stereo_views(ws.sparse_dir, config.max_image_size)
+    ws.fresh_depth_dir()
+    tasks = plan_tasks(views, config, ws)
+    if not tasks:
+        raise ScandropError(
+            ErrorCode.dense_failed,
+            "No view has neighbours suitable for stereo (too little overlap or too little parallax).",
+            "Take photos around the object, each a small step (about 10 degrees) from the last.",
+        )
+    fractions = run_tasks(depth_for_view, tasks, 1, progress, should_stop)
+    if float(np.mean(fractions)) < 1e-3:
+        raise ScandropError(
+            ErrorCode.dense_failed,
+            "Multi-view stereo found no reliable depth in the photos.",
+            "Photograph a textured object in good light; plain, shiny or see-through surfaces cannot match.",
+        )
+    return DepthResult(
+        views=len(views),
+        views_with_depth=sum(f > 0 for f in fractions),
+        mean_valid_fraction=round(float(np.mean(fractions)), 4),
+        seconds=round(time.monotonic() - start, 2),
+    )

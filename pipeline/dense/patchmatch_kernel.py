@@ -1,0 +1,365 @@
+"""PatchMatch multi-view stereo kernels (numba, all cores): per-pixel plane hypotheses scored by
+normalised cross-correlation against several source views.
+
+The method of COLMAP, Gipuma and ACMM, reduced to what runs on a CPU:
+- a hypothesis is a depth and a normal per reference pixel, i.e. a local plane; the plane
+  induces a homography into every source view, so the matching window follows the surface's
+  slant (fronto-parallel windows blur slanted and curved relief);
+- the cost of a hypothesis is 1 - NCC (exposure- and gain-invariant) per source view, and the
+  mean of the best `best_k` sources (per-pixel view selection: an occluded or differently lit
+  source does not spoil the pixel);
+- red-black (checkerboard) sweeps propagate the planes of near and far neighbours, then random
+  refinement perturbs depth and normal with a shrinking range.
+
+Planes: a camera-frame plane {X : n . X = c}; the ray of pixel x is r = Kinv x (z = 1), so the
+plane's depth at x is c / (n . r) and its image in source s is y ~ A_s x + b_s (m . x), with
+A_s = K_s R_s Kinv, b_s = K_s t_s, m = Kinv^T n / c.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+INVALID_COST = 2.0  # cost of a source the window does not land in (worst possible 1 - NCC)
+
+
+@njit(cache=True, fastmath=True)
+def ref_window_stats(ref: np.ndarray, half: int, step: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and standard deviation of each pixel's sampled matching window in the reference."""
+    h, w = ref.shape
+    mean = np.zeros((h, w), np.float32)
+    std = np.zeros((h, w), np.float32)
+    span = half * step
+    n = (2 * half + 1) ** 2
+    for v in prange(span, h - span):
+        for u in range(span, w - span):
+            s = 0.0
+            ss = 0.0
+            for dy in range(-span, span + 1, step):
+                for dx in range(-span, span + 1, step):
+                    val = ref[v + dy, u + dx]
+                    s += val
+                    ss += val * val
+            m = s / n
+            mean[v, u] = m
+            std[v, u] = np.sqrt(max(ss / n - m * m, 0.0))
+    return mean, std
+
+
+@njit(cache=True, fastmath=True)
+def _hypothesis_cost(
+    u: int,
+    v: int,
+    depth: float,
+    nx: float,
+    ny: float,
+    nz: float,
+    ref: np.ndarray,
+    ref_mean: float,
+    ref_std: float,
+    srcs: np.ndarray,
+    src_hw: np.ndarray,
+    A: np.ndarray,
+    b: np.ndarray,
+    kinv: np.ndarray,
+    half: int,
+    step: int,
+    best_k: int,
+    costs: np.ndarray,
+) -> float:
+    """Mean of the best_k per-source (1 - NCC) costs of plane (depth, n) at pixel (u, v)."""
+    rx = kinv[0, 0] * u + kinv[0, 1] * v + kinv[0, 2]
+    ry = kinv[1, 1] * v + kinv[1, 2]
+    c = depth * (nx * rx + ny * ry + nz)  # n . X with X = depth * r
+    if c > -1e-12:  # the plane must face the camera (n . X < 0)
+        return INVALID_COST
+    # m = Kinv^T n / c
+    m0 = (kinv[0, 0] * nx) / c
+    m1 = (kinv[0, 1] * nx + kinv[1, 1] * ny) / c
+    m2 = (kinv[0, 2] * nx + kinv[1, 2] * ny + nz) / c
+    span = half * step
+    count = (2 * half + 1) ** 2
+    n_src = srcs.shape[0]
+    for s in range(n_src):
+        sh = src_hw[s, 0]
+        sw = src_hw[s, 1]
+        # y(x) = A x + b (m . x): linear in x, so centre value plus per-pixel increments.
+        mc = m0 * u + m1 * v + m2
+        y0 = A[s, 0, 0] * u + A[s, 0, 1] * v + A[s, 0, 2] + b[s, 0] * mc
+        y1 = A[s, 1, 0] * u + A[s, 1, 1] * v + A[s, 1, 2] + b[s, 1] * mc
+        y2 = A[s, 2, 0] * u + A[s, 2, 1] * v + A[s, 2, 2] + b[s, 2] * mc
+        gx0 = A[s, 0, 0] + b[s, 0] * m0
+        gx1 = A[s, 1, 0] + b[s, 1] * m0
+        gx2 = A[s, 2, 0] + b[s, 2] * m0
+        gy0 = A[s, 0, 1] + b[s, 0] * m1
+        gy1 = A[s, 1, 1] + b[s, 1] * m1
+        gy2 = A[s, 2, 1] + b[s, 2] * m1
+        # The window is a square; its image a convex quadrilateral when all corners are in front,
+        # so checking the corners bounds every sample.
+        ok = True
+        for cy in (-span, span):
+            for cx in (-span, span):
+                z = y2 + gx2 * cx + gy2 * cy
+                if z <= 1e-9:
+                    ok = False
+                else:
+                    px = (y0 + gx0 * cx + gy0 * cy) / z
+                    py = (y1 + gx1 * cx + gy1 * cy) / z
+                    if px < 0.0 or py < 0.0 or px >= sw - 1.001 or py >= sh - 1.001:
+                        ok = False
+        if not ok:
+            costs[s] = INVALID_COST
+            continue
+        src = srcs[s]
+        sum_s = 0.0
+        sum_ss = 0.0
+        sum_rs = 0.0
+        for dy in range(-span, span + 1, step):
+            row_x = y0 + gy0 * dy - gx0 * span
+            row_y = y1 + gy1 * dy - gx1 * span
+            row_z = y2 + gy2 * dy - gx2 * span
+            sx = gx0 * step
+            sy = gx1 * step
+            sz = gx2 * step
+            for dx in range(-span, span + 1, step):
+                inv = 1.0 / row_z
+                px = row_x * inv
+                py = row_y * inv
+                x0 = int(px)
+                y0i = int(py)
+                fx = px - x0
+                fy = py - y0i
+                top = src[y0i, x0] + (src[y0i, x0 + 1] - src[y0i, x0]) * fx
+                bottom = src[y0i + 1, x0] + (src[y0i + 1, x0 + 1] - src[y0i + 1, x0]) * fx
+                val = top + (bottom - top) * fy
+                sum_s += val
+                sum_ss += val * val
+                sum_rs += val * ref[v + dy, u + dx]
+                row_x += sx
+                row_y += sy
+                row_z += sz
+        mean_s = sum_s / count
+        var_s = sum_ss / count - mean_s * mean_s
+        if var_s <= 1e-10:
+            costs[s] = INVALID_COST
+            continue
+        ncc = (sum_rs / count - ref_mean * mean_s) / (ref_std * np.sqrt(var_s))
+        costs[s] = 1.0 - min(1.0, max(-1.0, ncc))
+    # best_k smallest costs (insertion sort on a handful of values)
+    for i in range(1, n_src):
+        key = costs[i]
+        j = i - 1
+        while j >= 0 and costs[j] > key:
+            costs[j + 1] = costs[j]
+            j -= 1
+        costs[j + 1] = key
+    k = min(best_k, n_src)
+    total = 0.0
+    for i in range(k):
+        total += costs[i]
+    return total / k
+
+
+@njit(cache=True, fastmath=True)
+def _random_normal(rx: float, ry: float) -> tuple[float, float, float]:
+    """A random unit normal facing the camera along ray (rx, ry, 1), not grazing."""
+    while True:
+        nx = np.random.standard_normal()
+        ny = np.random.standard_normal()
+        nz = np.random.standard_normal()
+        norm = np.sqrt(nx * nx + ny * ny + nz * nz)
+        if norm < 1e-6:
+            continue
+        nx /= norm
+        ny /= norm
+        nz /= norm
+        dot = (nx * rx + ny * ry + nz) / np.sqrt(rx * rx + ry * ry + 1.0)
+        if dot > 0:
+            nx, ny, nz, dot = -nx, -ny, -nz, -dot
+        if dot < -0.1:
+            return nx, ny, nz
+
+
+@njit(cache=True, fastmath=True, parallel=True)
+def initialise(
+    depth: np.ndarray,
+    normal: np.ndarray,
+    cost: np.ndarray,
+    randomise: bool,
+    ref: np.ndarray,
+    ref_mean: np.ndarray,
+    ref_std: np.ndarray,
+    srcs: np.ndarray,
+    src_hw: np.ndarray,
+    A: np.ndarray,
+    b: np.ndarray,
+    kinv: np.ndarray,
+    dmin: float,
+    dmax: float,
+    half: int,
+    step: int,
+    best_k: int,
+) -> None:
+    """Random planes (when `randomise`, or where the given depth is 0) and their costs."""
+    h, w = ref.shape
+    span = half * step
+    n_src = srcs.shape[0]
+    inv_lo = 1.0 / dmax
+    inv_hi = 1.0 / dmin
+    for v in prange(h):
+        costs = np.empty(n_src)
+        for u in range(w):
+            if v < span or u < span or v >= h - span or u >= w - span or ref_std[v, u] <= 0:
+                depth[v, u] = 0.0
+                cost[v, u] = INVALID_COST
+                continue
+            rx = kinv[0, 0] * u + kinv[0, 1] * v + kinv[0, 2]
+            ry = kinv[1, 1] * v + kinv[1, 2]
+            if randomise or depth[v, u] <= 0:
+                depth[v, u] = 1.0 / (inv_lo + np.random.random() * (inv_hi - inv_lo))
+                nx, ny, nz = _random_normal(rx, ry)
+                normal[v, u, 0] = nx
+                normal[v, u, 1] = ny
+                normal[v, u, 2] = nz
+            cost[v, u] = _hypothesis_cost(
+                u, v, depth[v, u], normal[v, u, 0], normal[v, u, 1], normal[v, u, 2],
+                ref, ref_mean[v, u], ref_std[v, u], srcs, src_hw, A, b, kinv, half, step, best_k, costs,
+            )  # fmt: skip
+
+
+@njit(cache=True, fastmath=True, parallel=True)
+def sweep(
+    colour: int,
+    depth: np.ndarray,
+    normal: np.ndarray,
+    cost: np.ndarray,
+    ref: np.ndarray,
+    ref_mean: np.ndarray,
+    ref_std: np.ndarray,
+    srcs: np.ndarray,
+    src_hw: np.ndarray,
+    A: np.ndarray,
+    b: np.ndarray,
+    kinv: np.ndarray,
+    dmin: float,
+    dmax: float,
+    half: int,
+    step: int,
+    best_k: int,
+    far: int,
+    depth_range: float,
+    normal_range: float,
+    trials: int,
+) -> None:
+    """One red-black half sweep: every pixel of `colour` tries its neighbours' planes (at distance
+    1, and at `far` when far > 1), then `trials` random refinements (a perturbed depth, a perturbed
+    normal, both); keeps the cheapest."""
+    h, w = ref.shape
+    n_src = srcs.shape[0]
+    offsets = np.array(
+        [[0, -1], [0, 1], [-1, 0], [1, 0], [0, -far], [0, far], [-far, 0], [far, 0]], dtype=np.int64
+    )
+    n_off = 8 if far > 1 else 4
+    for v in prange(h):
+        costs = np.empty(n_src)
+        for u in range((v + colour) % 2, w, 2):
+            if ref_std[v, u] <= 0:  # border or textureless: no hypothesis is testable
+                continue
+            rx = kinv[0, 0] * u + kinv[0, 1] * v + kinv[0, 2]
+            ry = kinv[1, 1] * v + kinv[1, 2]
+            best_d = float(depth[v, u])
+            best_nx = float(normal[v, u, 0])
+            best_ny = float(normal[v, u, 1])
+            best_nz = float(normal[v, u, 2])
+            best_c = float(cost[v, u])
+            for k in range(n_off):
+                qv = v + offsets[k, 0]
+                qu = u + offsets[k, 1]
+                if qv < 0 or qu < 0 or qv >= h or qu >= w or depth[qv, qu] <= 0:
+                    continue
+                nx = float(normal[qv, qu, 0])
+                ny = float(normal[qv, qu, 1])
+                nz = float(normal[qv, qu, 2])
+                qrx = kinv[0, 0] * qu + kinv[0, 1] * qv + kinv[0, 2]
+                qry = kinv[1, 1] * qv + kinv[1, 2]
+                c = depth[qv, qu] * (nx * qrx + ny * qry + nz)
+                denom = nx * rx + ny * ry + nz
+                if abs(denom) < 1e-9:
+                    continue
+                d = c / denom  # the neighbour's plane at this pixel
+                if d < 0.5 * dmin or d > 2.0 * dmax:
+                    continue
+                cc = _hypothesis_cost(
+                    u, v, d, nx, ny, nz, ref, ref_mean[v, u], ref_std[v, u], srcs, src_hw, A, b, kinv,
+                    half, step, best_k, costs,
+                )  # fmt: skip
+                if cc < best_c:
+                    best_c, best_d, best_nx, best_ny, best_nz = cc, d, nx, ny, nz
+            if best_d <= 0:
+                continue
+            # Random refinement: perturbed depth, perturbed normal, both.
+            pd = best_d * (1.0 + depth_range * (2.0 * np.random.random() - 1.0))
+            pnx = best_nx + normal_range * np.random.standard_normal()
+            pny = best_ny + normal_range * np.random.standard_normal()
+            pnz = best_nz + normal_range * np.random.standard_normal()
+            norm = np.sqrt(pnx * pnx + pny * pny + pnz * pnz)
+            pnx /= norm
+            pny /= norm
+            pnz /= norm
+            if (pnx * rx + pny * ry + pnz) / np.sqrt(rx * rx + ry * ry + 1.0) > -0.1:
+                pnx, pny, pnz = best_nx, best_ny, best_nz
+            base_d, base_nx, base_ny, base_nz = best_d, best_nx, best_ny, best_nz
+            for t in range(trials):
+                d = base_d if t == 1 else pd
+                nx = base_nx if t == 0 else pnx
+                ny = base_ny if t == 0 else pny
+                nz = base_nz if t == 0 else pnz
+                if d < 0.5 * dmin or d > 2.0 * dmax:
+                    continue
+                cc = _hypothesis_cost(
+                    u, v, d, nx, ny, nz, ref, ref_mean[v, u], ref_std[v, u], srcs, src_hw, A, b, kinv,
+                    half, step, best_k, costs,
+                )  # fmt: skip
+                if cc < best_c:
+                    best_c, best_d, best_nx, best_ny, best_nz = cc, d, nx, ny, nz
+            depth[v, u] = best_d
+            normal[v, u, 0] = best_nx
+            normal[v, u, 1] = best_ny
+            normal[v, u, 2] = best_nz
+            cost[v, u] = best_c
+
+
+@njit(cache=True, fastmath=True, parallel=True)
+def upsample_planes(
+    depth: np.ndarray, normal: np.ndarray, kinv_coarse: np.ndarray, kinv_fine: np.ndarray, h: int, w: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Planes of a coarse level onto a finer grid: each fine pixel takes the plane of its nearest
+    coarse pixel, evaluated along its own ray (not the coarse depth: slanted surfaces stay slanted)."""
+    hc, wc = depth.shape
+    out_d = np.zeros((h, w), np.float32)
+    out_n = np.zeros((h, w, 3), np.float32)
+    sy = hc / h
+    sx = wc / w
+    for v in prange(h):
+        for u in range(w):
+            cv_ = min(hc - 1, int((v + 0.5) * sy))
+            cu = min(wc - 1, int((u + 0.5) * sx))
+            d = depth[cv_, cu]
+            if d <= 0:
+                continue
+            nx = normal[cv_, cu, 0]
+            ny = normal[cv_, cu, 1]
+            nz = normal[cv_, cu, 2]
+            crx = kinv_coarse[0, 0] * cu + kinv_coarse[0, 1] * cv_ + kinv_coarse[0, 2]
+            cry = kinv_coarse[1, 1] * cv_ + kinv_coarse[1, 2]
+            c = d * (nx * crx + ny * cry + nz)
+            rx = kinv_fine[0, 0] * u + kinv_fine[0, 1] * v + kinv_fine[0, 2]
+            ry = kinv_fine[1, 1] * v + kinv_fine[1, 2]
+            denom = nx * rx + ny * ry + nz
+            fd = c / denom if abs(denom) > 1e-9 else d
+            out_d[v, u] = fd if 0.5 * d < fd < 2.0 * d else d
+            out_n[v, u, 0] = nx
+            out_n[v, u, 1] = ny
+            out_n[v, u, 2] = nz
+    return out_d, out_n

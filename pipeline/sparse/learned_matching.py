@@ -1,0 +1,194 @@
+"""Learned matches (DISK + LightGlue) added to the SIFT database, where SIFT cannot connect the photos.
+
+hloc's way: the learned keypoints and matches go into the COLMAP database, then COLMAP's own
+geometric verification and incremental mapping run on them. Here they are appended to each photo's
+SIFT keypoints (indices after SIFT's), so one mapping uses both: SIFT where it connected photos, the
+learned matches where it did not. LightGlue costs about 100x a SIFT pair on a CPU, so only pairs
+that a cheap score ranks high are matched: for each photo its `neighbours` best partners by mutual
+nearest neighbours of DISK descriptors (a dense dot product, milliseconds a pair), at most `max_pairs`.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pycolmap
+from pydantic import BaseModel, Field
+
+from scandrop.pipeline.core.stage import Progress, StopCheck, check_stop
+from scandrop.pipeline.sparse import learned_features
+from scandrop.pipeline.sparse.learned_features import Features
+
+MIN_MATCHES = 15  # fewer LightGlue matches than this: the pair is not written
+
+
+class LearnedStats(BaseModel):
+    """What the learned matcher did, for report.json."""
+
+    photos: list[str] = Field(description="Photos DISK ran on.")
+    pairs: int = Field(description="Pairs LightGlue matched.")
+    pairs_written: int = Field(description="Pairs with enough matches to go to geometric verification.")
+    keypoints_from: dict[str, int] = Field(
+        description="Per photo, the index where its learned keypoints start (before it: SIFT's)."
+    )
+    seconds: dict[str, float]
+
+
+def candidate_pairs(database: Path, names: list[str], focus: list[str], width: int) -> list[tuple[str, str]]:
+    """Pairs worth scoring: every pair among each focus photo and its `width` partners with the most
+    SIFT matches (verified or not: an unplaced photo still has some), so the partners' learned
+    points can be triangulated among themselves too. All pairs when every photo is in focus."""
+    if set(focus) >= set(names):
+        return [(a, b) for i, a in enumerate(names) for b in names[i + 1 :]]
+    db = pycolmap.Database.open(str(database))
+    try:
+        by_id = {image.image_id: image.name for image in db.read_all_images()}
+        pair_ids, counts = db.read_num_matches()
+    finally:
+        db.close()
+    sift: dict[str, dict[str, int]] = {name: {} for name in names}
+    for pair_id, count in zip(pair_ids, counts, strict=True):
+        i, j = pycolmap.pair_id_to_image_pair(pair_id)
+        a, b = by_id[i], by_id[j]
+        sift[a][b] = sift[b][a] = count
+    pairs: set[tuple[str, str]] = set()
+    for f in focus:
+        others = sorted((n for n in names if n != f), key=lambda n: (-sift[f].get(n, 0), n))[:width]
+        group = sorted([f, *others])
+        pairs.update((a, b) for i, a in enumerate(group) for b in group[i + 1 :])
+    return sorted(pairs)
+
+
+def mnn_scores(features: dict[str, Features], pairs: list[tuple[str, str]]) -> dict[tuple[str, str], int]:
+    """Mutual nearest neighbours of the descriptors of each pair: a cheap overlap score."""
+    scores: dict[tuple[str, str], int] = {}
+    for a, b in pairs:
+        sim = features[a].descriptors @ features[b].descriptors.T
+        if sim.size == 0:
+            scores[(a, b)] = 0
+            continue
+        ab = sim.argmax(axis=1)
+        ba = sim.argmax(axis=0)
+        scores[(a, b)] = int(np.count_nonzero(ba[ab] == np.arange(len(ab))))
+    return scores
+
+
+def select_pairs(
+    scores: dict[tuple[str, str], int], names: list[str], neighbours: int, max_pairs: int
+) -> list[tuple[str, str]]:
+    """Each photo's `neighbours` best-scored partners (union), best first, at most `max_pairs`."""
+    chosen: set[tuple[str, str]] = set()
+    for name in names:
+        mine = sorted((pair for pair in scores if name in pair), key=lambda pair: (-scores[pair], pair))
+        chosen.update(mine[:neighbours])
+    return sorted(chosen, key=lambda pair: (-scores[pair], pair))[:max_pairs]
+
+
+def add_matches(
+    database: Path,
+    images_dir: Path,
+    candidates: list[tuple[str, str]],
+    nets: learned_features.Networks,
+    *,
+    max_size: int,
+    num_keypoints: int,
+    neighbours: int,
+    max_pairs: int,
+    progress: Progress,
+    should_stop: StopCheck,
+) -> tuple[LearnedStats, list[tuple[str, str]]]:
+    """DISK on the photos of `candidates`, LightGlue on the best-scored of those pairs, all written
+    into `database`.
+
+    Returns the stats and the pairs written (the caller runs geometric verification on them).
+    Progress: 0..0.4 per photo, 0.4..1 per pair.
+    """
+    t0 = time.perf_counter()
+    photos = sorted({name for pair in candidates for name in pair})
+    features: dict[str, Features] = {}
+    for i, name in enumerate(photos):
+        check_stop(should_stop)
+        progress(0.4 * i / len(photos), f"learned features: photo {i + 1} of {len(photos)}")
+        features[name] = learned_features.extract(nets, images_dir / name, max_size, num_keypoints)
+    t_extract = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    pairs = select_pairs(mnn_scores(features, candidates), photos, neighbours, max_pairs)
+    matches: dict[tuple[str, str], np.ndarray] = {}
+    for k, (a, b) in enumerate(pairs):
+        check_stop(should_stop)
+        progress(0.4 + 0.6 * k / max(1, len(pairs)), f"learned matching: pair {k + 1} of {len(pairs)}")
+        found = learned_features.match(nets, features[a], features[b])
+        if len(found) >= MIN_MATCHES:
+            matches[(a, b)] = found
+    t_match = time.perf_counter() - t0
+
+    offsets = _write(database, features, matches)
+    stats = LearnedStats(
+        photos=photos,
+        pairs=len(pairs),
+        pairs_written=len(matches),
+        keypoints_from=offsets,
+        seconds={"extract": round(t_extract, 3), "match": round(t_match, 3)},
+    )
+    return stats, sorted(matches)
+
+
+def _write(
+    database: Path, features: dict[str, Features], matches: dict[tuple[str, str], np.ndarray]
+) -> dict[str, int]:
+    """Append learned keypoints after SIFT's; merge matches into each pair's SIFT matches; clear the
+    pair's old verification so it is verified again with both."""
+    db = pycolmap.Database.open(str(database))
+    offsets: dict[str, int] = {}
+    try:
+        ids = {image.name: image.image_id for image in db.read_all_images()}
+        for name, f in features.items():
+            sift = db.read_keypoints(ids[name])
+            offsets[name] = len(sift)
+            learned = np.zeros((len(f.keypoints), sift.shape[1] if sift.size else 6), np.float32)
+            learned[:, :2] = f.keypoints
+            if learned.shape[1] == 6:  # COLMAP's affine shape: identity (scale 1, no rotation)
+                learned[:, 2] = learned[:, 5] = 1.0
+            elif learned.shape[1] == 4:  # x, y, scale, orientation
+                learned[:, 2] = 1.0
+            db.update_keypoints(ids[name], np.ascontiguousarray(np.concatenate([sift, learned])))
+        for (a, b), found in matches.items():
+            ia, ib = ids[a], ids[b]
+            shifted = found.astype(np.uint32) + np.array([offsets[a], offsets[b]], np.uint32)
+            old = db.read_matches(ia, ib) if db.exists_matches(ia, ib) else np.zeros((0, 2), np.uint32)
+            if db.exists_matches(ia, ib):
+                db.delete_matches(ia, ib)
+            if db.exists_two_view_geometry(ia, ib):
+                db.delete_two_view_geometry(ia, ib)
+            db.write_matches(ia, ib, np.ascontiguousarray(np.concatenate([old, shifted])))
+    finally:
+        db.close()
+    return offsets
+
+
+def verify(database: Path, pairs: list[tuple[str, str]], pairs_file: Path, seed: int) -> None:
+    """COLMAP's geometric verification of the merged matches of `pairs` (the SIFT path's own step)."""
+    pairs_file.write_text("".join(f"{a} {b}\n" for a, b in pairs))
+    options = pycolmap.TwoViewGeometryOptions()
+    options.ransac.random_seed = seed
+    pycolmap.verify_matches(database, pairs_file, options=options)
+
+
+def tie_points_by_matcher(rec: pycolmap.Reconstruction, offsets: dict[str, int]) -> dict[str, dict[str, int]]:
+    """Per registered photo: its 3D-point observations from SIFT keypoints and from learned ones."""
+    out: dict[str, dict[str, int]] = {}
+    for image_id in rec.reg_image_ids():
+        image = rec.images[image_id]
+        start = offsets.get(image.name)
+        sift = learned = 0
+        for idx, p in enumerate(image.points2D):
+            if p.has_point3D():
+                if start is not None and idx >= start:
+                    learned += 1
+                else:
+                    sift += 1
+        out[image.name] = {"sift": sift, "learned": learned}
+    return out

@@ -1,0 +1,156 @@
+"""Mapping with a fixed seed, and what to relax when COLMAP's mapper finds no initial pair.
+
+Small baselines (a phone swept in front of a subject) keep every pair's triangulation angle under
+the incremental mapper's 16 degree initialisation default: it then finds "no good initial image
+pair" and returns nothing. The ladder below tries the default first (best accuracy where it works),
+then a relaxed initialisation, then global SfM (GLOMAP, which needs no initial pair), then GLOMAP
+after estimating focal lengths from the view graph; each attempt is recorded so report.json says what
+was done.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pycolmap
+from pydantic import BaseModel
+
+# One thread for mapping: with more, Ceres sums in a varying order and the last bits of one bundle
+# adjustment grow through the next ones (poses of two runs differed by 5e-4). Mapping is a small
+# part of the stage (kitchen: 2 of 28 s), extraction and matching keep every core.
+MAPPING_THREADS = 1
+# What the second attempt relaxes: a pair is accepted with a smaller angle and fewer inliers.
+RELAXED_INIT_MIN_TRI_ANGLE = 4.0
+RELAXED_INIT_MIN_NUM_INLIERS = 50
+
+
+class MappingAttempt(BaseModel):
+    method: str  # "incremental", "incremental-relaxed" or "global"
+    registered: int
+    seconds: float
+    note: str = ""
+
+
+def incremental_options(seed: int, relaxed: bool) -> pycolmap.IncrementalPipelineOptions:
+    options = pycolmap.IncrementalPipelineOptions()
+    options.random_seed = seed
+    options.mapper.random_seed = seed
+    options.num_threads = options.mapper.num_threads = MAPPING_THREADS
+    if relaxed:
+        options.mapper.init_min_tri_angle = RELAXED_INIT_MIN_TRI_ANGLE
+        options.mapper.init_min_num_inliers = RELAXED_INIT_MIN_NUM_INLIERS
+    return options
+
+
+# Up to this many photos the global attempt keeps points seen by two photos only: by default GLOMAP
+# keeps tracks of three or more, which left the 3-view barn 21 points (549 with two-view tracks).
+# Not for more: on a rendered 12-view orbit two-view tracks placed 11 photos instead of 12.
+TWO_VIEW_TRACKS_MAX_IMAGES = 5
+
+
+def global_options(seed: int, num_images: int) -> pycolmap.GlobalPipelineOptions:
+    options = pycolmap.GlobalPipelineOptions()
+    options.random_seed = seed
+    mapper = options.mapper
+    mapper.random_seed = seed
+    options.num_threads = mapper.num_threads = MAPPING_THREADS
+    mapper.rotation_averaging.random_seed = seed
+    mapper.global_positioning.random_seed = seed
+    mapper.retriangulation.random_seed = seed
+    if num_images <= TWO_VIEW_TRACKS_MAX_IMAGES:
+        mapper.track_min_num_views_per_track = 2
+        mapper.global_positioning.min_num_view_per_track = 2
+        mapper.retriangulation.ignore_two_view_tracks = False
+    return options
+
+
+def _best(models: dict[int, pycolmap.Reconstruction]) -> pycolmap.Reconstruction | None:
+    return max(models.values(), key=lambda rec: rec.num_reg_images(), default=None)
+
+
+class _Counter:
+    """Counts the photos COLMAP's callbacks report as placed (two at once for the initial pair)."""
+
+    def __init__(self, method: str, report: Callable[[int, str], None]) -> None:
+        self.method, self.report, self.placed = method, report, 0
+
+    def initial_pair(self) -> None:
+        self.placed = 2
+        self.report(self.placed, self.method)
+
+    def next_image(self) -> None:
+        self.placed += 1
+        self.report(self.placed, self.method)
+
+
+def map_images(
+    database: Path,
+    images_dir: Path,
+    out_dir: Path,
+    num_images: int,
+    seed: int,
+    min_registered: int,
+    token: pycolmap.CancellationToken,
+    on_registered: Callable[[int, str], None],
+) -> tuple[pycolmap.Reconstruction | None, int, list[MappingAttempt]]:
+    """The largest model of the first attempt that places at least `min_registered` photos.
+
+    Returns (model or None, models found by that attempt, every attempt made). `on_registered` gets
+    the count of photos placed so far and the method, for progress.
+    """
+    attempts: list[MappingAttempt] = []
+    ladder = [
+        ("incremental", False),
+        ("incremental-relaxed", True),
+        ("global", None),
+        ("global-calibrated", None),
+    ]
+    best: pycolmap.Reconstruction | None = None
+    found = 0
+    for method, relaxed in ladder:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        out_dir.mkdir(parents=True)
+        pycolmap.set_random_seed(seed)
+        t0 = time.perf_counter()
+        on_registered(0, method)
+        note = ""
+        if relaxed is None:
+            # GLOMAP wants good focal lengths; photos without EXIF start from a guess (1.2 x width),
+            # 2x off for the 3-view barn: estimate them from the fundamental matrices first.
+            # Last: it rewrites the database's cameras (on a rendered 12-view orbit plain GLOMAP
+            # placed 12 photos, after calibration 11).
+            calibration = pycolmap.ViewGraphCalibrationOptions()
+            calibration.random_seed = seed
+            if method == "global-calibrated" and pycolmap.calibrate_view_graph(database, calibration):
+                note = "focal lengths calibrated from the view graph; "
+            models = pycolmap.global_mapping(
+                database, images_dir, out_dir, options=global_options(seed, num_images)
+            )
+        else:
+            counter = _Counter(method, on_registered)
+            models = pycolmap.incremental_mapping(
+                database,
+                images_dir,
+                out_dir,
+                options=incremental_options(seed, relaxed),
+                initial_image_pair_callback=counter.initial_pair,
+                next_image_callback=counter.next_image,
+                cancellation_token=token,
+            )
+        model = _best(models)
+        registered = model.num_reg_images() if model is not None else 0
+        if model is None:
+            note += "no initial image pair found" if relaxed is not None else "no model"
+        attempts.append(
+            MappingAttempt(
+                method=method, registered=registered, seconds=round(time.perf_counter() - t0, 3), note=note
+            )
+        )
+        if model is not None and registered >= min_registered:
+            return model, len(models), attempts
+        if model is not None and (best is None or registered > best.num_reg_images()):
+            best, found = model, len(models)
+    return best, found, attempts

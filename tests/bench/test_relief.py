@@ -1,0 +1,59 @@
+"""The relief benchmark object: rays land on its surface, seeds and shapes give other objects,
+held-out views are other cameras than the training ones."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from scandrop.pipeline.bench import relief, synthetic
+
+
+@pytest.fixture(scope="module")
+def scene() -> relief.ReliefScene:
+    return relief.render_relief_scene(n_views=4, width=96, height=72, seed=0, n_held_out=2)
+
+
+def test_rays_hit_the_relief_surface_exactly() -> None:
+    solid = relief.relief_solid(seed=0, shape="pebble")
+    rs, ts = synthetic.orbit_cameras(8)
+    centre = -rs[0].T @ ts[0]
+    target = np.asarray(solid.centre) + np.random.default_rng(0).normal(scale=0.2, size=(500, 3))
+    dirs = target - centre
+    dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
+    t = solid.intersect(centre, dirs)
+    hit = np.isfinite(t)
+    assert hit.mean() > 0.5
+    points = centre + t[hit, None] * dirs[hit]
+    assert np.abs(solid.sdf(points)).max() < 1e-6
+    # The first crossing: half-way there every ray is still outside.
+    assert (solid.sdf(centre + 0.5 * t[hit, None] * dirs[hit]) > 0).all()
+    # The relief is real: radii vary by more than 0.2% of the scene's ~1.9 size around the base.
+    samples = solid.sample(20_000, np.random.default_rng(1))
+    assert np.abs(solid.sdf(samples)).max() < 1e-9
+    radius = np.linalg.norm(samples - np.asarray(solid.centre), axis=1)
+    base = solid.radius * (1 + ((samples - solid.centre) / radius[:, None]) ** 2 @ np.asarray(solid.stretch))
+    assert np.ptp(radius - base) > 0.01
+
+
+def test_seed_and_shape_give_other_objects() -> None:
+    a, b = relief.relief_solid(0), relief.relief_solid(1)
+    assert a.radius != b.radius and not np.array_equal(a.waves, b.waves)
+    assert relief.relief_solid(0, "pebble").stretch != (0.0, 0.0, 0.0)
+    with pytest.raises(ValueError):
+        relief.relief_solid(0, "cube")
+
+
+def test_held_out_views_are_written_and_unseen(scene: relief.ReliefScene, tmp_path: Path) -> None:
+    train_centres = scene.train.centres()
+    for c in scene.held_out.centres():
+        assert np.linalg.norm(train_centres - c, axis=1).min() > 0.2
+    relief.write_held_out(scene.held_out, tmp_path)
+    views = relief.load_held_out(tmp_path)
+    assert [v[0] for v in views] == scene.held_out.names
+    _, image, _, R, _ = views[0]
+    assert np.array_equal(image, scene.held_out.images[0]) and np.allclose(R, scene.held_out.R[0])
+    # The object is in the middle of the held-out photo.
+    assert (image[30:42, 40:56] != round(0.5 * 255)).any(axis=-1).mean() > 0.9

@@ -150,14 +150,9 @@ class HashedTexture:
         f = (g - i0).astype(np.float32)
         mask = len(self.table) - 1
         out = np.zeros((len(points), 3), np.float32)
-        for dx in (0, 1):
-            wx = f[:, 0] if dx else 1.0 - f[:, 0]
-            for dy in (0, 1):
-                wxy = wx * (f[:, 1] if dy else 1.0 - f[:, 1])
-                for dz in (0, 1):
-                    w = wxy * (f[:, 2] if dz else 1.0 - f[:, 2])
-                    key = (i0[:, 0] + dx) * 73856093 ^ (i0[:, 1] + dy) * 19349663 ^ (i0[:, 2] + dz) * 83492791
-                    out += w[:, None] * self.table[(key ^ salt) & mask]
+        for dx, dy, dz, w in synthetic.trilinear_corners(f):
+            key = (i0[:, 0] + dx) * 73856093 ^ (i0[:, 1] + dy) * 19349663 ^ (i0[:, 2] + dz) * 83492791
+            out += w[:, None] * self.table[(key ^ salt) & mask]
         return out
 
     def __call__(self, points: np.ndarray) -> np.ndarray:

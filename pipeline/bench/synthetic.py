@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -271,16 +271,20 @@ class SolidTexture:
         flat = self.grid.reshape(-1, 3)
         sx, sy = int(shape[1] * shape[2]), int(shape[2])
         base = i0[:, 0] * sx + i0[:, 1] * sy + i0[:, 2]
-        f = f.astype(np.float32)
         out = np.zeros((len(points), 3), dtype=np.float32)
-        for dx in (0, 1):
-            wx = f[:, 0] if dx else 1.0 - f[:, 0]
-            for dy in (0, 1):
-                wxy = wx * (f[:, 1] if dy else 1.0 - f[:, 1])
-                for dz in (0, 1):
-                    w = wxy * (f[:, 2] if dz else 1.0 - f[:, 2])
-                    out += w[:, None] * flat[base + dx * sx + dy * sy + dz]
+        for dx, dy, dz, w in trilinear_corners(f.astype(np.float32)):
+            out += w[:, None] * flat[base + dx * sx + dy * sy + dz]
         return out.astype(np.float64)
+
+
+def trilinear_corners(f: np.ndarray) -> Iterator[tuple[int, int, int, np.ndarray]]:
+    """The 8 lattice corners around points at fractions f (n, 3) of a cell, with their weights."""
+    for dx in (0, 1):
+        wx = f[:, 0] if dx else 1.0 - f[:, 0]
+        for dy in (0, 1):
+            wxy = wx * (f[:, 1] if dy else 1.0 - f[:, 1])
+            for dz in (0, 1):
+                yield dx, dy, dz, wxy * (f[:, 2] if dz else 1.0 - f[:, 2])
 
 
 def _upsample_matrix(n_fine: int, ratio: int, n_coarse: int) -> np.ndarray:

@@ -2,8 +2,9 @@
 renderer all need triangles turned into pixels on a headless CPU box, with no GL.
 
 Pixel convention is COLMAP's: pixel (x, y) covers [x, x+1) x [y, y+1), its centre is (x+0.5, y+0.5).
-Every triangle's bounding-box pixels are tested at once with edge functions, batched by box size
-so that memory stays bounded; a pixel belongs to a triangle when its centre is inside it.
+`fragments` tests every triangle's bounding-box pixels at once with edge functions, batched by box
+size so that memory stays bounded; `zbuffer` does the same tests in a compiled loop. A pixel
+belongs to a triangle when its centre is inside it.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from collections.abc import Iterator
 from typing import NamedTuple
 
 import numpy as np
+from numba import njit
 
 from scandrop.pipeline.core.stage import StopCheck, check_stop, never_stop
 
@@ -111,29 +113,93 @@ def zbuffer(
     perspective: bool = True,
 ) -> ZBuffer:
     """Nearest triangle, barycentrics and depth per pixel. `depth` is per vertex (camera z for a
-    perspective camera, where barycentrics are corrected so that attributes interpolate in 3D)."""
+    perspective camera, where barycentrics are corrected so that attributes interpolate in 3D).
+
+    One compiled loop over the triangles (numba): the z-test is a branch per pixel, which arrays
+    can only do by sorting every fragment; this is what makes texture baking affordable (a
+    visibility pass per photo)."""
     width, height = size
     best = np.full(width * height, np.inf)
     face = np.full(width * height, -1, dtype=np.int64)
     bary = np.zeros((width * height, 3), dtype=np.float32)
-    for frag in fragments(px, faces, size, should_stop):
-        z = depth[faces[frag.face]]  # (n, 3)
-        w = frag.bary.astype(np.float64)
-        if perspective:
-            w = w / z
-            w /= w.sum(axis=1, keepdims=True)
-        zi = (w * z).sum(axis=1)
-        pix = frag.y * width + frag.x
-        order = np.lexsort((zi, pix))
-        first = np.ones(len(order), dtype=bool)
-        first[1:] = pix[order][1:] != pix[order][:-1]
-        win = order[first]
-        closer = zi[win] < best[pix[win]]
-        win = win[closer]
-        best[pix[win]] = zi[win]
-        face[pix[win]] = frag.face[win]
-        bary[pix[win]] = w[win]
+    px = np.ascontiguousarray(px, dtype=np.float64)
+    depth = np.ascontiguousarray(depth, dtype=np.float64)
+    faces = np.ascontiguousarray(faces, dtype=np.int64)
+    chunk = 200_000  # triangles between cancellation checks
+    for start in range(0, len(faces), chunk):
+        check_stop(should_stop)
+        _zbuffer_faces(
+            px,
+            depth,
+            faces,
+            start,
+            min(len(faces), start + chunk),
+            width,
+            height,
+            perspective,
+            best,
+            face,
+            bary,
+        )
     return ZBuffer(face, bary, best, width, height)
+
+
+@njit(cache=True, error_model="numpy")
+def _zbuffer_faces(
+    px: np.ndarray,
+    depth: np.ndarray,
+    faces: np.ndarray,
+    first: int,
+    stop: int,
+    width: int,
+    height: int,
+    perspective: bool,
+    best: np.ndarray,
+    face: np.ndarray,
+    bary: np.ndarray,
+) -> None:
+    """Z-test triangles first..stop-1 into the buffers; pixel centres and edge rules as `fragments`."""
+    for f in range(first, stop):
+        ia, ib, ic = faces[f, 0], faces[f, 1], faces[f, 2]
+        ax, ay, bx, by, cx, cy = px[ia, 0], px[ia, 1], px[ib, 0], px[ib, 1], px[ic, 0], px[ic, 1]
+        if not (np.isfinite(ax) and np.isfinite(ay) and np.isfinite(bx) and np.isfinite(by)):
+            continue
+        if not (np.isfinite(cx) and np.isfinite(cy)):
+            continue
+        area = (bx - ax) * (cy - ay) - (by - ay) * (cx - ax)
+        if abs(area) <= 1e-12:
+            continue
+        sign = 1.0 if area >= 0 else -1.0
+        x0 = max(int(np.floor(max(min(ax, bx, cx), -1.0) - 0.5)), 0)
+        y0 = max(int(np.floor(max(min(ay, by, cy), -1.0) - 0.5)), 0)
+        x1 = min(int(np.ceil(min(max(ax, bx, cx), 2.0**40) - 0.5)) + 1, width)
+        y1 = min(int(np.ceil(min(max(ay, by, cy), 2.0**40) - 0.5)) + 1, height)
+        za, zb, zc = depth[ia], depth[ib], depth[ic]
+        for y in range(y0, y1):
+            qy = y + 0.5
+            for x in range(x0, x1):
+                qx = x + 0.5
+                w0 = (cx - bx) * (qy - by) - (cy - by) * (qx - bx)
+                w1 = (ax - cx) * (qy - cy) - (ay - cy) * (qx - cx)
+                w2 = (bx - ax) * (qy - ay) - (by - ay) * (qx - ax)
+                if w0 * sign < 0 or w1 * sign < 0 or w2 * sign < 0:
+                    continue
+                # float32 weights, as the fragments carry them
+                l0 = np.float64(np.float32(w0 / area))
+                l1 = np.float64(np.float32(w1 / area))
+                l2 = np.float64(np.float32(w2 / area))
+                if perspective:
+                    l0, l1, l2 = l0 / za, l1 / zb, l2 / zc
+                    total = l0 + l1 + l2
+                    l0, l1, l2 = l0 / total, l1 / total, l2 / total
+                z = l0 * za + l1 * zb + l2 * zc
+                pix = y * width + x
+                if z < best[pix]:
+                    best[pix] = z
+                    face[pix] = f
+                    bary[pix, 0] = l0
+                    bary[pix, 1] = l1
+                    bary[pix, 2] = l2
 
 
 def sample_bilinear(image: np.ndarray, px: np.ndarray) -> np.ndarray:

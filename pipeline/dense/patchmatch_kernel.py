@@ -263,6 +263,7 @@ def sweep(
     n_off = 8 if far > 1 else 4
     for v in prange(h):
         costs = np.empty(n_src)
+        tried = np.empty((n_off + 1, 4))  # planes already scored at this pixel: nx, ny, nz, c
         for u in range((v + colour) % 2, w, 2):
             if ref_std[v, u] <= 0:  # border or textureless: no hypothesis is testable
                 continue
@@ -273,6 +274,12 @@ def sweep(
             best_ny = float(normal[v, u, 1])
             best_nz = float(normal[v, u, 2])
             best_c = float(cost[v, u])
+            # Propagation copies planes, and a refined level starts with 2x2 blocks of one plane:
+            # many neighbours offer a plane this pixel has (or has just scored). Scoring it again
+            # cannot win, so it is skipped (equal up to float32 storage of the depth).
+            tried[0, 0], tried[0, 1], tried[0, 2] = best_nx, best_ny, best_nz
+            tried[0, 3] = best_d * (best_nx * rx + best_ny * ry + best_nz)
+            n_tried = 1
             for k in range(n_off):
                 qv = v + offsets[k, 0]
                 qu = u + offsets[k, 1]
@@ -290,6 +297,10 @@ def sweep(
                 d = c / denom  # the neighbour's plane at this pixel
                 if d < 0.5 * dmin or d > 2.0 * dmax:
                     continue
+                if _already_tried(tried, n_tried, nx, ny, nz, c):
+                    continue
+                tried[n_tried, 0], tried[n_tried, 1], tried[n_tried, 2], tried[n_tried, 3] = nx, ny, nz, c
+                n_tried += 1
                 cc = _hypothesis_cost(
                     u, v, d, nx, ny, nz, ref, ref_mean[v, u], ref_std[v, u], srcs, src_hw, A, b, kinv,
                     half, step, best_k, costs,
@@ -328,6 +339,19 @@ def sweep(
             normal[v, u, 1] = best_ny
             normal[v, u, 2] = best_nz
             cost[v, u] = best_c
+
+
+@njit(cache=True, fastmath=True)
+def _already_tried(tried: np.ndarray, n: int, nx: float, ny: float, nz: float, c: float) -> bool:
+    for i in range(n):
+        if (
+            tried[i, 0] == nx
+            and tried[i, 1] == ny
+            and tried[i, 2] == nz
+            and abs(tried[i, 3] - c) <= 1e-5 * abs(c)
+        ):
+            return True
+    return False
 
 
 @njit(cache=True, fastmath=True, parallel=True)

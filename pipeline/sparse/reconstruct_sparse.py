@@ -9,6 +9,7 @@ frame and viewers show the object upright.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import sqlite3
@@ -67,11 +68,11 @@ class SparseConfig(BaseModel):
     )
     learned: Literal["auto", "on", "off"] = Field(
         "auto",
-        description="Learned matching (DISK + LightGlue): auto = small sets, and larger sets SIFT leaves "
-        "partly unplaced, when the models are installed; on = always (missing models fail the job).",
+        description="Learned matching (DISK + LightGlue): auto = where SIFT leaves photos unplaced (any, in "
+        "a small set), when the models are installed; on = always (missing models fail the job).",
     )
-    learned_always_max_images: int = Field(
-        12, ge=0, description="Sets this small always get learned matches too (auto)."
+    learned_small_set: int = Field(
+        12, ge=0, description="Sets this small get learned matches when SIFT leaves any photo unplaced."
     )
     learned_min_placed_fraction: float = Field(
         0.9, ge=0.0, le=1.0, description="Larger sets get learned matches when SIFT places less than this."
@@ -436,15 +437,10 @@ def run(
     check_stop(should_stop)
 
     learned: dict[str, Any] = {"used": False}
-    if config.learned == "on" or (config.learned == "auto" and n <= config.learned_always_max_images):
-        why = (
-            "learned = on"
-            if config.learned == "on"
-            else f"small set ({n} <= {config.learned_always_max_images})"
-        )
+    if config.learned == "on":
         t0 = time.perf_counter()
         learned = _with_learned(
-            config, ws, image_names, image_names, why, _sub(progress, 0.45, 0.35), should_stop
+            config, ws, image_names, image_names, "learned = on", _sub(progress, 0.45, 0.35), should_stop
         )
         seconds["learned"] = time.perf_counter() - t0
 
@@ -454,10 +450,11 @@ def run(
     best, found, attempts = _map(config, ws, raw_dir, n, _sub(progress, *first), should_stop)
     seconds["map"] = time.perf_counter() - t0
     placed = best.num_reg_images() if best is not None else 0
-    if not learned["used"] and config.learned == "auto" and placed < config.learned_min_placed_fraction * n:
+    wanted = _placed_wanted(config, n)
+    if config.learned == "auto" and placed < wanted:
         placed_names = {best.images[i].name for i in best.reg_image_ids()} if best is not None else set()
         focus = [name for name in image_names if name not in placed_names]
-        why = f"SIFT placed {placed} of {n} photos (< {config.learned_min_placed_fraction:.0%})"
+        why = f"SIFT placed {placed} of {n} photos (wanted {wanted})"
         t0 = time.perf_counter()
         learned = _with_learned(config, ws, image_names, focus, why, _sub(progress, 0.6, 0.2), should_stop)
         seconds["learned"] = time.perf_counter() - t0
@@ -519,6 +516,15 @@ def run(
     write_json_atomic(ws.sparse_json, result.model_dump(mode="json"))
     progress(1.0, f"{len(registered)} of {n} photos registered")
     return result
+
+
+def _placed_wanted(config: SparseConfig, n: int) -> int:
+    """Photos SIFT must place for the learned matcher to stay off: a small set all of them (each
+    photo of a few matters), a larger one `learned_min_placed_fraction` (LightGlue is ~100x SIFT's
+    cost per pair: a big set that SIFT handles must not pay for it)."""
+    if n <= config.learned_small_set:
+        return n
+    return math.ceil(config.learned_min_placed_fraction * n)
 
 
 def _sub(progress: Progress, start: float, span: float) -> Progress:

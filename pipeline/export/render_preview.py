@@ -3,9 +3,10 @@
 The mesh is drawn orthographically from the direction the photographer mostly looked, with +y
 up, framed on the subject: the 1-99% percentile box of the dense points (the mesh's vertices when
 there are none) fills the image, centred, so that stray points and Poisson skirts around a scene
-do not leave it small and off-centre. Each face gets its vertex colour times simple two-sided
-directional shading; core.raster's z-buffer resolves visibility. Without a mesh the fused points
-are drawn.
+do not leave it small and off-centre. Where the cameras' optical axes meet (an object photographed
+from around it), only the points within the photos' view of that meeting point count. Each face
+gets its vertex colour times simple two-sided directional shading; core.raster's z-buffer
+resolves visibility. Without a mesh the fused points are drawn.
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ from scandrop.pipeline.core.workspace import Workspace
 _BACKGROUND = (236, 236, 236)  # RGB
 _FRAME_PERCENTILES = (1.0, 99.0)  # the subject: stray points and Poisson skirts fall outside
 _FRAME_PAD = 0.05  # share of the percentile box added on each side
+# Smallest eigenvalue of the summed axis projectors, per camera: below it the optical axes are
+# too close to parallel (within about 13 degrees of one another) to meet at a subject.
+_MIN_CONVERGENCE = 0.05
+_MIN_SUBJECT_POINTS = 1000
 
 
 class PreviewConfig(BaseModel):
@@ -90,6 +95,41 @@ def _zbuffer(pix: np.ndarray, depth: np.ndarray, colour: np.ndarray, image: np.n
     return covered
 
 
+def subject_region(sparse_dir: Path) -> tuple[np.ndarray, float] | None:
+    """Where the photographer pointed the camera, as a ball: the point nearest all the registered
+    optical axes (least squares), and the half-diagonal of the photos' view at that distance
+    (median over photos). None when the axes do not converge (a facade, a forward-facing sweep:
+    nearly parallel axes) or the point is behind most cameras; then the whole cloud is the subject.
+
+    Around an object on a table in a room, the dense cloud also holds the walls and the floor;
+    framing their percentile box leaves the object small. The photos themselves say what the
+    subject is: it is where they all look, as large as they frame it."""
+    if not (sparse_dir / "images.bin").exists():
+        return None
+    rec = pycolmap.Reconstruction(str(sparse_dir))
+    centres, axes, reach = [], [], []
+    for i in rec.reg_image_ids():
+        image = rec.image(i)
+        pose = image.cam_from_world()
+        rot = pose.rotation.matrix()
+        centres.append(-rot.T @ pose.translation)
+        axes.append(rot[2])
+        cam = image.camera
+        reach.append(0.5 * np.hypot(cam.width, cam.height) / cam.mean_focal_length())
+    if len(centres) < 3:
+        return None
+    c, d = np.array(centres), np.array(axes)
+    normal = np.eye(3)[None] - d[:, :, None] * d[:, None, :]  # projectors across each axis
+    a = normal.sum(axis=0)
+    if np.linalg.eigvalsh(a)[0] < _MIN_CONVERGENCE * len(c):
+        return None
+    point = np.linalg.solve(a, np.einsum("nij,nj->i", normal, c))
+    along = np.einsum("ni,ni->n", point - c, d)
+    if np.mean(along > 0) < 0.8:
+        return None
+    return point, float(np.median(along * np.array(reach)))
+
+
 def subject_bounds(points: np.ndarray, right: np.ndarray, up: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Screen-plane box (right, up) of the subject: percentiles, so that a few stray points or a
     far background wall do not shrink the subject into a corner of the preview."""
@@ -127,6 +167,11 @@ def run(
     forward, source = view_direction(ws.sparse_dir)
     right, up = _camera_axes(forward)
     subject = load_points(ws.fused).xyz.astype(np.float64) if ws.fused.exists() else vertices
+    region = subject_region(ws.sparse_dir)
+    if region is not None:
+        inside = np.linalg.norm(subject - region[0], axis=1) <= region[1]
+        if inside.sum() >= _MIN_SUBJECT_POINTS:
+            subject = subject[inside]
     lo, hi = subject_bounds(subject, right, up)
     mid = (lo + hi) / 2
     centre = mid[0] * right + mid[1] * up + float(np.median(subject @ forward)) * forward

@@ -13,7 +13,7 @@ import trimesh
 
 from scandrop.pipeline.core import plyio
 from scandrop.pipeline.core.errors import ErrorCode, ScandropError
-from scandrop.pipeline.core.pointcloud import PointCloud, save_points
+from scandrop.pipeline.core.pointcloud import PointCloud, load_points, save_points
 from scandrop.pipeline.core.stage import never_stop, no_progress
 from scandrop.pipeline.core.workspace import Workspace
 from scandrop.pipeline.export import render_preview
@@ -125,3 +125,56 @@ def test_preview_frames_the_subject_not_its_stray_points(tmp_path: Path) -> None
     # The snowman spans y -1..2.1 and x -1..1: tall, so its height should fill most of the frame.
     assert (ys.max() - ys.min()) > 0.75 * 720
     assert abs((xs.min() + xs.max()) / 2 - 480) < 25 and abs((ys.min() + ys.max()) / 2 - 360) < 40
+
+
+def _orbit_cameras(sparse_dir: Path, n: int = 8, radius: float = 5.0) -> None:
+    """n cameras on a circle around the origin, each looking at it (an object on a turntable)."""
+    rec = pycolmap.Reconstruction()
+    rec.add_camera_with_trivial_rig(
+        pycolmap.Camera(model="SIMPLE_RADIAL", width=640, height=480, params=[500, 320, 240, 0], camera_id=1)
+    )
+    for i in range(n):
+        a = 2 * np.pi * i / n
+        centre = np.array([radius * np.sin(a), 0.5, radius * np.cos(a)])
+        forward = -centre / np.linalg.norm(centre)
+        right = np.cross(forward, [0.0, 1.0, 0.0])
+        right /= np.linalg.norm(right)
+        rot = np.stack([right, np.cross(forward, right), forward])
+        pose = pycolmap.Rigid3d(pycolmap.Rotation3d(rot), -rot @ centre)
+        rec.add_image_with_trivial_frame(pycolmap.Image(name=f"{i}.jpg", camera_id=1, image_id=i + 1), pose)
+    sparse_dir.mkdir(parents=True)
+    rec.write_binary(str(sparse_dir))
+
+
+def test_preview_frames_what_the_cameras_circle_not_the_room_around_it(tmp_path: Path) -> None:
+    """An object photographed from all around, inside a room whose walls hold half of the dense
+    points: the walls are in the cloud's percentile box, but the preview frames the object."""
+    ws = Workspace(tmp_path / "job").create()
+    snowman(ws)
+    _orbit_cameras(ws.sparse_dir)
+    assert render_preview.subject_region(ws.sparse_dir) is not None
+    object_cloud = load_points(ws.fused)
+    rng = np.random.default_rng(1)
+    walls = rng.uniform(-10, 10, (len(object_cloud.xyz), 3))
+    side = rng.integers(0, 4, len(walls))
+    walls[:, 0] = np.where(side == 0, 10.0, np.where(side == 1, -10.0, walls[:, 0]))
+    walls[:, 2] = np.where(side == 2, 10.0, np.where(side == 3, -10.0, walls[:, 2]))
+    xyz = np.concatenate([object_cloud.xyz, walls]).astype(np.float32)
+    rgb = np.concatenate([object_cloud.rgb, np.full((len(walls), 3), 128, np.uint8)])
+    save_points(ws.fused, PointCloud(xyz, np.tile(np.float32([0, 0, 1]), (len(xyz), 1)), rgb))
+
+    render_preview.run(render_preview.PreviewConfig(), ws, tmp_path, no_progress, never_stop)
+    image = cv2.cvtColor(cv2.imread(str(tmp_path / "preview.png")), cv2.COLOR_BGR2RGB)
+    red_or_green = ((image[..., 0] > 2 * image[..., 1]) | (image[..., 1] > 2 * image[..., 0])) & _object_mask(
+        image
+    )
+    ys, xs = np.nonzero(red_or_green)
+    # The snowman spans y -1..2.1 (3.1 units); with the room's 20 units framed it would be ~100 px tall.
+    assert (ys.max() - ys.min()) > 0.6 * 720
+    assert abs((xs.min() + xs.max()) / 2 - 480) < 60
+
+
+def test_parallel_cameras_have_no_subject_region(tmp_path: Path) -> None:
+    """A facade or a forward-facing sweep: the axes never meet, so the whole cloud is the subject."""
+    write_front_cameras(tmp_path / "sparse")
+    assert render_preview.subject_region(tmp_path / "sparse") is None

@@ -55,6 +55,16 @@ def _object_mask(image: np.ndarray) -> np.ndarray:
     return np.abs(image.astype(int) - BACKGROUND).sum(axis=2) > 30
 
 
+def _snowman_pixels(ws: Workspace, out: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Render the preview; rows and columns of its red or green (snowman) pixels."""
+    render_preview.run(render_preview.PreviewConfig(), ws, out, no_progress, never_stop)
+    image = cv2.cvtColor(cv2.imread(str(out / "preview.png")), cv2.COLOR_BGR2RGB)
+    red_or_green = ((image[..., 0] > 2 * image[..., 1]) | (image[..., 1] > 2 * image[..., 0])) & _object_mask(
+        image
+    )
+    return np.nonzero(red_or_green)
+
+
 @pytest.mark.parametrize("source", ["mesh", "points"])
 def test_preview_shows_the_object_centred_and_upright(tmp_path: Path, source: str) -> None:
     ws = Workspace(tmp_path / "job").create()
@@ -116,12 +126,7 @@ def test_preview_frames_the_subject_not_its_stray_points(tmp_path: Path) -> None
     normals = np.tile(np.float32([0, 0, 1]), (len(cloud_v), 1))
     save_points(ws.fused, PointCloud(cloud_v, normals, np.full((len(cloud_v), 3), 128, np.uint8)))
 
-    render_preview.run(render_preview.PreviewConfig(), ws, tmp_path, no_progress, never_stop)
-    image = cv2.cvtColor(cv2.imread(str(tmp_path / "preview.png")), cv2.COLOR_BGR2RGB)
-    red_or_green = ((image[..., 0] > 2 * image[..., 1]) | (image[..., 1] > 2 * image[..., 0])) & _object_mask(
-        image
-    )
-    ys, xs = np.nonzero(red_or_green)
+    ys, xs = _snowman_pixels(ws, tmp_path)
     # The snowman spans y -1..2.1 and x -1..1: tall, so its height should fill most of the frame.
     assert (ys.max() - ys.min()) > 0.75 * 720
     assert abs((xs.min() + xs.max()) / 2 - 480) < 25 and abs((ys.min() + ys.max()) / 2 - 360) < 40
@@ -163,12 +168,7 @@ def test_preview_frames_what_the_cameras_circle_not_the_room_around_it(tmp_path:
     rgb = np.concatenate([object_cloud.rgb, np.full((len(walls), 3), 128, np.uint8)])
     save_points(ws.fused, PointCloud(xyz, np.tile(np.float32([0, 0, 1]), (len(xyz), 1)), rgb))
 
-    render_preview.run(render_preview.PreviewConfig(), ws, tmp_path, no_progress, never_stop)
-    image = cv2.cvtColor(cv2.imread(str(tmp_path / "preview.png")), cv2.COLOR_BGR2RGB)
-    red_or_green = ((image[..., 0] > 2 * image[..., 1]) | (image[..., 1] > 2 * image[..., 0])) & _object_mask(
-        image
-    )
-    ys, xs = np.nonzero(red_or_green)
+    ys, xs = _snowman_pixels(ws, tmp_path)
     # The snowman spans y -1..2.1 (3.1 units); with the room's 20 units framed it would be ~100 px tall.
     assert (ys.max() - ys.min()) > 0.6 * 720
     assert abs((xs.min() + xs.max()) / 2 - 480) < 60

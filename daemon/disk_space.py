@@ -7,10 +7,11 @@ few seconds, so a hung network outbox never blocks the event loop; readers use t
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from pydantic import BaseModel
+
+from scandrop.pipeline.core.errors import free_mb
 
 CHECK_SECONDS = 5.0
 
@@ -20,17 +21,6 @@ class FreeSpace(BaseModel):
     path: str
     free_mb: float | None  # None: could not be read (the path is not there)
     ok: bool
-
-
-def free_mb(path: Path) -> float | None:
-    """Free megabytes for an unprivileged writer at `path` (or its nearest existing parent)."""
-    for folder in (path, *path.parents):
-        try:
-            st = os.statvfs(folder)
-        except OSError:
-            continue
-        return st.f_bavail * st.f_frsize / 1e6
-    return None
 
 
 class DiskSpace:

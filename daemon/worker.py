@@ -22,7 +22,7 @@ from typing import Any
 import psutil
 
 from scandrop.pipeline.core.child_process import die_with_parent
-from scandrop.pipeline.core.errors import ErrorCode, ErrorInfo, ScandropError, disk_full
+from scandrop.pipeline.core.errors import ErrorCode, ErrorInfo, ScandropError, disk_full, disk_nearly_full
 from scandrop.pipeline.core.stage import (
     CANCELLED_HINT,
     OnEvent,
@@ -212,10 +212,12 @@ def run_job(
     if stopping_since is not None:
         reason = ErrorInfo(code=ErrorCode.cancelled, message="The job was cancelled.", hint=CANCELLED_HINT)
     else:
-        reason = ErrorInfo(
+        how = f" (killed by signal {-proc.exitcode})" if (proc.exitcode or 0) < 0 else ""
+        reason = disk_nearly_full(
+            [work_dir, out_dir], f"the reconstruction process stopped{how}"
+        ) or ErrorInfo(
             code=ErrorCode.worker_crashed,
-            message="The reconstruction process stopped unexpectedly"
-            + (f" (killed by signal {-proc.exitcode})." if (proc.exitcode or 0) < 0 else "."),
+            message=f"The reconstruction process stopped unexpectedly{how}.",
             hint="Out of memory or a bug: try --preset fast; report it with the log if it persists.",
         )
     return _failed_report(input_dir, out_dir, spec, device, started, reason)

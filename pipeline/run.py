@@ -19,7 +19,7 @@ from typing import Any
 import pycolmap
 from pydantic import BaseModel
 
-from scandrop.pipeline.core.errors import ErrorCode, ErrorInfo, ScandropError, disk_full
+from scandrop.pipeline.core.errors import ErrorCode, ErrorInfo, ScandropError, disk_full, disk_nearly_full
 from scandrop.pipeline.core.resources import Meter
 from scandrop.pipeline.core.stage import (
     OnEvent,
@@ -192,7 +192,9 @@ def run_pipeline(
             hint="Use --preset fast or fewer/smaller photos.",
         )
     except Exception as exc:  # a bug, not a user problem: say where, keep the traceback in the log
-        full = disk_full(exc)
+        full = disk_full(exc) or disk_nearly_full(
+            [work_dir, out_dir], f"the {current[0]} stage failed ({type(exc).__name__}: {exc})"
+        )
         if full is None:
             traceback.print_exc()
         report.error = full or ErrorInfo(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,9 +13,11 @@ from typing import Any
 
 import numpy as np
 import psutil
+import pytest
 from PIL import Image
 
 from scandrop.daemon.worker import run_job
+from scandrop.pipeline.bench import synthetic
 from scandrop.pipeline.core.errors import ErrorCode
 from scandrop.pipeline.core.stage import ProgressEvent
 from scandrop.pipeline.job_spec import JobSpec
@@ -118,3 +121,38 @@ def test_an_invalid_job_setting_is_reported_not_a_crash(tmp_path: Path) -> None:
     assert report.error.code == ErrorCode.invalid_settings
     assert "frames.target_motion" in report.error.message
     assert json.loads((tmp_path / "out" / "report.json").read_text())["error"]["code"] == "invalid_settings"
+
+
+@pytest.fixture(scope="module")
+def scene_photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    photos = tmp_path_factory.mktemp("scene") / "photos"
+    synthetic.write_scene(synthetic.render_scene(n_views=8, width=320, height=240, seed=0), photos)
+    return photos
+
+
+@pytest.mark.parametrize("room", ["half_the_photos", "photos_and_300kb"])
+def test_a_really_full_disk_fails_as_disk_full(tmp_path: Path, scene_photos: Path, room: str) -> None:
+    """The work folder on a tmpfs that fills up: while copying the photos (Python sees ENOSPC), or
+    inside COLMAP's feature database (native code aborts the job process, no errno to read)."""
+    if shutil.which("unshare") is None:
+        pytest.skip("needs util-linux unshare to mount a small tmpfs in a private mount namespace")
+    photos = scene_photos
+    size = sum(p.stat().st_size for p in photos.iterdir())
+    size = size // 2 if room == "half_the_photos" else size + 300_000
+    mount = tmp_path / "small"
+    mount.mkdir()
+    job = [sys.executable, "-m", "scandrop.daemon.cli", "reconstruct", "--preset", "fast"]
+    job += ["--work-dir", str(mount / "work"), str(photos), str(tmp_path / "out")]
+    script = f'mount -t tmpfs -o size={size} tmpfs "$1" || exit 99; shift; exec "$@"'
+    proc = subprocess.run(
+        ["unshare", "-m", "sh", "-c", script, "sh", str(mount), *job],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if proc.returncode == 99:
+        pytest.skip(f"mounting a tmpfs is not permitted here: {proc.stderr.strip()}")
+    error = json.loads((tmp_path / "out" / "report.json").read_text())["error"]
+    assert proc.returncode == 1 and error["code"] == "disk_full", error
+    assert str(mount / "work") in error["message"] and error["hint"]
+    assert "Traceback" not in proc.stderr

@@ -10,6 +10,8 @@ import hashlib
 import json
 import shutil
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,9 +21,18 @@ import pytest
 
 pytest.importorskip("ray", reason="Ray is not installed: pip install -e '.[test]' (or '.[ray]')")
 
+import numpy as np
 from daemon_process import Daemon, EventListener, wait_for
 from ray_cluster import LocalRayCluster
 from test_daemon_process import OUTPUTS, PIPELINE_STAGES, _digests
+
+from scandrop.pipeline.bench import synthetic
+from scandrop.pipeline.bench.known_poses import workspace_from_scene
+from scandrop.pipeline.bench.run import estimated_cameras, score_geometry, score_poses
+from scandrop.pipeline.core.stage import never_stop
+from scandrop.pipeline.core.workspace import Workspace
+from scandrop.pipeline.dense import estimate_depth
+from scandrop.pipeline.presets import preset_config
 
 pytestmark = pytest.mark.timeout(900)  # a loaded machine: jobs take minutes, not seconds
 
@@ -119,6 +130,81 @@ def test_cancel_stops_the_remote_work(
     assert done["state"] == "cancelled" and done["error"]["code"] == "cancelled"
     wait_for(lambda: not any(_alive(p) for p in work), 30, "the remote pipeline to stop")
     assert _digests(Path(done["input"]["location"])) == _digests(photos)  # kept, in failed/
+
+
+def test_depth_maps_fanned_out_over_the_cluster_equal_the_local_ones(
+    tmp_path: Path, cluster: LocalRayCluster
+) -> None:
+    """The same views through Ray tasks (photos and masks shipped, depth files gathered back) and
+    through the local loop: the fast preset's stereo is deterministic, so the files are bitwise equal.
+    The fanned-out run is a driver process of its own, as in a job (Ray reads its token at import)."""
+    scene = synthetic.render_scene(n_views=12, width=320, height=240, seed=2, alpha=True)
+    config = preset_config("fast").depth
+    local, fanned = Workspace(tmp_path / "local").create(), Workspace(tmp_path / "fanned").create()
+    for ws in (local, fanned):
+        workspace_from_scene(scene, ws, masks=True)
+    here = estimate_depth.run(config, local, lambda f, m: None, never_stop)
+    driver = subprocess.run(
+        [sys.executable, "-c", FANNED_DEPTH, cluster.address, str(fanned.root)],
+        env=cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert driver.returncode == 0, driver.stderr[-3000:]
+    result, messages = json.loads(driver.stdout.strip().splitlines()[-1])
+    assert result["views_with_depth"] == here.views_with_depth == 12 and len(messages) == 12
+    assert set(result["nodes"]) == set(scene.names)
+    remote = {name: node for name, node in result["nodes"].items() if node != "here"}
+    assert len(set(remote.values())) == 2, result["nodes"]  # both worker nodes computed views
+    for name in scene.names:
+        with np.load(local.depth_dir / f"{name}.npz") as a, np.load(fanned.depth_dir / f"{name}.npz") as b:
+            assert sorted(a.files) == sorted(b.files) and "mask" in a.files
+            for key in a.files:
+                assert np.array_equal(a[key], b[key]), (name, key)
+    assert not list(fanned.depth_dir.glob(".*")), "temporary files left"
+
+
+FANNED_DEPTH = """
+import json, sys
+from pathlib import Path
+from scandrop.daemon.ray_fanout import RayViewFanout
+from scandrop.pipeline.core.stage import never_stop
+from scandrop.pipeline.core.workspace import Workspace
+from scandrop.pipeline.dense import estimate_depth
+from scandrop.pipeline.presets import preset_config
+
+fanout = RayViewFanout(address=sys.argv[1], namespace="scandrop-test", min_views=1, cpus=1, job_node="here")
+messages = []
+ws, config = Workspace(Path(sys.argv[2])), preset_config("fast").depth
+result = estimate_depth.run(config, ws, lambda f, m: messages.append(m), never_stop, fanout)
+print(json.dumps([result.model_dump(), messages]))
+"""
+
+
+def test_a_big_job_fans_its_depth_maps_out_over_both_nodes(
+    tmp_path: Path, cluster: LocalRayCluster, daemons: list[Daemon], photos: Path
+) -> None:
+    daemon = _daemon(tmp_path, cluster, ray_fanout_min_views=8)
+    daemons.append(daemon)
+    daemon.start()
+    _drop(daemon, photos, "robot")
+    job = daemon.wait_job(lambda j: j["state"] in ("succeeded", "failed"), 600, "the job to finish")
+    assert job["state"] == "succeeded", job["error"]
+    _check_outputs(job)
+    out = Path(job["outbox"])
+    report = json.loads((out / "report.json").read_text())
+    (depth,) = [s for s in report["stages"] if s["name"] == "depth"]
+    nodes = depth["result"]["nodes"]
+    assert len(nodes) == depth["result"]["views"] == 24
+    assert job["execution"]["node_id"] in set(nodes.values())  # the job's own node took views,
+    assert len(set(nodes.values())) == 2  # and so did the other one
+    # The geometry is that of a job on one node: cameras and surface against the rendered truth.
+    scene = synthetic.render_scene(n_views=24, width=320, height=240, seed=0)
+    poses = score_poses(estimated_cameras(out), scene.cameras())
+    assert poses["rot_err_median_deg"] < 0.1 and poses["centre_err_median_rel"] < 0.01, poses
+    scores = score_geometry(out, poses["sim3"], scene.surface_samples(100_000), 0.01 * scene.size)
+    assert scores["points_f"] >= 0.9 and scores["mesh_f"] >= 0.85, scores
 
 
 def test_a_node_killed_mid_job_is_retried_on_the_other_once_with_shipped_data(

@@ -24,9 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import structlog
+
 from scandrop.pipeline.core.errors import ErrorCode, ScandropError
 from scandrop.pipeline.core.stage import Progress, StopCheck, atomic_path, check_stop
 from scandrop.pipeline.dense.view_map import ViewDone, ViewWork
+
+log = structlog.get_logger("scandrop.ray")
 
 POLL_SECONDS = 0.2
 VIEW_RETRIES = 2  # a view whose node died runs again elsewhere, at most this often
@@ -80,20 +84,30 @@ class RayViewFanout:
     def map(
         self, work: ViewWork, tasks: list[Any], progress: Progress, should_stop: StopCheck
     ) -> list[ViewDone]:
+        import cv2
         import ray
 
         check_stop(should_stop)
-        ray.init(
-            address=self.address,
-            namespace=self.namespace,
-            log_to_driver=False,
-            logging_level="WARNING",
-            configure_logging=False,
-        )
+        threads = cv2.getNumThreads()  # a view computed here may narrow them (pair stereo does)
+        gather = _Gather(ray, self, work, tasks, progress, should_stop)
         try:
-            return _Gather(ray, self, work, tasks, progress, should_stop).run()
+            try:
+                ray.init(
+                    address=self.address,
+                    namespace=self.namespace,
+                    log_to_driver=False,
+                    logging_level="WARNING",
+                    configure_logging=False,
+                )
+            except Exception as exc:  # the cluster does not answer this process: the job's node does all
+                log.warning("ray_fanout_unavailable", error=str(exc)[:300])
+                return gather.run(connected=False)
+            try:
+                return gather.run(connected=True)
+            finally:
+                ray.shutdown()
         finally:
-            ray.shutdown()
+            cv2.setNumThreads(threads)
 
 
 class _Gather:
@@ -118,8 +132,8 @@ class _Gather:
         self.pending: dict[Any, Any] = {}  # object ref -> its task
         self.done: list[ViewDone] = []
 
-    def run(self) -> list[ViewDone]:
-        free = self.ray.available_resources().get("CPU", 0.0)
+    def run(self, connected: bool) -> list[ViewDone]:
+        free = self.ray.available_resources().get("CPU", 0.0) if connected else 0.0
         slots = int(free // self.fanout.cpus)  # what the cluster can run now besides this job
         try:
             while self.queue or self.pending:
@@ -165,14 +179,15 @@ class _Gather:
                 raise exc.cause from None
             raise ScandropError(
                 ErrorCode.dense_failed,
-                f"The depth task of view {task.ref.name} failed on the cluster"
+                f"The depth task of view {task.photo_names[0]} failed on the cluster"
                 f" ({type(exc.cause).__name__}: {str(exc.cause)[:300]}).",
                 "This is a bug in scandrop: please report it with report.json and the log.",
             ) from None
         except self.ray.exceptions.RayError as exc:  # its node died again and again, or out of memory
             raise ScandropError(
                 ErrorCode.worker_crashed,
-                f"The depth task of view {task.ref.name} was lost on the cluster ({type(exc).__name__}).",
+                f"The depth task of view {task.photo_names[0]} was lost on the cluster"
+                f" ({type(exc).__name__}).",
                 "A node died or ran out of memory: check the cluster (ray status), then rerun the job.",
             ) from None
         if data is not None:

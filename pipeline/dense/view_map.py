@@ -33,7 +33,9 @@ class ViewTask(Protocol):
     out_path: Path
 
     @property
-    def photo_names(self) -> tuple[str, ...]: ...
+    def photo_names(self) -> tuple[str, ...]:
+        """The photos (in image_dir) the task reads, its own view's first."""
+        ...
 
 
 class ViewMapper(Protocol):

@@ -84,10 +84,10 @@ def _drop(daemon: Daemon, photos: Path, name: str) -> Path:
     return staging.rename(daemon.inbox / name)
 
 
-def test_jobs_wait_for_an_unreachable_cluster_then_run_on_it(
+def test_jobs_wait_for_an_unreachable_cluster_then_run_on_it_fanning_out_their_depth_maps(
     tmp_path: Path, unstarted_cluster: LocalRayCluster, daemons: list[Daemon], photos: Path
 ) -> None:
-    daemon = _daemon(tmp_path, unstarted_cluster)
+    daemon = _daemon(tmp_path, unstarted_cluster, ray_fanout_min_views=8)  # the drop has 24 views
     daemons.append(daemon)  # stopped by the fixture even when start() fails
     daemon.start(healthy=False)  # /healthz answers 503 while the cluster is unreachable
     assert daemon.get("/api/status")["settings"]["executor"] == "ray"
@@ -113,6 +113,20 @@ def test_jobs_wait_for_an_unreachable_cluster_then_run_on_it(
     # Live progress as with a local job: every stage streamed its events over the WebSocket.
     stages = {e["job"]["stage"] for e in listener.events if e["type"] == "stage"}
     assert set(PIPELINE_STAGES) <= stages
+    # One big job across machines: its views' depth maps were computed on both nodes.
+    out = Path(job["outbox"])
+    report = json.loads((out / "report.json").read_text())
+    (depth,) = [s for s in report["stages"] if s["name"] == "depth"]
+    nodes = depth["result"]["nodes"]
+    assert len(nodes) == depth["result"]["views"] == 24
+    assert job["execution"]["node_id"] in set(nodes.values())  # the job's own node took views,
+    assert len(set(nodes.values())) == 2  # and so did the other one
+    # The geometry is that of a job on one node: cameras and surface against the rendered truth.
+    scene = synthetic.render_scene(n_views=24, width=320, height=240, seed=0)  # = the `photos`
+    poses = score_poses(estimated_cameras(out), scene.cameras())
+    assert poses["rot_err_median_deg"] < 0.1 and poses["centre_err_median_rel"] < 0.01, poses
+    scores = score_geometry(out, poses["sim3"], scene.surface_samples(100_000), 0.01 * scene.size)
+    assert scores["points_f"] >= 0.9 and scores["mesh_f"] >= 0.85, scores
 
 
 def test_cancel_stops_the_remote_work(
@@ -182,29 +196,73 @@ print(json.dumps([result.model_dump(), messages]))
 """
 
 
-def test_a_big_job_fans_its_depth_maps_out_over_both_nodes(
-    tmp_path: Path, cluster: LocalRayCluster, daemons: list[Daemon], photos: Path
+def test_a_failed_view_task_is_a_job_error_and_a_stop_cancels_the_view_tasks(
+    tmp_path: Path, cluster: LocalRayCluster
 ) -> None:
-    daemon = _daemon(tmp_path, cluster, ray_fanout_min_views=8)
-    daemons.append(daemon)
-    daemon.start()
-    _drop(daemon, photos, "robot")
-    job = daemon.wait_job(lambda j: j["state"] in ("succeeded", "failed"), 600, "the job to finish")
-    assert job["state"] == "succeeded", job["error"]
-    _check_outputs(job)
-    out = Path(job["outbox"])
-    report = json.loads((out / "report.json").read_text())
-    (depth,) = [s for s in report["stages"] if s["name"] == "depth"]
-    nodes = depth["result"]["nodes"]
-    assert len(nodes) == depth["result"]["views"] == 24
-    assert job["execution"]["node_id"] in set(nodes.values())  # the job's own node took views,
-    assert len(set(nodes.values())) == 2  # and so did the other one
-    # The geometry is that of a job on one node: cameras and surface against the rendered truth.
-    scene = synthetic.render_scene(n_views=24, width=320, height=240, seed=0)
-    poses = score_poses(estimated_cameras(out), scene.cameras())
-    assert poses["rot_err_median_deg"] < 0.1 and poses["centre_err_median_rel"] < 0.01, poses
-    scores = score_geometry(out, poses["sim3"], scene.surface_samples(100_000), 0.01 * scene.size)
-    assert scores["points_f"] >= 0.9 and scores["mesh_f"] >= 0.85, scores
+    """A view task that raises on its node becomes the stage's dense_failed error saying why; a stop
+    while view tasks run raises `cancelled` and kills them (their worker processes end)."""
+    (tmp_path / "a.png").write_bytes(b"photo")
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    driver = subprocess.run(
+        [sys.executable, "-c", FAILING_VIEWS, cluster.address, str(pids)],
+        env=cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert driver.returncode == 0, driver.stderr[-3000:]
+    outcome = json.loads(driver.stdout.strip().splitlines()[-1])
+    assert outcome["failed"]["code"] == "dense_failed"
+    assert "ValueError: no such lens" in outcome["failed"]["message"], outcome
+    assert outcome["cancelled"]["code"] == "cancelled"
+    started = [psutil.Process(int(p.name)) for p in pids.iterdir() if psutil.pid_exists(int(p.name))]
+    assert len(list(pids.iterdir())) == 2  # both nodes' view tasks had started sleeping
+    wait_for(lambda: not any(_alive(p) for p in started), 30, "the cancelled view tasks to end")
+
+
+FAILING_VIEWS = """
+import json, os, sys, time
+from dataclasses import dataclass
+from pathlib import Path
+from scandrop.daemon.ray_fanout import RayViewFanout
+from scandrop.pipeline.core.errors import ScandropError
+
+DRIVER, PIDS = os.getpid(), Path(sys.argv[2])
+
+
+@dataclass(frozen=True)
+class Task:
+    image_dir: Path
+    mask_path: Path | None
+    out_path: Path
+    photo_names: tuple[str, ...] = ("a.png",)
+
+
+def fails_on_a_node(task):
+    if os.getpid() != DRIVER:
+        raise ValueError("no such lens")
+    return "a.png", 1.0
+
+
+def sleeps_on_a_node(task):
+    if os.getpid() != DRIVER:
+        (PIDS / str(os.getpid())).touch()
+        time.sleep(300)
+    return "a.png", 1.0
+
+
+fanout = RayViewFanout(address=sys.argv[1], namespace="scandrop-test", min_views=1, cpus=1, job_node="here")
+tasks = [Task(PIDS.parent, None, PIDS.parent / f"{i}.npz") for i in range(4)]
+stops = {"failed": lambda: False, "cancelled": lambda: len(list(PIDS.iterdir())) >= 2}
+outcome = {}
+for name, work in (("failed", fails_on_a_node), ("cancelled", sleeps_on_a_node)):
+    try:
+        fanout.map(work, tasks, lambda f, m: None, stops[name])
+    except ScandropError as exc:
+        outcome[name] = {"code": exc.code.value, "message": exc.message}
+print(json.dumps(outcome))
+"""
 
 
 def test_a_node_killed_mid_job_is_retried_on_the_other_once_with_shipped_data(

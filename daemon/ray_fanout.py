@@ -7,7 +7,8 @@ photos a view reads go into the object store once and its depth file comes back 
 into the job's workspace atomically, where fusion reads it. Both data modes work this way: the
 workspace is the job node's scratch folder, which other nodes do not see even when the inbox and
 outbox are shared. The job's own node computes views too, one at a time, in the CPUs the job task
-already holds, so that a cluster whose other CPUs are busy still makes progress.
+already holds, so that a cluster whose other CPUs are busy still makes progress; while it does,
+this process cannot hand out views, so each free CPU of the cluster gets two (PREFETCH).
 
 Stop: outstanding view tasks are cancelled (ray.cancel, force) before the stage raises; a pipeline
 process that is killed outright takes its driver with it, and Ray kills a dead driver's tasks.
@@ -33,6 +34,7 @@ from scandrop.pipeline.dense.view_map import ViewDone, ViewWork
 log = structlog.get_logger("scandrop.ray")
 
 POLL_SECONDS = 0.2
+PREFETCH = 2  # view tasks in flight per free CPU: the next one waits on its node, not on this process
 VIEW_RETRIES = 2  # a view whose node died runs again elsewhere, at most this often
 MASK_KEY = "\0mask"  # the view's mask among its shipped files (no photo is named so)
 
@@ -138,7 +140,7 @@ class _Gather:
         try:
             while self.queue or self.pending:
                 check_stop(self.should_stop)
-                while self.queue and len(self.pending) < slots:
+                while self.queue and len(self.pending) < slots * PREFETCH:
                     task = self.queue.pop(0)
                     self.pending[self._submit(task)] = task
                 for ref in self._ready(wait=not self.queue):

@@ -1,7 +1,8 @@
 """Integration: the real daemon with executor=ray against a real 3-node Ray cluster on this machine.
 
 One cluster for the module (a head without CPUs, two worker nodes with one CPU each). The first
-test starts it while a daemon is waiting for it; the node-death test runs last: it leaves one node.
+test starts it while a daemon is waiting for it, and its job fans its depth maps out over both
+nodes; the node-death test runs last: it leaves one node.
 """
 
 from __future__ import annotations

@@ -20,11 +20,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 import structlog
 
 from scandrop.pipeline.core.errors import ErrorCode, ScandropError
@@ -34,6 +37,7 @@ from scandrop.pipeline.dense.view_map import ViewDone, ViewWork
 log = structlog.get_logger("scandrop.ray")
 
 POLL_SECONDS = 0.2
+SCRATCH_PREFIX = "scandrop-view-"  # + the task's pid: a dead one's folder is swept by the next
 PREFETCH = 2  # view tasks in flight per free CPU: the next one waits on its node, not on this process
 VIEW_RETRIES = 2  # a view whose node died runs again elsewhere, at most this often
 MASK_KEY = "\0mask"  # the view's mask among its shipped files (no photo is named so)
@@ -47,7 +51,8 @@ def run_view(
     import ray
 
     _limit_threads(ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0))
-    with tempfile.TemporaryDirectory(prefix="scandrop-view-") as scratch:
+    _sweep_scratch()
+    with tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-") as scratch:
         root = Path(scratch)
         mask_path = None
         for name, data in zip(names, blobs, strict=True):
@@ -61,6 +66,14 @@ def run_view(
         view, fraction = work(local)
         out = local.out_path.read_bytes() if local.out_path.exists() else None
     return view, fraction, ray.get_runtime_context().get_node_id(), out
+
+
+def _sweep_scratch() -> None:
+    """Remove the scratch folders of view tasks whose process is gone (a forced cancel kills it)."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{SCRATCH_PREFIX}*"):
+        pid = folder.name.removeprefix(SCRATCH_PREFIX).split("-")[0]
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _limit_threads(cpus: float) -> None:

@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -220,6 +221,11 @@ def test_a_failed_view_task_is_a_job_error_and_a_stop_cancels_the_view_tasks(
     started = [psutil.Process(int(p.name)) for p in pids.iterdir() if psutil.pid_exists(int(p.name))]
     assert len(list(pids.iterdir())) == 2  # both nodes' view tasks had started sleeping
     wait_for(lambda: not any(_alive(p) for p in started), 30, "the cancelled view tasks to end")
+    # Their scratch folders (killed, they could not remove them) were swept by the next view tasks.
+    assert outcome["after"] == "done"
+    assert not [
+        f for p in pids.iterdir() for f in Path(tempfile.gettempdir()).glob(f"scandrop-view-{p.name}-*")
+    ]
 
 
 FAILING_VIEWS = """
@@ -262,6 +268,9 @@ for name, work in (("failed", fails_on_a_node), ("cancelled", sleeps_on_a_node))
         fanout.map(work, tasks, lambda f, m: None, stops[name])
     except ScandropError as exc:
         outcome[name] = {"code": exc.code.value, "message": exc.message}
+time.sleep(2)  # the cancelled tasks' processes end
+fanout.map(lambda task: ("a.png", 1.0), tasks, lambda f, m: None, lambda: False)  # sweeps on both nodes
+outcome["after"] = "done"
 print(json.dumps(outcome))
 """
 

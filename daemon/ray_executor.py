@@ -279,9 +279,16 @@ class RayExecutor:
                 input_pack,
                 request.timeout,
                 channel,
+                self._fanout(),
             )
         )
         return mode, channel, ref
+
+    def _fanout(self) -> dict[str, float] | None:
+        """Whether (and from how many views on) a job's depth maps fan out over the cluster."""
+        if not self.settings.ray_fanout_min_views:
+            return None
+        return {"min_views": self.settings.ray_fanout_min_views, "cpus": self.settings.ray_fanout_cpus}
 
     def _memory(self, input_bytes: int) -> int:
         """The estimate, capped at the largest node's memory so that a big job still finds a node."""

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from scandrop.daemon.ray_fanout import RayViewFanout
 from scandrop.daemon.worker import kill_group, run_job
 from scandrop.models.device import resolve_device_in_child
 from scandrop.pipeline.core.stage import ProgressEvent
@@ -102,9 +103,11 @@ def run_on_node(
     input_pack: bytes | None,
     timeout: float | None,
     channel: Any,
+    fanout: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """The job task. Shared data: paths as given. Shipped: `input_pack` is unpacked into a node-local
-    folder, the pipeline writes into another, and their contents come back as the result."""
+    folder, the pipeline writes into another, and their contents come back as the result.
+    `fanout` ({min_views, cpus}): the depth stage's views of a job this big run as Ray tasks too."""
     import ray
 
     context = ray.get_runtime_context()
@@ -147,6 +150,15 @@ def run_on_node(
             should_stop=should_stop,
             timeout=timeout,
             on_start=lambda pid: channel.put.remote("pid", pid),
+            map_views=None
+            if fanout is None
+            else RayViewFanout(
+                address=context.gcs_address,
+                namespace=context.namespace,
+                min_views=int(fanout["min_views"]),
+                cpus=fanout["cpus"],
+                job_node=context.get_node_id(),
+            ),
         )
         outputs = None
         if input_pack is not None and target.is_dir():

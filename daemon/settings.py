@@ -119,6 +119,13 @@ class Settings(BaseSettings):
         "shared or shipped to decide it.",
     )
     ray_job_cpus: float = Field(1.0, gt=0, description="CPUs a job reserves on a Ray node.")
+    ray_fanout_min_views: int = Field(
+        40,
+        ge=0,
+        description="A ray job with at least this many views computes its depth maps as Ray tasks across "
+        "the cluster (one per view); 0 = never, each job stays on one node.",
+    )
+    ray_fanout_cpus: float = Field(1.0, gt=0, description="CPUs each fanned-out depth-map task reserves.")
     models_dir: Path = Field(
         default_factory=user_models_dir,
         description="Installed learned models (`scandrop models pull`); default ~/.cache/scandrop/models "

@@ -31,6 +31,7 @@ from scandrop.pipeline.core.stage import (
     never_stop,
     write_json_atomic,
 )
+from scandrop.pipeline.dense.view_map import ViewMapper
 from scandrop.pipeline.job_spec import JobSpec
 from scandrop.pipeline.report import Report, new_report
 
@@ -46,6 +47,7 @@ def _child(
     events: mp.Queue,
     stop: Event,
     parent: int,
+    map_views: ViewMapper | None = None,
 ) -> None:
     os.setpgid(0, 0)  # the job and every process it starts form one group, killed as one
     die_with_parent(parent)  # a killed daemon takes its job with it
@@ -69,6 +71,7 @@ def _child(
             device=device,
             on_event=lambda e: events.put(("event", e.model_dump_json())),
             should_stop=stop.is_set,
+            map_views=map_views,
         )
     except OSError as exc:  # the disk filled up outside a stage (the workspace, report.json)
         full = disk_full(exc)
@@ -144,11 +147,13 @@ def run_job(
     should_stop: StopCheck = never_stop,
     timeout: float | None = None,
     on_start: Callable[[int], None] | None = None,
+    map_views: ViewMapper | None = None,
 ) -> Report:
     """Run the pipeline in a fresh process; returns its Report even when the process dies.
 
     The process dies with the thread that called this (PR_SET_PDEATHSIG): call it from a thread
     that stays until it returns. `on_start` receives the job's pid (= its process group id).
+    `map_views` (picklable: it crosses into the job process) runs the depth stage's views elsewhere.
     """
     ctx = mp.get_context("spawn")
     events: mp.Queue = ctx.Queue()
@@ -167,6 +172,7 @@ def run_job(
             events,
             stop,
             os.getpid(),
+            map_views,
         ),
     )
     proc.start()

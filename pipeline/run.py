@@ -13,6 +13,7 @@ import shutil
 import traceback
 from collections.abc import Callable
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from scandrop.pipeline.core.stage import (
 )
 from scandrop.pipeline.core.workspace import Workspace
 from scandrop.pipeline.dense import estimate_depth, fill_depth, fuse_depth, patchmatch_cpu, patchmatch_depth
+from scandrop.pipeline.dense.view_map import ViewMapper
 from scandrop.pipeline.export import export_assets, render_preview
 from scandrop.pipeline.ingest import drop_input, extract_frames, ingest_images
 from scandrop.pipeline.ingest.input_kind import InputKind, input_kind, job_kind, listing
@@ -87,8 +89,10 @@ def run_pipeline(
     device: dict[str, Any] | None = None,
     on_event: OnEvent | None = None,
     should_stop: StopCheck = never_stop,
+    map_views: ViewMapper | None = None,
 ) -> Report:
-    """Reconstruct the photos in `input_dir` into `out_dir`. Never raises for expected failures."""
+    """Reconstruct the photos in `input_dir` into `out_dir`. Never raises for expected failures.
+    `map_views` runs the CPU depth stage's per-view tasks elsewhere (e.g. on a cluster)."""
     pycolmap.logging.minloglevel = 2  # COLMAP's own INFO lines would drown the job log
     events: OnEvent = on_event or (lambda event: None)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -159,6 +163,7 @@ def run_pipeline(
             report.mean_reprojection_error_px = sparse.mean_reprojection_error_px
             on_gpu = backend_device(backends, "depth") == "cuda"  # PatchMatch writes the same depth maps
             on_cpu = patchmatch_cpu.run if config.depth.method == "patchmatch" else estimate_depth.run
+            on_cpu = partial(on_cpu, map_views=map_views)
             stage("depth", patchmatch_depth.run if on_gpu else on_cpu, config.depth, ws)
             on = backend_device(backends, "fill")
             filled = stage("fill", fill_depth.run, config.fill, ws, on)

@@ -37,6 +37,7 @@ from scandrop.pipeline.core.stage import Progress, StopCheck, atomic_path, check
 from scandrop.pipeline.core.workspace import Workspace
 from scandrop.pipeline.dense.dense_views import DenseView, stereo_views
 from scandrop.pipeline.dense.pair_stereo import SgbmParams, pair_depth
+from scandrop.pipeline.dense.view_map import ViewMapper, ViewWork
 from scandrop.pipeline.dense.view_selection import stereo_partners
 
 
@@ -98,6 +99,9 @@ class DepthResult(BaseModel):
     views_with_depth: int
     mean_valid_fraction: float
     seconds: float
+    nodes: dict[str, str] = Field(
+        default_factory=dict, description="Where each view ran (Ray node id), when the views fanned out."
+    )
 
 
 @dataclass(frozen=True)
@@ -108,6 +112,10 @@ class _Task:
     mask_path: Path | None
     out_path: Path
     config: DepthConfig
+
+    @property
+    def photo_names(self) -> tuple[str, ...]:
+        return (self.ref.name, *(p.name for p in self.partners))
 
 
 def read_photo(path: Path) -> np.ndarray:
@@ -276,7 +284,13 @@ def _worker_count(config: DepthConfig) -> int:
     return config.workers or max(1, min(os.cpu_count() or 1, 8))
 
 
-def run(config: DepthConfig, ws: Workspace, progress: Progress, should_stop: StopCheck) -> DepthResult:
+def run(
+    config: DepthConfig,
+    ws: Workspace,
+    progress: Progress,
+    should_stop: StopCheck,
+    map_views: ViewMapper | None = None,
+) -> DepthResult:
     """Compute a depth map for every registered view of the sparse model."""
     start = time.monotonic()
     check_stop(should_stop)
@@ -303,7 +317,7 @@ def run(config: DepthConfig, ws: Workspace, progress: Progress, should_stop: Sto
             "No pair of views is suitable for stereo (too little overlap or too little parallax).",
             "Take photos around the object, each a small step (about 10 degrees) from the last.",
         )
-    fractions = run_tasks(_view_depth, tasks, _worker_count(config), progress, should_stop)
+    fractions, nodes = run_views(_view_depth, tasks, _worker_count(config), progress, should_stop, map_views)
     valid = [f for f in fractions if f > 0]
     if float(np.mean(fractions)) < 1e-3:
         raise ScandropError(
@@ -316,7 +330,24 @@ def run(config: DepthConfig, ws: Workspace, progress: Progress, should_stop: Sto
         views_with_depth=len(valid),
         mean_valid_fraction=round(float(np.mean(fractions)), 4),
         seconds=round(time.monotonic() - start, 2),
+        nodes=nodes,
     )
+
+
+def run_views(
+    work: ViewWork,
+    tasks: list[Any],
+    workers: int,
+    progress: Progress,
+    should_stop: StopCheck,
+    map_views: ViewMapper | None,
+) -> tuple[list[float], dict[str, str]]:
+    """The views' valid shares and where each ran: through `map_views` when there is one and the job
+    has at least its `min_views` views, else here (run_tasks; no placement to report)."""
+    if map_views is None or len(tasks) < map_views.min_views:
+        return run_tasks(work, tasks, workers, progress, should_stop), {}
+    done = map_views.map(work, tasks, progress, should_stop)
+    return [d.valid_fraction for d in done], {d.name: d.node for d in done}
 
 
 @contextmanager

@@ -31,10 +31,11 @@ from scandrop.pipeline.dense.estimate_depth import (
     DepthResult,
     read_grid_mask,
     read_photo,
-    run_tasks,
+    run_views,
     view_normal_filter,
     write_depth_file,
 )
+from scandrop.pipeline.dense.view_map import ViewMapper
 from scandrop.pipeline.dense.view_selection import mvs_sources
 
 
@@ -48,6 +49,10 @@ class DepthTask:
     mask_path: Path | None
     out_path: Path
     config: DepthConfig
+
+    @property
+    def photo_names(self) -> tuple[str, ...]:
+        return (self.ref.name, *(s.name for s in self.sources))
 
 
 @dataclass(frozen=True)
@@ -206,8 +211,15 @@ def plan_tasks(views: list[DenseView], config: DepthConfig, ws: Workspace) -> li
     return tasks
 
 
-def run(config: DepthConfig, ws: Workspace, progress: Progress, should_stop: StopCheck) -> DepthResult:
-    """PatchMatch depth for every registered view; one view at a time, all cores per view."""
+def run(
+    config: DepthConfig,
+    ws: Workspace,
+    progress: Progress,
+    should_stop: StopCheck,
+    map_views: ViewMapper | None = None,
+) -> DepthResult:
+    """PatchMatch depth for every registered view; here one view at a time, all cores per view, or
+    fanned out through `map_views`."""
     start = time.monotonic()
     check_stop(should_stop)
     views = stereo_views(ws.sparse_dir, config.max_image_size)
@@ -219,7 +231,7 @@ def run(config: DepthConfig, ws: Workspace, progress: Progress, should_stop: Sto
             "No view has neighbours suitable for stereo (too little overlap or too little parallax).",
             "Take photos around the object, each a small step (about 10 degrees) from the last.",
         )
-    fractions = run_tasks(depth_for_view, tasks, 1, progress, should_stop)
+    fractions, nodes = run_views(depth_for_view, tasks, 1, progress, should_stop, map_views)
     if float(np.mean(fractions)) < 1e-3:
         raise ScandropError(
             ErrorCode.dense_failed,
@@ -231,4 +243,5 @@ def run(config: DepthConfig, ws: Workspace, progress: Progress, should_stop: Sto
         views_with_depth=sum(f > 0 for f in fractions),
         mean_valid_fraction=round(float(np.mean(fractions)), 4),
         seconds=round(time.monotonic() - start, 2),
+        nodes=nodes,
     )

@@ -1,7 +1,8 @@
 """Integration: the real daemon with executor=ray against a real 3-node Ray cluster on this machine.
 
 One cluster for the module (a head without CPUs, two worker nodes with one CPU each). The first
-test starts it while a daemon is waiting for it; the node-death test runs last: it leaves one node.
+test starts it while a daemon is waiting for it, and its job fans its depth maps out over both
+nodes; the node-death test runs last: it leaves one node.
 """
 
 from __future__ import annotations
@@ -10,6 +11,9 @@ import hashlib
 import json
 import shutil
 import signal
+import subprocess
+import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,9 +23,18 @@ import pytest
 
 pytest.importorskip("ray", reason="Ray is not installed: pip install -e '.[test]' (or '.[ray]')")
 
+import numpy as np
 from daemon_process import Daemon, EventListener, wait_for
 from ray_cluster import LocalRayCluster
 from test_daemon_process import OUTPUTS, PIPELINE_STAGES, _digests
+
+from scandrop.pipeline.bench import synthetic
+from scandrop.pipeline.bench.known_poses import workspace_from_scene
+from scandrop.pipeline.bench.run import estimated_cameras, score_geometry, score_poses
+from scandrop.pipeline.core.stage import never_stop
+from scandrop.pipeline.core.workspace import Workspace
+from scandrop.pipeline.dense import estimate_depth
+from scandrop.pipeline.presets import preset_config
 
 pytestmark = pytest.mark.timeout(900)  # a loaded machine: jobs take minutes, not seconds
 
@@ -73,10 +86,10 @@ def _drop(daemon: Daemon, photos: Path, name: str) -> Path:
     return staging.rename(daemon.inbox / name)
 
 
-def test_jobs_wait_for_an_unreachable_cluster_then_run_on_it(
+def test_jobs_wait_for_an_unreachable_cluster_then_run_on_it_fanning_out_their_depth_maps(
     tmp_path: Path, unstarted_cluster: LocalRayCluster, daemons: list[Daemon], photos: Path
 ) -> None:
-    daemon = _daemon(tmp_path, unstarted_cluster)
+    daemon = _daemon(tmp_path, unstarted_cluster, ray_fanout_min_views=8)  # the drop has 24 views
     daemons.append(daemon)  # stopped by the fixture even when start() fails
     daemon.start(healthy=False)  # /healthz answers 503 while the cluster is unreachable
     assert daemon.get("/api/status")["settings"]["executor"] == "ray"
@@ -102,6 +115,20 @@ def test_jobs_wait_for_an_unreachable_cluster_then_run_on_it(
     # Live progress as with a local job: every stage streamed its events over the WebSocket.
     stages = {e["job"]["stage"] for e in listener.events if e["type"] == "stage"}
     assert set(PIPELINE_STAGES) <= stages
+    # One big job across machines: its views' depth maps were computed on both nodes.
+    out = Path(job["outbox"])
+    report = json.loads((out / "report.json").read_text())
+    (depth,) = [s for s in report["stages"] if s["name"] == "depth"]
+    nodes = depth["result"]["nodes"]
+    assert len(nodes) == depth["result"]["views"] == 24
+    assert job["execution"]["node_id"] in set(nodes.values())  # the job's own node took views,
+    assert len(set(nodes.values())) == 2  # and so did the other one
+    # The geometry is that of a job on one node: cameras and surface against the rendered truth.
+    scene = synthetic.render_scene(n_views=24, width=320, height=240, seed=0)  # = the `photos`
+    poses = score_poses(estimated_cameras(out), scene.cameras())
+    assert poses["rot_err_median_deg"] < 0.1 and poses["centre_err_median_rel"] < 0.01, poses
+    scores = score_geometry(out, poses["sim3"], scene.surface_samples(100_000), 0.01 * scene.size)
+    assert scores["points_f"] >= 0.9 and scores["mesh_f"] >= 0.85, scores
 
 
 def test_cancel_stops_the_remote_work(
@@ -119,6 +146,133 @@ def test_cancel_stops_the_remote_work(
     assert done["state"] == "cancelled" and done["error"]["code"] == "cancelled"
     wait_for(lambda: not any(_alive(p) for p in work), 30, "the remote pipeline to stop")
     assert _digests(Path(done["input"]["location"])) == _digests(photos)  # kept, in failed/
+
+
+def test_depth_maps_fanned_out_over_the_cluster_equal_the_local_ones(
+    tmp_path: Path, cluster: LocalRayCluster
+) -> None:
+    """The same views through Ray tasks (photos and masks shipped, depth files gathered back) and
+    through the local loop: the fast preset's stereo is deterministic, so the files are bitwise equal.
+    The fanned-out run is a driver process of its own, as in a job (Ray reads its token at import)."""
+    scene = synthetic.render_scene(n_views=12, width=320, height=240, seed=2, alpha=True)
+    config = preset_config("fast").depth
+    local, fanned = Workspace(tmp_path / "local").create(), Workspace(tmp_path / "fanned").create()
+    for ws in (local, fanned):
+        workspace_from_scene(scene, ws, masks=True)
+    here = estimate_depth.run(config, local, lambda f, m: None, never_stop)
+    driver = subprocess.run(
+        [sys.executable, "-c", FANNED_DEPTH, cluster.address, str(fanned.root)],
+        env=cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert driver.returncode == 0, driver.stderr[-3000:]
+    result, messages = json.loads(driver.stdout.strip().splitlines()[-1])
+    assert result["views_with_depth"] == here.views_with_depth == 12 and len(messages) == 12
+    assert set(result["nodes"]) == set(scene.names)
+    remote = {name: node for name, node in result["nodes"].items() if node != "here"}
+    assert len(set(remote.values())) == 2, result["nodes"]  # both worker nodes computed views
+    for name in scene.names:
+        with np.load(local.depth_dir / f"{name}.npz") as a, np.load(fanned.depth_dir / f"{name}.npz") as b:
+            assert sorted(a.files) == sorted(b.files) and "mask" in a.files
+            for key in a.files:
+                assert np.array_equal(a[key], b[key]), (name, key)
+    assert not list(fanned.depth_dir.glob(".*")), "temporary files left"
+
+
+FANNED_DEPTH = """
+import json, sys
+from pathlib import Path
+from scandrop.daemon.ray_fanout import RayViewFanout
+from scandrop.pipeline.core.stage import never_stop
+from scandrop.pipeline.core.workspace import Workspace
+from scandrop.pipeline.dense import estimate_depth
+from scandrop.pipeline.presets import preset_config
+
+fanout = RayViewFanout(address=sys.argv[1], namespace="scandrop-test", min_views=1, cpus=1, job_node="here")
+messages = []
+ws, config = Workspace(Path(sys.argv[2])), preset_config("fast").depth
+result = estimate_depth.run(config, ws, lambda f, m: messages.append(m), never_stop, fanout)
+print(json.dumps([result.model_dump(), messages]))
+"""
+
+
+def test_a_failed_view_task_is_a_job_error_and_a_stop_cancels_the_view_tasks(
+    tmp_path: Path, cluster: LocalRayCluster
+) -> None:
+    """A view task that raises on its node becomes the stage's dense_failed error saying why; a stop
+    while view tasks run raises `cancelled` and kills them (their worker processes end)."""
+    (tmp_path / "a.png").write_bytes(b"photo")
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    driver = subprocess.run(
+        [sys.executable, "-c", FAILING_VIEWS, cluster.address, str(pids)],
+        env=cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert driver.returncode == 0, driver.stderr[-3000:]
+    outcome = json.loads(driver.stdout.strip().splitlines()[-1])
+    assert outcome["failed"]["code"] == "dense_failed"
+    assert "ValueError: no such lens" in outcome["failed"]["message"], outcome
+    assert outcome["cancelled"]["code"] == "cancelled"
+    started = [psutil.Process(int(p.name)) for p in pids.iterdir() if psutil.pid_exists(int(p.name))]
+    assert len(list(pids.iterdir())) == 2  # both nodes' view tasks had started sleeping
+    wait_for(lambda: not any(_alive(p) for p in started), 30, "the cancelled view tasks to end")
+    # Their scratch folders (killed, they could not remove them) were swept by the next view tasks.
+    assert outcome["after"] == "done"
+    assert not [
+        f for p in pids.iterdir() for f in Path(tempfile.gettempdir()).glob(f"scandrop-view-{p.name}-*")
+    ]
+
+
+FAILING_VIEWS = """
+import json, os, sys, time
+from dataclasses import dataclass
+from pathlib import Path
+from scandrop.daemon.ray_fanout import RayViewFanout
+from scandrop.pipeline.core.errors import ScandropError
+
+DRIVER, PIDS = os.getpid(), Path(sys.argv[2])
+
+
+@dataclass(frozen=True)
+class Task:
+    image_dir: Path
+    mask_path: Path | None
+    out_path: Path
+    photo_names: tuple[str, ...] = ("a.png",)
+
+
+def fails_on_a_node(task):
+    if os.getpid() != DRIVER:
+        raise ValueError("no such lens")
+    return "a.png", 1.0
+
+
+def sleeps_on_a_node(task):
+    if os.getpid() != DRIVER:
+        (PIDS / str(os.getpid())).touch()
+        time.sleep(300)
+    return "a.png", 1.0
+
+
+fanout = RayViewFanout(address=sys.argv[1], namespace="scandrop-test", min_views=1, cpus=1, job_node="here")
+tasks = [Task(PIDS.parent, None, PIDS.parent / f"{i}.npz") for i in range(4)]
+stops = {"failed": lambda: False, "cancelled": lambda: len(list(PIDS.iterdir())) >= 2}
+outcome = {}
+for name, work in (("failed", fails_on_a_node), ("cancelled", sleeps_on_a_node)):
+    try:
+        fanout.map(work, tasks, lambda f, m: None, stops[name])
+    except ScandropError as exc:
+        outcome[name] = {"code": exc.code.value, "message": exc.message}
+time.sleep(2)  # the cancelled tasks' processes end
+fanout.map(lambda task: ("a.png", 1.0), tasks, lambda f, m: None, lambda: False)  # sweeps on both nodes
+outcome["after"] = "done"
+print(json.dumps(outcome))
+"""
 
 
 def test_a_node_killed_mid_job_is_retried_on_the_other_once_with_shipped_data(

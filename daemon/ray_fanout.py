@@ -1,0 +1,215 @@
+"""One big job across machines: the depth stage's per-view tasks as Ray tasks over the cluster.
+
+`RayViewFanout` is the pipeline's `ViewMapper` for jobs of the ray executor. The job task
+(ray_tasks.run_on_node) hands it to its pipeline process, which connects to the cluster as a Ray
+driver of its own for the depth stage only. Each view becomes a task reserving `cpus` CPUs; the
+photos a view reads go into the object store once and its depth file comes back as bytes, written
+into the job's workspace atomically, where fusion reads it. Both data modes work this way: the
+workspace is the job node's scratch folder, which other nodes do not see even when the inbox and
+outbox are shared. The job's own node computes views too, one at a time, in the CPUs the job task
+already holds, so that a cluster whose other CPUs are busy still makes progress; while it does,
+this process cannot hand out views, so each free CPU of the cluster gets two (PREFETCH).
+
+Stop: outstanding view tasks are cancelled (ray.cancel, force) before the stage raises; a pipeline
+process that is killed outright takes its driver with it, and Ray kills a dead driver's tasks.
+A view task that failed is the job's error (its own ScandropError when it raised one), never a hang:
+Ray retries a view whose node died (max_retries) and then reports it lost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+import structlog
+
+from scandrop.pipeline.core.errors import ErrorCode, ScandropError
+from scandrop.pipeline.core.stage import Progress, StopCheck, atomic_path, check_stop
+from scandrop.pipeline.dense.view_map import ViewDone, ViewWork
+
+log = structlog.get_logger("scandrop.ray")
+
+POLL_SECONDS = 0.2
+SCRATCH_PREFIX = "scandrop-view-"  # + the task's pid: a dead one's folder is swept by the next
+PREFETCH = 2  # view tasks in flight per free CPU: the next one waits on its node, not on this process
+VIEW_RETRIES = 2  # a view whose node died runs again elsewhere, at most this often
+MASK_KEY = "\0mask"  # the view's mask among its shipped files (no photo is named so)
+
+
+def run_view(
+    work: ViewWork, task: Any, names: list[str], *blobs: bytes
+) -> tuple[str, float, str, bytes | None]:
+    """On any node: one view's depth in a scratch folder, from its shipped photos (and mask).
+    Returns (name, valid share, node id, the depth file's bytes or None when none was written)."""
+    import ray
+
+    _limit_threads(ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0))
+    _sweep_scratch()
+    with tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-") as scratch:
+        root = Path(scratch)
+        mask_path = None
+        for name, data in zip(names, blobs, strict=True):
+            path = root / "mask.png" if name == MASK_KEY else root / "images" / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+            mask_path = path if name == MASK_KEY else mask_path
+        local = dataclasses.replace(
+            task, image_dir=root / "images", mask_path=mask_path, out_path=root / "depth.npz"
+        )
+        view, fraction = work(local)
+        out = local.out_path.read_bytes() if local.out_path.exists() else None
+    return view, fraction, ray.get_runtime_context().get_node_id(), out
+
+
+def _sweep_scratch() -> None:
+    """Remove the scratch folders of view tasks whose process is gone (a forced cancel kills it)."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{SCRATCH_PREFIX}*"):
+        pid = folder.name.removeprefix(SCRATCH_PREFIX).split("-")[0]
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _limit_threads(cpus: float) -> None:
+    """Use the CPUs the task reserved, not every core of its node (numba, OpenCV)."""
+    import cv2
+    import numba
+
+    n = max(1, int(cpus))
+    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    cv2.setNumThreads(n)
+
+
+@dataclass(frozen=True)
+class RayViewFanout:
+    """The ViewMapper of a ray job; plain data, so it crosses into the job's pipeline process."""
+
+    address: str  # the cluster's GCS address, as the job task sees it
+    namespace: str
+    min_views: int
+    cpus: float  # CPUs each view task reserves
+    job_node: str  # the node id of the job task (where views computed locally run)
+
+    def map(
+        self, work: ViewWork, tasks: list[Any], progress: Progress, should_stop: StopCheck
+    ) -> list[ViewDone]:
+        import cv2
+        import ray
+
+        check_stop(should_stop)
+        threads = cv2.getNumThreads()  # a view computed here may narrow them (pair stereo does)
+        gather = _Gather(ray, self, work, tasks, progress, should_stop)
+        try:
+            try:
+                ray.init(
+                    address=self.address,
+                    namespace=self.namespace,
+                    log_to_driver=False,
+                    logging_level="WARNING",
+                    configure_logging=False,
+                )
+            except Exception as exc:  # the cluster does not answer this process: the job's node does all
+                log.warning("ray_fanout_unavailable", error=str(exc)[:300])
+                return gather.run(connected=False)
+            try:
+                return gather.run(connected=True)
+            finally:
+                ray.shutdown()
+        finally:
+            cv2.setNumThreads(threads)
+
+
+class _Gather:
+    """One fan-out: keeps the free view slots of the cluster busy, computes views here in between."""
+
+    def __init__(
+        self,
+        ray: Any,
+        fanout: RayViewFanout,
+        work: ViewWork,
+        tasks: list[Any],
+        progress: Progress,
+        should_stop: StopCheck,
+    ) -> None:
+        self.ray, self.fanout, self.work = ray, fanout, work
+        self.queue, self.total = list(tasks), len(tasks)
+        self.progress, self.should_stop = progress, should_stop
+        self.remote = ray.remote(run_view).options(
+            num_cpus=fanout.cpus, max_retries=VIEW_RETRIES, retry_exceptions=False, name="scandrop-view"
+        )
+        self.photos: dict[str, Any] = {}  # photo name -> object ref, each put once
+        self.pending: dict[Any, Any] = {}  # object ref -> its task
+        self.done: list[ViewDone] = []
+
+    def run(self, connected: bool) -> list[ViewDone]:
+        free = self.ray.available_resources().get("CPU", 0.0) if connected else 0.0
+        slots = int(free // self.fanout.cpus)  # what the cluster can run now besides this job
+        try:
+            while self.queue or self.pending:
+                check_stop(self.should_stop)
+                while self.queue and len(self.pending) < slots * PREFETCH:
+                    task = self.queue.pop(0)
+                    self.pending[self._submit(task)] = task
+                for ref in self._ready(wait=not self.queue):
+                    self._gather(ref, self.pending.pop(ref))
+                if self.queue:  # the job's own CPUs take the last view in the queue
+                    task = self.queue.pop()
+                    name, fraction = self.work(task)
+                    self._record(ViewDone(name=name, valid_fraction=fraction, node=self.fanout.job_node))
+        finally:
+            for ref in self.pending:  # stopped or failed: nothing of this job runs on without it
+                with contextlib.suppress(Exception):
+                    self.ray.cancel(ref, force=True)
+        return self.done
+
+    def _ready(self, wait: bool) -> list[Any]:
+        """The view tasks that have finished; with `wait`, after at most a poll interval."""
+        if not self.pending:
+            return []
+        refs = list(self.pending)
+        return self.ray.wait(refs, num_returns=len(refs), timeout=POLL_SECONDS if wait else 0)[0]
+
+    def _submit(self, task: Any) -> Any:
+        names = list(task.photo_names)
+        for name in names:
+            if name not in self.photos:
+                self.photos[name] = self.ray.put((task.image_dir / name).read_bytes())
+        blobs = [self.photos[n] for n in names]
+        if task.mask_path is not None:
+            names.append(MASK_KEY)
+            blobs.append(self.ray.put(task.mask_path.read_bytes()))
+        return self.remote.remote(self.work, task, names, *blobs)
+
+    def _gather(self, ref: Any, task: Any) -> None:
+        try:
+            name, fraction, node, data = self.ray.get(ref)
+        except self.ray.exceptions.RayTaskError as exc:
+            if isinstance(exc.cause, ScandropError):
+                raise exc.cause from None
+            raise ScandropError(
+                ErrorCode.dense_failed,
+                f"The depth task of view {task.photo_names[0]} failed on the cluster"
+                f" ({type(exc.cause).__name__}: {str(exc.cause)[:300]}).",
+                "This is a bug in scandrop: please report it with report.json and the log.",
+            ) from None
+        except self.ray.exceptions.RayError as exc:  # its node died again and again, or out of memory
+            raise ScandropError(
+                ErrorCode.worker_crashed,
+                f"The depth task of view {task.photo_names[0]} was lost on the cluster"
+                f" ({type(exc).__name__}).",
+                "A node died or ran out of memory: check the cluster (ray status), then rerun the job.",
+            ) from None
+        if data is not None:
+            with atomic_path(task.out_path) as tmp:
+                tmp.write_bytes(data)
+        self._record(ViewDone(name=name, valid_fraction=fraction, node=node))
+
+    def _record(self, view: ViewDone) -> None:
+        self.done.append(view)
+        self.progress(len(self.done) / self.total, f"depth {len(self.done)}/{self.total}: {view.name}")

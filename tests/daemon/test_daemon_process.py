@@ -25,6 +25,8 @@ from scandrop.models.device import resolve_device
 from scandrop.pipeline.ingest.input_kind import InputKind
 from scandrop.pipeline.plan import plan_stages
 
+pytestmark = pytest.mark.long(6)
+
 OUTPUTS = ["model.glb", "points.ply", "splats.splat", "splats.ply", "cameras/transforms.json", "preview.png"]
 PIPELINE_STAGES = plan_stages(InputKind.photos)  # every stage must stream its events
 

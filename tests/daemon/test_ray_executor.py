@@ -36,7 +36,8 @@ from scandrop.pipeline.core.workspace import Workspace
 from scandrop.pipeline.dense import estimate_depth
 from scandrop.pipeline.presets import preset_config
 
-pytestmark = pytest.mark.timeout(900)  # a loaded machine: jobs take minutes, not seconds
+# A loaded machine: jobs take minutes, not seconds.
+pytestmark = [pytest.mark.timeout(900), pytest.mark.long(4)]
 
 TASK = "ray::scandrop-job-"  # the job task's name in its Ray worker's process title
 

@@ -24,7 +24,7 @@ from scandrop.pipeline.presets import preset_config
 from scandrop.pipeline.sparse import reconstruct_sparse
 
 DATASETS = default_datasets_dir()
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.long(7)]
 
 
 def _dataset(name: str) -> Path:

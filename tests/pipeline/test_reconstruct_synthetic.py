@@ -20,6 +20,8 @@ from scandrop.pipeline.bench.run import estimated_cameras, score_geometry, score
 from scandrop.pipeline.job_spec import JobSpec
 from scandrop.pipeline.report import Report
 
+pytestmark = pytest.mark.long(3)
+
 OUTPUTS = [
     "model.glb",
     "points.ply",

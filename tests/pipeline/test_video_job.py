@@ -12,6 +12,8 @@ from scandrop.pipeline.bench.run import estimated_cameras, score_poses
 from scandrop.pipeline.job_spec import JobSpec
 from scandrop.pipeline.report import Report
 
+pytestmark = pytest.mark.long(2)
+
 
 @pytest.fixture(scope="module")
 def video_job(tmp_path_factory: pytest.TempPathFactory) -> tuple[Report, Path, synthetic.SyntheticScene]:

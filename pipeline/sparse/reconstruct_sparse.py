@@ -26,9 +26,10 @@ import pycolmap
 from pydantic import BaseModel, ConfigDict, Field
 
 from scandrop.pipeline.core.errors import ErrorCode, ScandropError
+from scandrop.pipeline.core.live_model import LiveSink, Throttle
 from scandrop.pipeline.core.stage import Progress, StopCheck, atomic_dir, check_stop, write_json_atomic
 from scandrop.pipeline.core.workspace import Workspace
-from scandrop.pipeline.sparse import learned_matching, mapping, world_frame
+from scandrop.pipeline.sparse import learned_matching, mapping, model_snapshot, world_frame
 from scandrop.pipeline.sparse.mapping import MappingAttempt
 
 
@@ -437,12 +438,14 @@ def run(
     camera_groups: list[list[str]],
     progress: Progress,
     should_stop: StopCheck,
+    live: LiveSink | None = None,
 ) -> SparseResult:
     """Register the workspace images and write the aligned model to `ws.sparse_dir`.
 
     `camera_groups` lists images that share intrinsics (same size, body and focal length): each
     group gets one COLMAP camera, which constrains self-calibration far better than one camera
-    per photo, while mixed cameras still get their own.
+    per photo, while mixed cameras still get their own. `live` gets snapshots of the model as
+    photos are placed (at most every SNAPSHOT_SECONDS) and of the finished one.
     """
     image_names = [name for group in camera_groups for name in group]
     n = len(image_names)
@@ -485,7 +488,9 @@ def run(
     raw_dir = ws.root / "sparse.raw"
     t0 = time.perf_counter()
     first = (0.8, 0.15) if learned["used"] else (0.45, 0.15)
-    best, found, attempts = _map(config, ws, raw_dir, n, _sub(progress, *first), should_stop)
+    best, found, attempts = _map(
+        config, ws, raw_dir, n, _sub(progress, *first), should_stop, _sub_live(live, *first)
+    )
     seconds["map"] = time.perf_counter() - t0
     placed = best.num_reg_images() if best is not None else 0
     wanted = _placed_wanted(config, n)
@@ -499,7 +504,9 @@ def run(
         if learned["used"]:
             learned["sift_only_placed"] = placed
             t0 = time.perf_counter()
-            best, found, more = _map(config, ws, raw_dir, n, _sub(progress, 0.8, 0.15), should_stop)
+            best, found, more = _map(
+                config, ws, raw_dir, n, _sub(progress, 0.8, 0.15), should_stop, _sub_live(live, 0.8, 0.15)
+            )
             attempts += more
             seconds["map"] += time.perf_counter() - t0
     check_stop(should_stop)
@@ -529,6 +536,8 @@ def run(
     progress(0.95, "turning the model upright")
     frame = world_frame.estimate(best)
     best.transform(frame.sim3d())
+    if live is not None and (final := model_snapshot.snapshot(best, in_world_frame=True)) is not None:
+        live(0.95, f"the model upright: {len(registered)} of {n} photos placed", final)
     with atomic_dir(ws.sparse_dir) as tmp_dir:
         best.write_binary(str(tmp_dir))
     shutil.rmtree(raw_dir, ignore_errors=True)
@@ -570,16 +579,43 @@ def _sub(progress: Progress, start: float, span: float) -> Progress:
     return lambda fraction, message: progress(start + span * fraction, message)
 
 
-def _map(
-    config: SparseConfig, ws: Workspace, raw_dir: Path, n: int, progress: Progress, should_stop: StopCheck
-) -> tuple[pycolmap.Reconstruction | None, int, list[MappingAttempt]]:
-    def placed(count: int, method: str) -> None:
-        progress(
-            min(1.0, count / max(1, n)),
-            f"mapping ({method}): {min(count, n)} of {n} photos placed",
-        )
+def _sub_live(live: LiveSink | None, start: float, span: float) -> LiveSink | None:
+    """`_sub` for a stage's progress with a model snapshot."""
+    if live is None:
+        return None
+    return lambda fraction, message, model: live(start + span * fraction, message, model)
 
+
+def _map(
+    config: SparseConfig,
+    ws: Workspace,
+    raw_dir: Path,
+    n: int,
+    progress: Progress,
+    should_stop: StopCheck,
+    live: LiveSink | None,
+) -> tuple[pycolmap.Reconstruction | None, int, list[MappingAttempt]]:
+    said = [0.0, ""]  # the last progress: a snapshot goes out with it
+
+    def placed(count: int, method: str) -> None:
+        said[:] = [min(1.0, count / max(1, n)), f"mapping ({method}): {min(count, n)} of {n} photos placed"]
+        progress(*said)
+
+    def grown(model: pycolmap.Reconstruction) -> None:
+        if live is not None and (snap := model_snapshot.snapshot(model)) is not None:
+            live(float(said[0]), str(said[1]), snap)
+
+    throttle = Throttle()
     with _cancellation(should_stop) as token:
         return mapping.map_images(
-            ws.database, ws.images_dir, raw_dir, n, config.seed, config.min_registered, token, placed
+            ws.database,
+            ws.images_dir,
+            raw_dir,
+            n,
+            config.seed,
+            config.min_registered,
+            token,
+            placed,
+            on_model=grown if live is not None else None,
+            model_due=throttle.due,
         )

@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 import numpy as np
 import pycolmap
+import structlog
 from pydantic import BaseModel, ConfigDict, Field
 
 from scandrop.pipeline.core.errors import ErrorCode, ScandropError
@@ -602,7 +603,16 @@ def _map(
         progress(*said)
 
     def grown(model: pycolmap.Reconstruction) -> None:
-        if live is not None and (snap := model_snapshot.snapshot(model)) is not None:
+        try:
+            snap = model_snapshot.snapshot(model)
+        except (
+            RuntimeError,
+            ValueError,
+            np.linalg.LinAlgError,
+        ) as exc:  # the live view only: the job goes on
+            structlog.get_logger("scandrop.sparse").warning("live_model_failed", error=str(exc))
+            return
+        if live is not None and snap is not None:
             live(float(said[0]), str(said[1]), snap)
 
     throttle = Throttle()

@@ -219,12 +219,13 @@ def _pairs(config: SparseConfig, strategy: Matching, ws: Workspace, num_images: 
 
 # pycolmap's matchers have no progress callback, so pairs are matched in batches, each about
 # MATCH_BATCH_SECONDS at the pace of the batches before it: progress then moves every few seconds
-# (fixed batches of 100 pairs left 8.8 s without a word on the synthetic scene, 13.9 s on a loaded
-# machine; now 8.4 s there). A call costs ~0.1 s of CPU per photo it touches on top of ~0.1 s per
+# (fixed batches of 100 pairs left 6.5-8.8 s without a word on the synthetic scene, 13.9 s on a
+# loaded machine; now 3.4 s and 8.4 s). A call costs ~0.1 s of CPU per photo it touches on top of ~0.1 s per
 # pair (measured: the matcher builds a search index per photo), so a batch is made of whole blocks
 # (the pairs between two groups of MATCH_BLOCK photos: at most 36 pairs among 12 photos), joined
 # while the pace allows, as COLMAP's exhaustive matcher does. Matching CPU on the synthetic scene:
-# 1.27x with blocks of 6, 1.6x with blocks of 4, 2.1x with 8 pairs a batch in any order.
+# 1.27x with blocks of 6 (the sparse stage 32.0 -> 38.6 s), 1.6x with blocks of 4, 2.1x with 8 pairs
+# a batch in any order. Reading COLMAP's "Processing block" log inside one call would cost nothing.
 MATCH_BATCH_SECONDS = 2.5
 MATCH_BLOCK = 6
 

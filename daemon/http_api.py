@@ -15,13 +15,13 @@ import hmac
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from aiohttp import WSMsgType, web
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from scandrop.daemon import status_page
-from scandrop.daemon.events import Event, EventBus
+from scandrop.daemon.events import Event, EventBus, Message, SocketError
 from scandrop.daemon.job_status import JobState, JobStatus
 from scandrop.daemon.metrics import CONTENT_TYPE, Metrics
 from scandrop.daemon.settings import Settings
@@ -144,6 +144,38 @@ async def get_file(request: web.Request) -> web.StreamResponse:
     return web.FileResponse(path)
 
 
+class SocketRequest(BaseModel):
+    """What a client may send: open a job's live model (`subscribe`), or stop (`unsubscribe`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["subscribe", "unsubscribe"]
+    job_id: str = Field(min_length=1, max_length=200)
+
+
+MAX_WATCHED_JOBS = 16  # per socket: a page opens one job at a time
+
+
+def _socket_request(service: Service, queue: asyncio.Queue[Message], text: str) -> SocketError | None:
+    """Apply one client message; what went wrong, if anything, for the client."""
+    try:
+        request = SocketRequest.model_validate_json(text)
+    except ValidationError as exc:
+        problem = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'message'}: {e['msg']}" for e in exc.errors())
+        return SocketError(error={"code": "bad_request", "message": problem})
+    bus = service.bus
+    if request.type == "unsubscribe":
+        bus.unwatch(queue, request.job_id)
+    elif service.job(request.job_id) is None:
+        return SocketError(error={"code": "not_found", "message": f"There is no job {request.job_id}."})
+    elif len(bus.watching(queue) - {request.job_id}) >= MAX_WATCHED_JOBS:
+        message = f"At most {MAX_WATCHED_JOBS} jobs at a time; unsubscribe from one first."
+        return SocketError(error={"code": "conflict", "message": message})
+    else:
+        bus.watch(queue, request.job_id)
+    return None
+
+
 async def websocket(request: web.Request) -> web.WebSocketResponse:
     service = request.app[SERVICE]
     ws = web.WebSocketResponse(heartbeat=30)
@@ -160,8 +192,11 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     await ws.send_str(snapshot.model_dump_json())
     sender = asyncio.create_task(send_events())
     try:
-        async for msg in ws:  # clients only listen; reading notices when they go away
-            if msg.type == WSMsgType.ERROR:
+        async for msg in ws:  # subscriptions to a job's live model; reading also notices a client leave
+            if msg.type == WSMsgType.TEXT:
+                if (problem := _socket_request(service, queue, msg.data)) is not None:
+                    service.bus.send(queue, problem)  # the sender writes it, in order with the events
+            elif msg.type == WSMsgType.ERROR:
                 break
     finally:
         sender.cancel()

@@ -24,6 +24,7 @@ import psutil
 import structlog
 
 from scandrop.daemon.drops import content_hash, content_patterns
+from scandrop.daemon.events import ModelEvent
 from scandrop.daemon.job_book import JobBook
 from scandrop.daemon.job_execution import ExecutionInfo, Executor, JobHooks, JobRequest, LocalExecutor
 from scandrop.daemon.job_settings import DROP_SETTINGS_FILE, JobSettings, effective, read_drop_options
@@ -224,6 +225,7 @@ class JobRunner:
             )
         finally:
             self.running.pop(status.job_id, None)
+            self.book.bus.forget_model(status.job_id)
             self._wake.set()
 
     def _run_process(self, entry: Running) -> Report:
@@ -304,6 +306,11 @@ class JobRunner:
 
     def _progress(self, entry: Running, event: ProgressEvent) -> None:
         status = entry.status
+        if event.model is not None:  # the live view: to the pages that opened the job, never stored
+            self.book.bus.publish_model(
+                ModelEvent(job_id=status.job_id, stage=event.stage, model=event.model)
+            )
+            event = event.model_copy(update={"model": None})
         new_stage = event.stage != status.stage
         status.stage, status.stage_progress = event.stage, round(event.stage_progress, 4)
         status.progress, status.message = round(event.progress, 4), event.message

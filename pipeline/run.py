@@ -21,6 +21,7 @@ import pycolmap
 from pydantic import BaseModel
 
 from scandrop.pipeline.core.errors import ErrorCode, ErrorInfo, ScandropError, disk_full, disk_nearly_full
+from scandrop.pipeline.core.live_model import LiveModel
 from scandrop.pipeline.core.resources import Meter
 from scandrop.pipeline.core.stage import (
     OnEvent,
@@ -67,7 +68,7 @@ def _stage_progress(stage: str, plan: list[str], on_event: OnEvent) -> Callable[
     before = sum(STAGE_WEIGHTS[s] for s in plan[: plan.index(stage)]) / total
     weight = STAGE_WEIGHTS[stage] / total
 
-    def progress(fraction: float, message: str) -> None:
+    def progress(fraction: float, message: str, model: LiveModel | None = None) -> None:
         fraction = min(1.0, max(0.0, float(fraction)))
         on_event(
             ProgressEvent(
@@ -75,6 +76,7 @@ def _stage_progress(stage: str, plan: list[str], on_event: OnEvent) -> Callable[
                 stage_progress=fraction,
                 progress=before + weight * fraction,
                 message=message,
+                model=model,
             )
         )
 
@@ -112,13 +114,15 @@ def run_pipeline(
     report.plan = [b.model_dump() for b in backends]
     current = ["start"]
 
-    def stage(name: str, fn: Callable[..., BaseModel], *args: Any) -> Any:
+    def stage(name: str, fn: Callable[..., BaseModel], *args: Any, live: bool = False) -> Any:
         current[0] = name
         check_stop(should_stop)
         result: BaseModel | None = None
         try:
             with Meter() as meter:
-                result = fn(*args, _stage_progress(name, plan, events), should_stop)
+                progress = _stage_progress(name, plan, events)
+                # A stage that shows its model as it grows gets the same callback as `live` too.
+                result = fn(*args, progress, should_stop, **({"live": progress} if live else {}))
         finally:  # a failed stage is reported too, with its time and memory up to the failure
             report.stages.append(
                 StageReport(
@@ -157,7 +161,9 @@ def run_pipeline(
                     "learned_device": learned_device(device or {"name": "cpu"}),
                 }
             )
-            sparse = stage("sparse", reconstruct_sparse.run, sparse_config, ws, ingested.camera_groups())
+            sparse = stage(
+                "sparse", reconstruct_sparse.run, sparse_config, ws, ingested.camera_groups(), live=True
+            )
             report.images.registered = sparse.registered
             report.images.unregistered = sparse.unregistered
             report.mean_reprojection_error_px = sparse.mean_reprojection_error_px
@@ -168,7 +174,7 @@ def run_pipeline(
             on = backend_device(backends, "fill")
             filled = stage("fill", fill_depth.run, config.fill, ws, on)
             report.mono_depth = filled.model_dump(mode="json", exclude={"per_view"})
-            stage("fuse", fuse_depth.run, config.fuse, ws)
+            stage("fuse", fuse_depth.run, config.fuse, ws, live=True)
             stage("mesh", build_mesh.run, config.mesh, ws)
         splats = stage("splats", make_splats.run, config.splats, ws)
         report.splat_method = splats.method

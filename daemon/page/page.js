@@ -2,6 +2,10 @@
 // event per job change, each carrying the job's whole status. The page never polls; the only other
 // requests are a job's own files when a person opens it, and a cancel.
 //
+// While a job runs, the page that opened it subscribes to its model ({"type": "subscribe", job_id})
+// and shows each "model" message (the cameras and points so far) in the 3D view until the outputs
+// replace it.
+//
 // With a token configured, the page asks for it once (or takes it from #token=... in the address)
 // and keeps it in this browser's localStorage; files are then fetched with the Authorization header.
 
@@ -60,6 +64,7 @@ function connect() {
   socket.onopen = () => {
     retryMs = 1000;
     $("connection").textContent = "live";
+    if (opened) subscribe(opened.id); // a new connection knows nothing of the last one's
   };
   socket.onmessage = (message) => {
     gotMessage = true;
@@ -84,7 +89,22 @@ function connect() {
   };
 }
 
+function send(message) {
+  if (socket?.readyState === WebSocket.OPEN) socket.send(JSON.stringify(message));
+}
+
+const subscribe = (id) => send({ type: "subscribe", job_id: id });
+const unsubscribe = (id) => send({ type: "unsubscribe", job_id: id });
+
 function receive(event) {
+  if (event.type === "model") {
+    if (opened?.id === event.job_id) showLive(event);
+    return;
+  }
+  if (event.type === "error") {
+    console.warn("scandrop:", event.error.message);
+    return;
+  }
   if (event.type === "snapshot") {
     synced = true;
     jobs.clear();
@@ -244,6 +264,7 @@ async function loadableUrl(job, name) {
 
 function closeJob() {
   if (!opened) return;
+  unsubscribe(opened.id);
   opened.viewer?.dispose();
   for (const url of opened.urls) URL.revokeObjectURL(url);
   opened = null;
@@ -260,6 +281,7 @@ function route() {
   if (opened?.id !== match[1]) {
     closeJob();
     opened = { id: match[1], viewer: null, urls: [], rendered: null };
+    subscribe(opened.id);
   }
   renderJob();
 }
@@ -323,13 +345,48 @@ function renderOutputs(job) {
   if (names.has("preview.png")) loadableUrl(job, "preview.png").then((url) => { $("preview").src = url; });
   renderReport(job.report);
   const views = [["mesh", "model.glb"], ["splats", "splats.splat"]].filter(([, name]) => names.has(name));
-  $("job-3d").hidden = views.length === 0;
+  const live = ACTIVE.has(job.state) && $("viewer").dataset.kind === "live"; // keep the live view
+  $("job-3d").hidden = views.length === 0 && !live;
   for (const button of document.querySelectorAll("#job-3d .tabs button")) {
     const view = views.find(([kind]) => kind === button.dataset.show);
     button.hidden = !view;
     button.onclick = () => show3d(job, ...view);
   }
   if (views.length) show3d(job, ...views[0]);
+}
+
+// The viewer of the opened job, made on first use (its bundle is loaded only then).
+async function viewerOf(view) {
+  if (!view.viewer) {
+    let module;
+    try {
+      module = await import(VIEWER_MODULE);
+    } catch {
+      throw new Error("the 3D viewer is not built into this scandrop: run `npm ci --prefix web` in its folder, then reload");
+    }
+    if (opened !== view || view.viewer) return view.viewer;
+    view.viewer = new module.Viewer($("viewer"));
+  }
+  return view.viewer;
+}
+
+// The running job's model so far; once the job has outputs, they are shown instead.
+async function showLive(event) {
+  const view = opened;
+  const job = jobs.get(event.job_id);
+  if (!ACTIVE.has(job?.state)) return;
+  $("job-3d").hidden = false;
+  for (const button of document.querySelectorAll("#job-3d .tabs button")) button.hidden = true;
+  try {
+    const viewer = await viewerOf(view);
+    if (opened !== view || !viewer || view.rendered?.startsWith("succeeded")) return;
+    viewer.showLive(event.model);
+    const m = event.model;
+    const shown = m.points.length / 16; // 12 bytes a point, 16 characters of base64
+    $("viewer-note").textContent = `Live (${event.stage}): ${m.cameras} photos placed, ${m.kind} points ${shown.toLocaleString("en")} of ${m.points_total.toLocaleString("en")} shown.`;
+  } catch (error) {
+    if (opened === view) $("viewer-note").textContent = `Could not show the live model: ${error.message}`;
+  }
 }
 
 async function show3d(job, kind, name) {
@@ -339,16 +396,8 @@ async function show3d(job, kind, name) {
   const view = opened; // the person may leave the job while this loads
   const container = $("viewer");
   try {
-    if (!view.viewer) {
-      let module;
-      try {
-        module = await import(VIEWER_MODULE);
-      } catch {
-        throw new Error("the 3D viewer is not built into this scandrop: run `npm ci --prefix web` in its folder, then reload");
-      }
-      if (opened !== view) return;
-      view.viewer = new module.Viewer(container);
-    }
+    await viewerOf(view);
+    if (opened !== view) return;
     const bytes = await (await api(fileUrl(job, name))).arrayBuffer();
     if (opened !== view) return;
     await view.viewer.show(kind, bytes);

@@ -30,35 +30,39 @@ SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "datasets"
 TARGET_SECONDS = 5.0  # the issue's bound on a silent stretch
 
 
-def stage_gaps(stamped: list[tuple[float, str]], end: float) -> list[dict[str, Any]]:
-    """Per stage, in order: seconds, events and the longest gap between consecutive events."""
+def stage_gaps(stamped: list[tuple[float, str, str]], end: float) -> list[dict[str, Any]]:
+    """Per stage, in order: seconds, events, the longest gap between consecutive events and the
+    message that preceded it (what the job was doing while it said nothing)."""
     rows: list[dict[str, Any]] = []
-    for i, (t, stage) in enumerate(stamped):
+    for i, (t, stage, message) in enumerate(stamped):
         if not rows or rows[-1]["stage"] != stage:
-            rows.append({"stage": stage, "start": t, "times": []})
+            rows.append({"stage": stage, "start": t, "times": [], "messages": []})
         rows[-1]["times"].append(t)
+        rows[-1]["messages"].append(message)
         nxt = stamped[i + 1][0] if i + 1 < len(stamped) else end
         rows[-1]["end"] = nxt
     out = []
     for row in rows:
         times = [*row["times"], row["end"]]
         gaps = [b - a for a, b in itertools.pairwise(times)]
+        longest = max(range(len(gaps)), key=gaps.__getitem__, default=None)
         out.append(
             {
                 "stage": row["stage"],
                 "seconds": round(row["end"] - row["start"], 2),
                 "events": len(row["times"]),
-                "longest_gap_seconds": round(max(gaps, default=0.0), 2),
+                "longest_gap_seconds": round(gaps[longest], 2) if longest is not None else 0.0,
+                "longest_gap_after": row["messages"][longest] if longest is not None else "",
             }
         )
     return out
 
 
 def measure(name: str, photos: Path, preset: Preset) -> dict[str, Any]:
-    stamped: list[tuple[float, str]] = []
+    stamped: list[tuple[float, str, str]] = []
 
     def on_event(event: ProgressEvent) -> None:
-        stamped.append((time.monotonic(), event.stage))
+        stamped.append((time.monotonic(), event.stage, event.message))
 
     device = resolve_device("cpu").model_dump()
     with tempfile.TemporaryDirectory(prefix="scandrop-gaps-") as tmp:
@@ -112,12 +116,12 @@ def main(argv: list[str] | None = None) -> int:
                 f"{result['seconds']} s wall, {result['cpu_seconds_children']} s CPU in the job process, "
                 f"first event after {result['first_event_after_seconds']} s"
             )
-            print(f"  {'stage':10} {'seconds':>8} {'events':>7} {'longest gap':>12}")
+            print(f"  {'stage':10} {'seconds':>8} {'events':>7} {'longest gap':>12}  after")
             for row in result["stages"]:
-                flag = "  > target" if row["longest_gap_seconds"] > TARGET_SECONDS else ""
+                flag = " > target" if row["longest_gap_seconds"] > TARGET_SECONDS else ""
                 print(
                     f"  {row['stage']:10} {row['seconds']:8.1f} {row['events']:7d} "
-                    f"{row['longest_gap_seconds']:11.1f}s{flag}"
+                    f"{row['longest_gap_seconds']:11.1f}s  {row['longest_gap_after']!r}{flag}"
                 )
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=2) + "\n")

@@ -20,6 +20,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from scandrop.pipeline.core.errors import ErrorCode, ScandropError
+from scandrop.pipeline.core.live_model import LiveModel
 
 CANCELLED_HINT = "Run it again to redo it; the daemon reruns jobs that a shutdown stopped."
 
@@ -110,6 +111,7 @@ class ProgressEvent(BaseModel):
     stage_progress: float
     progress: float
     message: str
+    model: LiveModel | None = None  # the model so far (live view); for watchers only, never stored
 
 
 OnEvent = Callable[[ProgressEvent], None]

@@ -17,10 +17,11 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from scandrop.pipeline.core.errors import ErrorCode, ScandropError
+from scandrop.pipeline.core.live_model import LiveModel, LiveSink, Throttle, build
 from scandrop.pipeline.core.pointcloud import PointCloud, save_points
 from scandrop.pipeline.core.stage import Progress, StopCheck, check_stop
 from scandrop.pipeline.core.workspace import Workspace
-from scandrop.pipeline.dense.dense_views import load_views
+from scandrop.pipeline.dense.dense_views import DenseView, load_views
 from scandrop.pipeline.dense.view_selection import fusion_neighbours
 
 
@@ -130,8 +131,31 @@ def _fuse_view(
     return points, normals, colours
 
 
-def run(config: FuseConfig, ws: Workspace, progress: Progress, should_stop: StopCheck) -> FuseResult:
-    """Fuse ws.depth_dir/*.npz into ws.fused (world frame, outward normals, colours)."""
+def _snapshot(views: list[DenseView], chunks: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> LiveModel:
+    """The cameras and the points fused so far, for the live view."""
+    xyz = np.concatenate([c[0] for c in chunks]) if chunks else np.zeros((0, 3))
+    rgb = np.clip(np.rint(np.concatenate([c[2] for c in chunks])), 0, 255) if chunks else np.zeros((0, 3))
+    return build(
+        "dense",
+        np.stack([-v.R.T @ v.t for v in views]),
+        np.stack([v.R.T for v in views]),
+        np.array([(v.grid_size[0] / (2 * v.K[0, 0]), v.grid_size[1] / (2 * v.K[1, 1])) for v in views]),
+        xyz,
+        rgb,
+    )
+
+
+def run(
+    config: FuseConfig,
+    ws: Workspace,
+    progress: Progress,
+    should_stop: StopCheck,
+    live: LiveSink | None = None,
+) -> FuseResult:
+    """Fuse ws.depth_dir/*.npz into ws.fused (world frame, outward normals, colours).
+
+    `live` gets the dense points fused so far with the cameras, at most every SNAPSHOT_SECONDS, and
+    all of them (subsampled to MAX_POINTS) at the end."""
     start = time.monotonic()
     views = load_views(ws.sparse_dir, 64)
     neighbours = fusion_neighbours(views, config.neighbours)
@@ -148,13 +172,18 @@ def run(config: FuseConfig, ws: Workspace, progress: Progress, should_stop: Stop
             "Take more photos that overlap, each a small step (about 10 degrees) around the object.",
         )
     chunks: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    throttle = Throttle()
     order = [i for i, v in enumerate(views) if v.name in depth_views]
     for k, i in enumerate(order):
         check_stop(should_stop)
         ref = depth_views[views[i].name]
         others = [depth_views[views[j].name] for j in neighbours[i] if views[j].name in depth_views]
         chunks.append(_fuse_view(ref, others, config))
-        progress((k + 1) / len(order), f"fusing {k + 1}/{len(order)}: {ref.name}")
+        said = (k + 1) / len(order), f"fusing {k + 1}/{len(order)}: {ref.name}"
+        if live is not None and throttle.due(force=k + 1 == len(order)):
+            live(*said, _snapshot(views, chunks))
+        else:
+            progress(*said)
     xyz = np.concatenate([c[0] for c in chunks]).astype(np.float32)
     if len(xyz) < config.min_points:
         raise ScandropError(

@@ -10,6 +10,7 @@ was done.
 
 from __future__ import annotations
 
+import math
 import shutil
 import time
 from collections.abc import Callable
@@ -72,10 +73,11 @@ def _best(models: dict[int, pycolmap.Reconstruction]) -> pycolmap.Reconstruction
 
 
 class _Counter:
-    """Counts the photos COLMAP's callbacks report as placed (two at once for the initial pair)."""
+    """Counts the photos COLMAP's callbacks report as placed (two at once for the initial pair), and
+    hands on the model so far when `live` says one is wanted."""
 
-    def __init__(self, method: str, report: Callable[[int, str], None]) -> None:
-        self.method, self.report, self.placed = method, report, 0
+    def __init__(self, method: str, report: Callable[[int, str], None], live: _Snapshots | None) -> None:
+        self.method, self.report, self.placed, self.live = method, report, 0, live
 
     def initial_pair(self) -> None:
         self.placed = 2
@@ -84,6 +86,39 @@ class _Counter:
     def next_image(self) -> None:
         self.placed += 1
         self.report(self.placed, self.method)
+        if self.live is not None:
+            self.live.take()
+
+
+class _Snapshots:
+    """The model so far, from COLMAP's own snapshots, which the mapper writes into `folder` every
+    few placed photos: its callbacks carry no model, and pycolmap's IncrementalPipeline object,
+    which would give access to it, holds Python's GIL for its whole run (measured), so no progress
+    event could leave the job process meanwhile. Read only when `due()`, then cleared."""
+
+    def __init__(
+        self, folder: Path, due: Callable[[], bool], on_model: Callable[[pycolmap.Reconstruction], None]
+    ):
+        self.folder, self.due, self.on_model = folder, due, on_model
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+
+    def take(self) -> None:
+        written = sorted((p for p in self.folder.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+        if not written or not self.due():
+            return
+        model = pycolmap.Reconstruction(str(written[-1]))
+        for path in written:
+            shutil.rmtree(path, ignore_errors=True)
+        self.on_model(model)
+
+    def close(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+# COLMAP writes a snapshot every this many placed photos: every one in sets of up to 50 photos, so
+# that a large set writes about 50 snapshots, not one per photo (each is the whole model so far).
+SNAPSHOTS_PER_RUN = 50
 
 
 def map_images(
@@ -95,11 +130,14 @@ def map_images(
     min_registered: int,
     token: pycolmap.CancellationToken,
     on_registered: Callable[[int, str], None],
+    on_model: Callable[[pycolmap.Reconstruction], None] | None = None,
+    model_due: Callable[[], bool] = lambda: True,
 ) -> tuple[pycolmap.Reconstruction | None, int, list[MappingAttempt]]:
     """The largest model of the first attempt that places at least `min_registered` photos.
 
     Returns (model or None, models found by that attempt, every attempt made). `on_registered` gets
-    the count of photos placed so far and the method, for progress.
+    the count of photos placed so far and the method, for progress; `on_model` the incremental
+    mapper's model so far (COLMAP's frame), as photos are placed, whenever `model_due()` says so.
     """
     attempts: list[MappingAttempt] = []
     ladder = [
@@ -130,16 +168,26 @@ def map_images(
                 database, images_dir, out_dir, options=global_options(seed, num_images)
             )
         else:
-            counter = _Counter(method, on_registered)
-            models = pycolmap.incremental_mapping(
-                database,
-                images_dir,
-                out_dir,
-                options=incremental_options(seed, relaxed),
-                initial_image_pair_callback=counter.initial_pair,
-                next_image_callback=counter.next_image,
-                cancellation_token=token,
-            )
+            options = incremental_options(seed, relaxed)
+            live = None
+            if on_model is not None:
+                live = _Snapshots(out_dir.parent / f"{out_dir.name}.snapshots", model_due, on_model)
+                options.snapshot_path = str(live.folder)
+                options.snapshot_frames_freq = max(1, math.ceil(num_images / SNAPSHOTS_PER_RUN))
+            counter = _Counter(method, on_registered, live)
+            try:
+                models = pycolmap.incremental_mapping(
+                    database,
+                    images_dir,
+                    out_dir,
+                    options=options,
+                    initial_image_pair_callback=counter.initial_pair,
+                    next_image_callback=counter.next_image,
+                    cancellation_token=token,
+                )
+            finally:
+                if live is not None:
+                    live.close()
         model = _best(models)
         registered = model.num_reg_images() if model is not None else 0
         if model is None:

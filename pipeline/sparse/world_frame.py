@@ -46,6 +46,12 @@ def estimate(rec: pycolmap.Reconstruction) -> WorldFrame:
     images = [rec.images[i] for i in rec.reg_image_ids()]
     rotations = np.stack([im.cam_from_world().rotation.matrix() for im in images])
     centres = np.stack([im.projection_center() for im in images])
+    points = np.array([p.xyz for p in rec.points3D.values()]) if rec.num_points3D() else centres
+    return estimate_from(rotations, centres, points)
+
+
+def estimate_from(rotations: np.ndarray, centres: np.ndarray, points: np.ndarray) -> WorldFrame:
+    """The frame of world-to-camera rotations (N,3,3), camera centres (N,3) and points (M,3)."""
     up, method = up_from_cameras(rotations, centres)
 
     forward = rotations[:, 2, :].mean(axis=0)  # mean viewing direction (camera +z in world)
@@ -56,7 +62,6 @@ def estimate(rec: pycolmap.Reconstruction) -> WorldFrame:
     x_axis = _unit(np.cross(up, z_axis))
     rotation = np.stack([x_axis, up, np.cross(x_axis, up)])
 
-    points = np.array([p.xyz for p in rec.points3D.values()]) if rec.num_points3D() else centres
     centre = np.median(points, axis=0)
     radius = float(np.percentile(np.linalg.norm(points - centre, axis=1), 90)) if len(points) > 1 else 1.0
     scale = 1.0 / radius if radius > 1e-9 else 1.0

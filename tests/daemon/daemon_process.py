@@ -154,11 +154,17 @@ class Daemon:
 
 
 class EventListener:
-    """Collects the daemon's WebSocket events in a background thread."""
+    """Collects the daemon's WebSocket events in a background thread.
 
-    def __init__(self, daemon: Daemon) -> None:
+    `watch` opens jobs' live models as a page does: "new" subscribes to every job it hears created,
+    a list of messages is sent as they are once connected (e.g. a subscribe to a job already running).
+    """
+
+    def __init__(self, daemon: Daemon, watch: str | list[dict[str, Any]] | None = None) -> None:
         self.url = f"http://127.0.0.1:{daemon.port}/api/ws"
+        self.watch = watch
         self.events: list[dict[str, Any]] = []
+        self.received_at: list[tuple[float, int]] = []  # (monotonic time, bytes) of each message
         self._stop = threading.Event()
         self._connected = threading.Event()
         self._thread = threading.Thread(target=lambda: asyncio.run(self._listen()), daemon=True)
@@ -174,7 +180,10 @@ class EventListener:
         self._thread.join(timeout=10)
 
     async def _listen(self) -> None:
-        async with aiohttp.ClientSession() as session, session.ws_connect(self.url) as ws:
+        async with aiohttp.ClientSession() as session, session.ws_connect(self.url, max_msg_size=0) as ws:
+            if isinstance(self.watch, list):
+                for message in self.watch:
+                    await ws.send_json(message)
             self._connected.set()
             while not self._stop.is_set():
                 try:
@@ -183,4 +192,8 @@ class EventListener:
                     continue
                 if msg.type != aiohttp.WSMsgType.TEXT:
                     break
-                self.events.append(json.loads(msg.data))
+                event = json.loads(msg.data)
+                self.received_at.append((time.monotonic(), len(msg.data)))
+                self.events.append(event)
+                if self.watch == "new" and event["type"] == "created":
+                    await ws.send_json({"type": "subscribe", "job_id": event["job"]["job_id"]})

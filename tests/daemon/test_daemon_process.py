@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
+import json
 import os
 import shutil
 import signal
@@ -17,11 +19,14 @@ from pathlib import Path
 
 import numpy as np
 import psutil
+import pycolmap
 import pytest
 from daemon_process import Daemon, EventListener, wait_for
 from PIL import Image
 
 from scandrop.models.device import resolve_device
+from scandrop.pipeline.core.live_model import MAX_POINTS, LiveModel
+from scandrop.pipeline.core.plyio import read_ply, xyz_of
 from scandrop.pipeline.ingest.input_kind import InputKind
 from scandrop.pipeline.plan import plan_stages
 
@@ -85,7 +90,7 @@ def test_slow_copy_waits_then_succeeds_with_live_events(patient_daemon: Daemon, 
     systemd = FakeSystemd(daemon.root / "notify.sock")
     try:
         daemon.start({"NOTIFY_SOCKET": str(systemd.path), "WATCHDOG_USEC": "1000000"})
-        with EventListener(daemon) as listener:
+        with EventListener(daemon) as listener, EventListener(daemon, watch="new") as watcher:
             drop = daemon.inbox / "Scan of the tin robot"
             drop.mkdir()
             files = sorted(photos.iterdir())
@@ -99,6 +104,16 @@ def test_slow_copy_waits_then_succeeds_with_live_events(patient_daemon: Daemon, 
                 time.sleep(1.25)
                 shutil.copy2(f, drop / f.name)
             copied_at = time.time()
+            first = wait_for(
+                lambda: next((e for e in watcher.events if e["type"] == "model"), None), 120, "a live model"
+            )
+            # A page that opens the job late gets the latest model at once; an unknown job is refused.
+            opens = [
+                {"type": "subscribe", "job_id": "no-such-job"},
+                {"type": "subscribe", "job_id": first["job_id"]},
+            ]
+            with EventListener(daemon, watch=opens) as late:
+                wait_for(lambda: any(e["type"] == "model" for e in late.events), 5, "the latest model")
             job = daemon.wait_job(lambda j: j["state"] == "succeeded", 180, "the job to succeed")
             wait_for(
                 lambda: any(
@@ -141,6 +156,9 @@ def test_slow_copy_waits_then_succeeds_with_live_events(patient_daemon: Daemon, 
     assert stages == PIPELINE_STAGES
     progress = [e["job"]["progress"] for e in listener.events if e["type"] in ("stage", "progress")]
     assert progress == sorted(progress) and progress[-1] > 0.9
+    _assert_live_models(job, watcher, listener)
+    assert [e["error"]["code"] for e in late.events if e["type"] == "error"] == ["not_found"]
+    assert {e["job_id"] for e in late.events if e["type"] == "model"} == {job["job_id"]}
     # systemd heard READY, a STATUS naming the job, and watchdog pings.
     assert "READY=1" in lines and "WATCHDOG=1" in lines
     assert any(line.startswith("STATUS=") and job["job_id"] in line for line in lines)
@@ -151,6 +169,50 @@ def test_slow_copy_waits_then_succeeds_with_live_events(patient_daemon: Daemon, 
     assert again["duplicate_of"] == job["job_id"] and again["content_hash"] == job["content_hash"]
     status, body = daemon.request("GET", f"/api/jobs/{again['job_id']}/files/model.glb")
     assert status == 200 and body == (out / "model.glb").read_bytes()
+
+
+def _assert_live_models(job: dict, watcher: EventListener, listener: EventListener) -> None:
+    """The page that opened the job saw its sparse model grow, then its dense points; others nothing."""
+    assert not [e for e in listener.events if e["type"] == "model"], "a page that did not open the job got it"
+    sent = [
+        (e, at) for e, at in zip(watcher.events, watcher.received_at, strict=True) if e["type"] == "model"
+    ]
+    assert {e["job_id"] for e, _ in sent} == {job["job_id"]}
+    kinds = [e["model"]["kind"] for e, _ in sent]
+    assert kinds == ["sparse"] * kinds.count("sparse") + ["dense"] * kinds.count("dense"), kinds
+    sparse = [LiveModel.model_validate(e["model"]) for e, _ in sent if e["model"]["kind"] == "sparse"]
+    dense = [LiveModel.model_validate(e["model"]) for e, _ in sent if e["model"]["kind"] == "dense"]
+    counts = [m.cameras for m in sparse]
+    registered = job["report"]["images"]["registered"]
+    assert counts == sorted(counts) and counts[0] < counts[-1] == registered, counts
+    assert dense and all(m.cameras == registered for m in dense)
+    out = Path(job["outbox"])
+    final = pycolmap.Reconstruction(out / "cameras" / "sparse")
+    final_xyz = np.array([p.xyz for p in final.points3D.values()])
+    # The last sparse snapshot is the finished model (world frame): its cameras are the outputs' cameras
+    # and its points a subsample of the model's, within its bounds.
+    cams, xyz, rgb = sparse[-1].arrays()
+    assert sparse[-1].points_total == final.num_points3D() and len(xyz) == min(MAX_POINTS, len(final_xyz))
+    assert (xyz >= final_xyz.min(axis=0) - 1e-4).all() and (xyz <= final_xyz.max(axis=0) + 1e-4).all()
+    frames = json.loads((out / "cameras" / "transforms.json").read_text())["frames"]
+    centres = np.array([np.array(f["transform_matrix"])[:3, 3] for f in frames])
+    nearest = np.linalg.norm(cams[:, None, :3] - centres[None], axis=-1).min(axis=1)
+    assert len(cams) == registered and nearest.max() < 1e-3
+    # The dense points: a subsample within the fused cloud's bounds, growing as views are fused.
+    dense_xyz = xyz_of(read_ply(out / "points.ply").vertex)
+    _, xyz, rgb = dense[-1].arrays()
+    assert len(xyz) == min(MAX_POINTS, dense[-1].points_total) and len(rgb) == len(xyz)
+    assert (xyz >= dense_xyz.min(axis=0) - 1e-3).all() and (xyz <= dense_xyz.max(axis=0) + 1e-3).all()
+    assert [m.points_total for m in dense] == sorted(m.points_total for m in dense)
+    # Bounded: at most ~124 KB a message; never in status.json.
+    sizes = [size for _, (_, size) in sent]
+    assert max(sizes) < 130_000, sizes
+    assert "camera_data" not in (out / "status.json").read_text()
+    times = [t for _, (t, _) in sent]
+    print(
+        f"live models: {len(sent)} ({kinds.count('sparse')} sparse, {kinds.count('dense')} dense), "
+        f"bytes {sizes}, seconds apart {[round(b - a, 2) for a, b in itertools.pairwise(times)]}"
+    )
 
 
 def _job_processes(daemon: Daemon) -> list[psutil.Process]:

@@ -251,6 +251,14 @@ def test_page_shows_live_progress_renders_the_model_and_cancels(
     # ... and while a job keeps both cores busy: Playwright clicks only on a page that draws, and a
     # person cannot aim at a frozen one.
     assert b.longest_frame_gap(3) < 1000
+    # Opened while it runs, its 3D view shows the model as photos are placed (the live snapshots).
+    b.page.goto(f"{origin}/#job/{b.rows()['again']['id']}")
+    b.page.wait_for_selector("#viewer[data-kind=live][data-state=ready]", timeout=90_000)
+    kind, cameras, points = b.page.get_attribute("#viewer", "data-live").split(":")
+    assert kind in ("sparse", "dense") and int(cameras) >= 2 and int(points) > 0
+    pixels = b.viewer_pixels("live")
+    assert (np.abs(pixels - BACKGROUND).sum(axis=-1) > 30).mean() > 0.001, "the live model drew nothing"
+    b.page.goto(f"{origin}/#")
     with b.page.expect_response(lambda r: r.url.endswith("/cancel"), timeout=10_000) as asked:
         b.page.click("tr.job[data-state=running] button.cancel")
     assert asked.value.status == 202

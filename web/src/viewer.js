@@ -72,12 +72,22 @@ export class Viewer {
     }
   }
 
-  replace(object) {
+  replace(object, home = true) {
     this.clear();
     this.shown = object;
     this.scene.add(object);
-    this.home();
+    if (home) this.home();
     this.draw();
+  }
+
+  // A running job's model so far (a "model" message of the WebSocket): its points and a frustum per
+  // placed photo. Each snapshot replaces the last; the view stays where the person turned it.
+  showLive(model) {
+    const first = this.container.dataset.kind !== "live";
+    this.replace(liveObject(model), first);
+    this.container.dataset.kind = "live";
+    this.container.dataset.state = "ready";
+    this.container.dataset.live = `${model.kind}:${model.cameras}:${model.points_total}`;
   }
 
   clear() {
@@ -110,6 +120,41 @@ export class Viewer {
     this.renderer.forceContextLoss();
     this.container.replaceChildren();
   }
+}
+
+const FRUSTUM_DEPTH = 0.08; // in scandrop's world frame the scene's radius is about 1
+
+function decode(base64) {
+  return Uint8Array.from(atob(base64), (c) => c.charCodeAt(0)).buffer;
+}
+
+function liveObject(model) {
+  const group = new THREE.Group();
+  const positions = new Float32Array(decode(model.points));
+  const colors = new Uint8Array(decode(model.colors));
+  if (positions.length) {
+    const geometry = new THREE.BufferGeometry();
+    geometry.setAttribute("position", new THREE.BufferAttribute(positions, 3));
+    geometry.setAttribute("color", new THREE.BufferAttribute(colors, 3, true));
+    const size = model.kind === "dense" ? 0.012 : 0.02;
+    group.add(new THREE.Points(geometry, new THREE.PointsMaterial({ size, vertexColors: true })));
+  }
+  // Per camera: centre xyz, camera-to-world quaternion xyzw (x right, y down, z forward), tan half fov x, y.
+  const cams = new Float32Array(decode(model.camera_data));
+  const lines = [];
+  const q = new THREE.Quaternion();
+  for (let i = 0; i + 9 <= cams.length; i += 9) {
+    const centre = new THREE.Vector3(cams[i], cams[i + 1], cams[i + 2]);
+    q.set(cams[i + 3], cams[i + 4], cams[i + 5], cams[i + 6]);
+    const corners = [[-1, -1], [1, -1], [1, 1], [-1, 1]].map(([sx, sy]) =>
+      new THREE.Vector3(sx * cams[i + 7], sy * cams[i + 8], 1).multiplyScalar(FRUSTUM_DEPTH).applyQuaternion(q).add(centre));
+    for (let k = 0; k < 4; k++) lines.push(centre, corners[k], corners[k], corners[(k + 1) % 4]);
+  }
+  if (lines.length) {
+    const geometry = new THREE.BufferGeometry().setFromPoints(lines);
+    group.add(new THREE.LineSegments(geometry, new THREE.LineBasicMaterial({ color: 0xffb000 })));
+  }
+  return group;
 }
 
 async function meshFrom(bytes) {

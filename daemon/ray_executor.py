@@ -40,6 +40,7 @@ log = structlog.get_logger("scandrop.ray")
 
 CONNECT_RETRY_SECONDS = 5.0
 POLL_SECONDS = 0.2
+HEAD_RESOURCE = "node:__internal_head__"  # every Ray head has one unit of it
 FORCE_AFTER_SECONDS = GRACE_SECONDS + 5  # a stop the task ignored this long is forced
 MEMORY_BASE = 768 * 2**20  # the pipeline's own footprint
 MEMORY_PER_INPUT_BYTE = 20  # decoded photos, features, depth maps: ~20x the compressed input
@@ -248,17 +249,14 @@ class RayExecutor:
         return report
 
     def _submit(self, request: JobRequest) -> tuple[DataMode, Any, Any]:
-        """The data mode, the job's channel on the daemon's node, and the task."""
-        ray = self._ray
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+        """The data mode, the job's channel on the head node, and the task.
 
+        The channel lives on the head, which only dies with the cluster: on the driver's own node
+        it could share the fate of the node that runs the job (a driver may attach to any raylet
+        of its machine), and the retried task would find it gone."""
+        ray = self._ray
         mode = self.data_mode(request)
-        here = ray.get_runtime_context().get_node_id()
-        channel = (
-            self._remote["channel"]
-            .options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True))
-            .remote()
-        )
+        channel = self._remote["channel"].options(num_cpus=0, resources={HEAD_RESOURCE: 0.001}).remote()
         input_pack = ray.put(ray_tasks.pack(request.input_path)) if mode == DataMode.shipped else None
         ref = (
             self._remote["run"]

@@ -3,7 +3,7 @@
 The task runs the pipeline exactly as the local executor does, through worker.run_job: in a child
 process of its own process group, so a cancel or a timeout stops native code too, and a killed Ray
 worker takes the pipeline with it (PR_SET_PDEATHSIG). Progress, the attempt and the job's pid go to
-the daemon through a JobChannel actor that lives on the daemon's node; the stop flag comes back the
+the daemon through a JobChannel actor that lives on the head node; the stop flag comes back the
 same way. When the channel is gone (the daemon died), the task stops its job: no orphan work.
 
 Ray is imported inside the functions: this module is imported only by the ray executor and by

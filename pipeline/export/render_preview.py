@@ -56,13 +56,17 @@ class PreviewResult(BaseModel):
     seconds: float
 
 
-def view_direction(sparse_dir: Path) -> tuple[np.ndarray, str]:
+def load_cameras(sparse_dir: Path) -> pycolmap.Reconstruction | None:
+    """The sparse model the preview is framed from, read once; None where there is none."""
+    return pycolmap.Reconstruction(str(sparse_dir)) if (sparse_dir / "images.bin").exists() else None
+
+
+def view_direction(rec: pycolmap.Reconstruction | None) -> tuple[np.ndarray, str]:
     """The direction to look along: the mean registered viewing direction when cameras agree
     (a facade, a scene), else the camera nearest that mean (an orbit, whose mean cancels out)."""
     default = np.array([-0.5, -0.35, -1.0])
-    if not (sparse_dir / "images.bin").exists():
+    if rec is None:
         return default / np.linalg.norm(default), "default (no cameras)"
-    rec = pycolmap.Reconstruction(str(sparse_dir))
     dirs = np.array([rec.image(i).cam_from_world().rotation.matrix()[2] for i in rec.reg_image_ids()])
     if len(dirs) == 0:
         return default / np.linalg.norm(default), "default (no registered cameras)"
@@ -95,7 +99,7 @@ def _zbuffer(pix: np.ndarray, depth: np.ndarray, colour: np.ndarray, image: np.n
     return covered
 
 
-def subject_region(sparse_dir: Path) -> tuple[np.ndarray, float] | None:
+def subject_region(rec: pycolmap.Reconstruction | None) -> tuple[np.ndarray, float] | None:
     """Where the photographer pointed the camera, as a ball: the point nearest all the registered
     optical axes (least squares), and the half-diagonal of the photos' view at that distance
     (median over photos). None when the axes do not converge (a facade, a forward-facing sweep:
@@ -104,9 +108,8 @@ def subject_region(sparse_dir: Path) -> tuple[np.ndarray, float] | None:
     Around an object on a table in a room, the dense cloud also holds the walls and the floor;
     framing their percentile box leaves the object small. The photos themselves say what the
     subject is: it is where they all look, as large as they frame it."""
-    if not (sparse_dir / "images.bin").exists():
+    if rec is None:
         return None
-    rec = pycolmap.Reconstruction(str(sparse_dir))
     centres, axes, reach = [], [], []
     for i in rec.reg_image_ids():
         image = rec.image(i)
@@ -164,10 +167,11 @@ def run(
         raise ScandropError(ErrorCode.export_failed, f"The {rendered} to preview are empty.", "")
     progress(0.1, f"Rendering the {rendered}")
 
-    forward, source = view_direction(ws.sparse_dir)
+    cameras = load_cameras(ws.sparse_dir)
+    forward, source = view_direction(cameras)
     right, up = _camera_axes(forward)
     subject = load_points(ws.fused).xyz.astype(np.float64) if ws.fused.exists() else vertices
-    region = subject_region(ws.sparse_dir)
+    region = subject_region(cameras)
     if region is not None:
         inside = np.linalg.norm(subject - region[0], axis=1) <= region[1]
         if inside.sum() >= _MIN_SUBJECT_POINTS:

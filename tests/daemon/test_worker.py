@@ -136,13 +136,12 @@ def test_a_really_full_disk_fails_as_disk_full(tmp_path: Path, scene_photos: Pat
     inside COLMAP's feature database (native code aborts the job process, no errno to read)."""
     if shutil.which("unshare") is None:
         pytest.skip("needs util-linux unshare to mount a small tmpfs in a private mount namespace")
-    photos = scene_photos
-    size = sum(p.stat().st_size for p in photos.iterdir())
+    size = sum(p.stat().st_size for p in scene_photos.iterdir())
     size = size // 2 if room == "half_the_photos" else size + 300_000
     mount = tmp_path / "small"
     mount.mkdir()
     job = [sys.executable, "-m", "scandrop.daemon.cli", "reconstruct", "--preset", "fast"]
-    job += ["--work-dir", str(mount / "work"), str(photos), str(tmp_path / "out")]
+    job += ["--work-dir", str(mount / "work"), str(scene_photos), str(tmp_path / "out")]
     script = f'mount -t tmpfs -o size={size} tmpfs "$1" || exit 99; shift; exec "$@"'
     proc = subprocess.run(
         ["unshare", "-m", "sh", "-c", script, "sh", str(mount), *job],

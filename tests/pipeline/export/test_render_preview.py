@@ -157,7 +157,7 @@ def test_preview_frames_what_the_cameras_circle_not_the_room_around_it(tmp_path:
     ws = Workspace(tmp_path / "job").create()
     snowman(ws)
     _orbit_cameras(ws.sparse_dir)
-    assert render_preview.subject_region(ws.sparse_dir) is not None
+    assert render_preview.subject_region(render_preview.load_cameras(ws.sparse_dir)) is not None
     object_cloud = load_points(ws.fused)
     rng = np.random.default_rng(1)
     walls = rng.uniform(-10, 10, (len(object_cloud.xyz), 3))
@@ -177,4 +177,4 @@ def test_preview_frames_what_the_cameras_circle_not_the_room_around_it(tmp_path:
 def test_parallel_cameras_have_no_subject_region(tmp_path: Path) -> None:
     """A facade or a forward-facing sweep: the axes never meet, so the whole cloud is the subject."""
     write_front_cameras(tmp_path / "sparse")
-    assert render_preview.subject_region(tmp_path / "sparse") is None
+    assert render_preview.subject_region(render_preview.load_cameras(tmp_path / "sparse")) is None

@@ -18,6 +18,7 @@ from scandrop.pipeline.sparse import reconstruct_sparse
 from scandrop.pipeline.sparse.reconstruct_sparse import (
     Matching,
     SparseConfig,
+    _run_watched,
     choose_matching,
     features_per_image,
 )
@@ -54,14 +55,32 @@ def test_sparser_pairings_still_register_every_view(
     scene, folder = photos
     ws = Workspace(tmp_path / "ws").create()
     ingested = ingest_images.run(ingest_images.IngestConfig(), folder, ws, no_progress, never_stop)
-    result = reconstruct_sparse.run(config, ws, ingested.camera_groups(), no_progress, never_stop)
+    said: list[tuple[float, str]] = []
+    result = reconstruct_sparse.run(
+        config, ws, ingested.camera_groups(), lambda f, m, *_: said.append((f, m)), never_stop
+    )
     assert result.matching == choose_matching(config, len(scene.names))
     assert result.registered == len(scene.names), result.unregistered
+    # Matching is one COLMAP call: its progress comes from the pairs it has committed meanwhile.
+    matched = [f for f, m in said if m.startswith("matching") and " of " in m]
+    assert len(set(matched)) >= 3 and matched == sorted(matched), matched
 
     rec = pycolmap.Reconstruction(str(ws.sparse_dir))
     est = {rec.images[i].name: rec.images[i].cam_from_world().rotation.matrix() for i in rec.reg_image_ids()}
     errors = metrics.relative_rotation_errors(est, dict(zip(scene.names, scene.R, strict=True)))
     assert np.median(errors) < 0.1
+
+
+def test_a_watched_call_ticks_while_it_runs_and_raises_in_the_caller() -> None:
+    ticks: list[float] = []
+    _run_watched(lambda: time.sleep(0.35), lambda: ticks.append(time.monotonic()), 0.1)
+    assert 2 <= len(ticks) <= 4
+
+    def fail() -> None:
+        raise InterruptedError("cancelled")
+
+    with pytest.raises(InterruptedError):
+        _run_watched(fail, lambda: None, 0.1)
 
 
 def test_cancel_lands_inside_colmap_calls(

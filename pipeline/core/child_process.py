@@ -2,7 +2,9 @@
 
 A job and its dense workers are killed as one process group by the daemon; but if the daemon itself
 is killed (kill -9, OOM killer) nobody is left to do that. Linux's parent-death signal closes the
-gap: each child asks the kernel to SIGKILL it when its parent goes.
+gap where the starter is the parent: each child asks the kernel to SIGKILL it when its parent goes.
+A job forked by multiprocessing's fork server is not the daemon's child: it holds a lifeline, a
+pipe whose other end only the daemon holds, and kills its group when that pipe closes.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import contextlib
 import ctypes
 import os
 import signal
+import threading
+from multiprocessing.connection import Connection
 
 _PR_SET_PDEATHSIG = 1
 
@@ -21,3 +25,15 @@ def die_with_parent(parent: int) -> None:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL))
     if os.getppid() != parent:  # the parent died before prctl took effect
         os._exit(1)
+
+
+def die_with(lifeline: Connection) -> None:
+    """Call first thing in a child that leads its own process group: the group is killed as soon
+    as the other end of `lifeline` closes (its holder exited or died; it never writes)."""
+
+    def watch() -> None:
+        with contextlib.suppress(EOFError, OSError):
+            lifeline.recv()
+        os.killpg(0, signal.SIGKILL)
+
+    threading.Thread(target=watch, name="lifeline", daemon=True).start()

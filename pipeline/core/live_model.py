@@ -17,7 +17,8 @@ from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
-from scipy.spatial.transform import Rotation
+
+from scandrop.pipeline.core.rotations import rotation_to_quat_wxyz
 
 MAX_POINTS = 5000  # points in one snapshot: enough to see the shape, ~100 KB on the wire
 MAX_CAMERAS = 500  # cameras in one snapshot (evenly chosen beyond that); `cameras` counts them all
@@ -83,7 +84,8 @@ def build(
             world_from_cam[keep_cams],
             half_fov_tan[keep_cams],
         )
-    quats = Rotation.from_matrix(world_from_cam).as_quat() if len(centres) else np.zeros((0, 4))
+    xyzw = [1, 2, 3, 0]
+    quats = rotation_to_quat_wxyz(world_from_cam)[:, xyzw] if len(centres) else np.zeros((0, 4))
     cams = np.concatenate([centres, quats, half_fov_tan], axis=1) if len(centres) else np.zeros((0, 9))
     total = len(xyz) if points_total is None else points_total
     if len(xyz) > MAX_POINTS:

@@ -7,8 +7,10 @@ nodes; the node-death test runs last: it leaves one node.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -309,6 +311,19 @@ def _alive(proc: psutil.Process) -> bool:
 
 
 def _pipeline_processes(cluster: LocalRayCluster) -> list[psutil.Process]:
-    """The job's pipeline process and its workers on the cluster's nodes (spawned children; not the
-    resource tracker, which belongs to the Ray worker and lives as long as it)."""
-    return [p for p in cluster.processes() if "spawn_main" in " ".join(p.cmdline())]
+    """The job's pipeline process and its workers on the cluster's nodes: spawned children, and the
+    job itself, forked by the Ray worker's fork server, whose command line it shares but which leads
+    its own process group (not the fork server or the resource tracker: they belong to the Ray
+    worker and live as long as it)."""
+
+    def pipeline(proc: psutil.Process) -> bool:
+        cmdline = " ".join(proc.cmdline())
+        forked_job = "multiprocessing.forkserver" in cmdline and os.getpgid(proc.pid) == proc.pid
+        return "spawn_main" in cmdline or forked_job
+
+    found = []
+    for proc in cluster.processes():
+        with contextlib.suppress(psutil.Error, ProcessLookupError):
+            if pipeline(proc):
+                found.append(proc)
+    return found

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -62,10 +63,10 @@ def test_a_crashed_worker_becomes_a_report(tmp_path: Path) -> None:
     photos = _noise_photos(tmp_path / "photos", 6)
 
     def kill_worker(event: ProgressEvent) -> None:
-        for child in psutil.Process().children():
-            cmdline = " ".join(child.cmdline())
-            if "spawn_main" in cmdline and "resource_tracker" not in cmdline:
-                os.kill(child.pid, signal.SIGKILL)  # the job process, as the OOM killer would
+        for child in psutil.Process().children(recursive=True):
+            with contextlib.suppress(ProcessLookupError):
+                if os.getpgid(child.pid) == child.pid:  # the job process leads its own group
+                    os.kill(child.pid, signal.SIGKILL)  # as the OOM killer would
 
     report = _run(tmp_path, photos, on_event=kill_worker)
     assert report.error is not None and report.error.code == ErrorCode.worker_crashed

@@ -9,6 +9,7 @@ import pytest
 
 from scandrop.pipeline.core.errors import ErrorCode, ScandropError
 from scandrop.pipeline.core.pointcloud import PointCloud, save_points
+from scandrop.pipeline.core.rotations import rotation_to_quat_wxyz
 from scandrop.pipeline.core.stage import never_stop, no_progress
 from scandrop.pipeline.core.workspace import Workspace
 from scandrop.pipeline.surface import make_splats
@@ -39,7 +40,7 @@ def test_quaternions_round_trip_rotations() -> None:
     q = rng.normal(size=(500, 4))
     q /= np.linalg.norm(q, axis=1, keepdims=True)
     q[q[:, 0] < 0] *= -1
-    back = make_splats.rotation_to_quat_wxyz(quat_to_matrix(q))
+    back = rotation_to_quat_wxyz(quat_to_matrix(q))
     np.testing.assert_allclose(back, q, atol=1e-9)
 
 

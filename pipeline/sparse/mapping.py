@@ -167,6 +167,11 @@ def map_images(
             models = pycolmap.global_mapping(
                 database, images_dir, out_dir, options=global_options(seed, num_images)
             )
+            solved = _best(models)
+            if solved is not None:  # global mapping places every photo at once, at its end
+                on_registered(solved.num_reg_images(), method)
+                if on_model is not None:
+                    on_model(solved)
         else:
             options = incremental_options(seed, relaxed)
             live = None

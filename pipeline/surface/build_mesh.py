@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import fast_simplification
@@ -38,6 +39,9 @@ from scandrop.pipeline.core.stage import Progress, StopCheck, check_stop
 from scandrop.pipeline.core.workspace import Workspace
 
 _MIN_POINTS = 100
+# Poisson says nothing until it is done (9 s on the kitchen, 31 s on the synthetic scene): the
+# stage says how long it has been running instead, so the page never sits silent.
+HEARTBEAT_SECONDS = 2.0
 
 
 class MeshConfig(BaseModel):
@@ -105,9 +109,16 @@ def _child_main(parent: int) -> None:
 
 
 def _run_child(
-    kind: str, src: Path, dst: Path, options: dict, config: MeshConfig, should_stop: StopCheck
+    kind: str,
+    src: Path,
+    dst: Path,
+    options: dict,
+    config: MeshConfig,
+    should_stop: StopCheck,
+    waiting: Callable[[float], None],
 ) -> None:
-    """Run one pycolmap call in a child interpreter; its crash or failure raises mesh_failed."""
+    """Run one pycolmap call in a child interpreter; its crash or failure raises mesh_failed.
+    `waiting(seconds)` hears every HEARTBEAT_SECONDS how long the call has run."""
     code = f"from scandrop.pipeline.surface.build_mesh import _child_main; _child_main({os.getpid()})"
     log = dst.with_suffix(".log")
     with open(log, "wb") as log_fh:
@@ -119,7 +130,7 @@ def _run_child(
             # Spinning OpenMP threads slow Poisson 4-10x when the cores are shared (measured).
             env={**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")},
         )
-        start = time.monotonic()
+        start = heard = time.monotonic()
         try:
             while True:
                 try:
@@ -127,6 +138,9 @@ def _run_child(
                     break
                 except subprocess.TimeoutExpired:
                     check_stop(should_stop)
+                    if time.monotonic() - heard >= HEARTBEAT_SECONDS:
+                        heard = time.monotonic()
+                        waiting(heard - start)
                     if time.monotonic() - start > config.child_timeout_s:
                         raise ScandropError(
                             ErrorCode.mesh_failed,
@@ -293,7 +307,16 @@ def run(config: MeshConfig, ws: Workspace, progress: Progress, should_stop: Stop
             "point_weight": config.point_weight,
             "num_threads": config.num_threads,
         }
-        _run_child("poisson", src, poisson_out, options, config, should_stop)
+        said = f"Poisson surface (depth {depth}) from {len(sparse_cloud)} points"
+        _run_child(
+            "poisson",
+            src,
+            poisson_out,
+            options,
+            config,
+            should_stop,
+            lambda seconds: progress(0.02, f"{said}: {seconds:.0f} s so far"),
+        )
         mesh = plyio.read_ply(poisson_out)
         seconds["poisson"] = time.perf_counter() - tp
         progress(0.6, f"Poisson surface: {len(mesh.faces)} triangles")

@@ -46,10 +46,14 @@ def _workspace(tmp_path: Path, cloud: PointCloud) -> Workspace:
     return ws
 
 
-def test_poisson_mesh_matches_the_true_surface(tmp_path: Path) -> None:
+def test_poisson_mesh_matches_the_true_surface(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     ws = _workspace(tmp_path, sphere_and_box())
     config = build_mesh.MeshConfig(depth=7, max_triangles=20_000)
-    result = build_mesh.run(config, ws, no_progress, never_stop)
+    monkeypatch.setattr(build_mesh, "HEARTBEAT_SECONDS", 0.1)
+    said: list[str] = []
+    result = build_mesh.run(config, ws, lambda _, message: said.append(message), never_stop)
+    # Poisson itself is silent: the stage says how long it has run meanwhile.
+    assert any(m.startswith("Poisson surface (depth 7)") and m.endswith("s so far") for m in said), said
 
     ply = plyio.read_ply(ws.mesh)
     vertices, faces, rgb = plyio.xyz_of(ply.vertex), ply.faces, plyio.rgb_of(ply.vertex)
@@ -127,6 +131,7 @@ def test_child_failure_becomes_mesh_failed(tmp_path: Path) -> None:
             {"depth": 6},
             build_mesh.MeshConfig(),
             never_stop,
+            lambda _: None,
         )
     assert err.value.code is ErrorCode.mesh_failed
 

@@ -47,6 +47,9 @@ class Report(BaseModel):
     finished_at: datetime | None = None
     seconds: float = 0.0
     peak_rss_mb: float = 0.0
+    cpu_seconds: float | None = Field(
+        None, description="CPU time of the job's process and the workers it started (user + system)."
+    )
     images: ImagesReport = Field(default_factory=ImagesReport)
     plan: list[dict[str, str]] = Field(
         default_factory=list, description="The device plan: each stage's backend and why (pipeline/plan.py)."

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import traceback
 from collections.abc import Callable
@@ -96,6 +97,7 @@ def run_pipeline(
     """Reconstruct the photos in `input_dir` into `out_dir`. Never raises for expected failures.
     `map_views` runs the CPU depth stage's per-view tasks elsewhere (e.g. on a cluster)."""
     pycolmap.logging.minloglevel = 2  # COLMAP's own INFO lines would drown the job log
+    cpu0 = os.times()
     events: OnEvent = on_event or (lambda event: None)
     out_dir.mkdir(parents=True, exist_ok=True)
     report = new_report(
@@ -215,6 +217,9 @@ def run_pipeline(
         )
     finally:
         report.finish()
+        cpu1 = os.times()  # this process and the workers it waited for (dense, Poisson)
+        spent = ("user", "system", "children_user", "children_system")
+        report.cpu_seconds = round(sum(getattr(cpu1, f) - getattr(cpu0, f) for f in spent), 1)
         report.peak_rss_mb = max((s.peak_rss_mb for s in report.stages), default=0.0)
         report.outputs = sorted(
             str(rel)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -67,20 +66,16 @@ def measure(name: str, photos: Path, preset: Preset) -> dict[str, Any]:
     device = resolve_device("cpu").model_dump()
     with tempfile.TemporaryDirectory(prefix="scandrop-gaps-") as tmp:
         t0 = time.monotonic()
-        cpu0 = os.times()
         spec = JobSpec(preset=preset)
         report = run_job(photos, Path(tmp) / "out", spec, Path(tmp) / "work", device, on_event)
         end = time.monotonic()
-        cpu1 = os.times()
     return {
         "dataset": name,
         "preset": preset.value,
         "ok": report.ok,
         "error": report.error.code.value if report.error else None,
         "seconds": round(end - t0, 1),
-        "cpu_seconds_children": round(
-            (cpu1.children_user + cpu1.children_system) - (cpu0.children_user + cpu0.children_system), 1
-        ),
+        "cpu_seconds": report.cpu_seconds,
         "first_event_after_seconds": round(stamped[0][0] - t0, 2) if stamped else None,
         "stages": stage_gaps(stamped, end),
     }
@@ -113,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             results.append(result)
             print(
                 f"\n{name} ({result['preset']}): {'ok' if result['ok'] else result['error']}, "
-                f"{result['seconds']} s wall, {result['cpu_seconds_children']} s CPU in the job process, "
+                f"{result['seconds']} s wall, {result['cpu_seconds']} s CPU in the job process, "
                 f"first event after {result['first_event_after_seconds']} s"
             )
             print(f"  {'stage':10} {'seconds':>8} {'events':>7} {'longest gap':>12}  after")

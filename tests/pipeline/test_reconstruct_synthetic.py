@@ -63,6 +63,7 @@ def test_job_succeeds_with_every_output(job: tuple[Report, Path]) -> None:
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     saved = json.loads((out / "report.json").read_text())
     assert saved["ok"] is True
+    assert saved["cpu_seconds"] > 0  # the job process's own, its workers' included
     assert [s["name"] for s in saved["stages"]] == [
         "ingest",
         "sparse",

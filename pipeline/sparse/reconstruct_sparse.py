@@ -220,9 +220,9 @@ def _pairs(config: SparseConfig, strategy: Matching, ws: Workspace, num_images: 
 
 # pycolmap's matchers have no progress callback, but COLMAP commits every matched pair to the
 # database as it goes: one call matches all pairs while the calling thread counts the verified pairs
-# there (PROGRESS_POLL_SECONDS) and reports them. Matching in batches of 6-photo blocks instead cost
-# 1.27-1.7x the CPU (the matcher builds a search index per photo and call; synthetic scene, 276
-# pairs: 39.7 s batched, 22.7 s in one call) for the same progress.
+# there (PROGRESS_POLL_SECONDS) and reports them. Matching in batches of 6-photo blocks instead took
+# 1.75x as long for the same progress (the matcher builds a search index per photo and call;
+# synthetic scene, 276 pairs: 39.7 s batched, 22.7 s in one call).
 PROGRESS_POLL_SECONDS = 0.5
 
 

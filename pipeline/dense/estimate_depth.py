@@ -294,6 +294,7 @@ def run(
     """Compute a depth map for every registered view of the sparse model."""
     start = time.monotonic()
     check_stop(should_stop)
+    progress(0.0, "reading the cameras")
     views = stereo_views(ws.sparse_dir, config.max_image_size)
     partners = stereo_partners(views, config.partners, config.min_angle_deg, config.max_angle_deg)
     ws.fresh_depth_dir()
@@ -344,6 +345,7 @@ def run_views(
 ) -> tuple[list[float], dict[str, str]]:
     """The views' valid shares and where each ran: through `map_views` when there is one and the job
     has at least its `min_views` views, else here (run_tasks; no placement to report)."""
+    progress(0.0, f"depth 0/{len(tasks)}: views and their sources chosen")
     if map_views is None or len(tasks) < map_views.min_views:
         return run_tasks(work, tasks, workers, progress, should_stop), {}
     done = map_views.map(work, tasks, progress, should_stop)

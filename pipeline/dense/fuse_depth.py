@@ -40,6 +40,7 @@ class FuseConfig(BaseModel):
 class FuseResult(BaseModel):
     points: int
     views: int
+    agreeing_views: int = Field(description="Other views that had to agree with each point.")
     seconds: float
 
 
@@ -164,13 +165,16 @@ def run(
         path = ws.depth_dir / f"{view.name}.npz"
         if path.exists():
             depth_views[view.name] = _load(path)
-    if len(depth_views) < config.min_consistent + 1:
+    if len(depth_views) < 2:
         raise ScandropError(
             ErrorCode.dense_failed,
-            f"Depth could be measured in only {len(depth_views)} photos; at least {config.min_consistent + 1}"
-            " are needed to cross-check it.",
+            f"Depth could be measured in only {len(depth_views)} photo(s); at least 2 are needed to"
+            " cross-check it.",
             "Take more photos that overlap, each a small step (about 10 degrees) around the object.",
         )
+    # A set of 2-3 photos cannot give min_consistent other views: it cross-checks with what it has
+    # (the 3-view barn had depth in 2 views and failed here with no model at all).
+    config = config.model_copy(update={"min_consistent": min(config.min_consistent, len(depth_views) - 1)})
     chunks: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     throttle = Throttle()
     order = [i for i, v in enumerate(views) if v.name in depth_views]
@@ -194,4 +198,9 @@ def run(
     normals = np.concatenate([c[1] for c in chunks]).astype(np.float32)
     rgb = np.clip(np.rint(np.concatenate([c[2] for c in chunks])), 0, 255).astype(np.uint8)
     save_points(ws.fused, PointCloud(xyz=xyz, normals=normals, rgb=rgb))
-    return FuseResult(points=len(xyz), views=len(order), seconds=round(time.monotonic() - start, 2))
+    return FuseResult(
+        points=len(xyz),
+        views=len(order),
+        agreeing_views=config.min_consistent,
+        seconds=round(time.monotonic() - start, 2),
+    )

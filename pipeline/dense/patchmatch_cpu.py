@@ -222,6 +222,7 @@ def run(
     fanned out through `map_views`."""
     start = time.monotonic()
     check_stop(should_stop)
+    progress(0.0, "reading the cameras")
     views = stereo_views(ws.sparse_dir, config.max_image_size)
     ws.fresh_depth_dir()
     tasks = plan_tasks(views, config, ws)

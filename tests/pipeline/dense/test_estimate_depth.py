@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,9 @@ def test_depth_maps_match_ground_truth(tmp_path: Path, small_scene: SyntheticSce
     messages: list[str] = []
     result = estimate_depth.run(estimate_depth.DepthConfig(), ws, lambda f, m: messages.append(m), never_stop)
     assert result.views == result.views_with_depth == 24
-    assert len(messages) == 24
+    # One message per view, after two before the first view (the cameras read, the views planned).
+    assert messages[:2] == ["reading the cameras", "depth 0/24: views and their sources chosen"]
+    assert len([m for m in messages if re.match(r"depth [1-9]\d*/24: ", m)]) == 24
     name, R, t = small_scene.names[0], small_scene.R[0], small_scene.t[0]
     with np.load(ws.depth_dir / f"{name}.npz") as data:
         depth, normals, K = data["depth"], data["normals"], data["K"]

@@ -14,6 +14,7 @@ Output: the same per-view npz as estimate_depth (fill and fuse run unchanged); `
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -157,6 +158,37 @@ def _resize(gray: np.ndarray, scale: float) -> np.ndarray:
     return cv2.resize(gray.astype(np.float32), size, interpolation=cv2.INTER_AREA)
 
 
+# Undistorted grey photos of recent views: each photo is a source of about pm_sources other views,
+# and undistorting it (its remap grid from COLMAP's camera model) costs more than reading it.
+_GREYS: OrderedDict[tuple, np.ndarray] = OrderedDict()
+GREY_CACHE_BYTES = 256 * 2**20
+
+
+def grey_on_grid(
+    view: DenseView,
+    image_dir: Path,
+    photo: np.ndarray | None = None,
+    maps: tuple[np.ndarray, np.ndarray] | None = None,
+) -> np.ndarray:
+    """The view's photo in grey levels (float32) on its depth grid, from this process's cache when
+    the same file (path, size, mtime) was resampled onto the same grid before."""
+    path = image_dir / view.name
+    stat = path.stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns, view.grid_size, view.camera_params, view.K.tobytes())
+    grey = _GREYS.get(key)
+    if grey is not None:
+        _GREYS.move_to_end(key)
+        return grey
+    if photo is None:
+        photo = read_photo(path)
+    grey = view.undistort(cv2.cvtColor(photo, cv2.COLOR_BGR2GRAY), maps=maps).astype(np.float32)
+    grey.flags.writeable = False  # shared by the views that use it
+    _GREYS[key] = grey
+    while sum(g.nbytes for g in _GREYS.values()) > GREY_CACHE_BYTES:
+        _GREYS.popitem(last=False)
+    return grey
+
+
 def depth_for_view(task: DepthTask) -> tuple[str, float]:
     """PatchMatch depth of one view, written to task.out_path. Returns (name, valid share)."""
     cfg = task.config
@@ -167,11 +199,10 @@ def depth_for_view(task: DepthTask) -> tuple[str, float]:
     dmin, dmax = bounds
     ref_photo = read_photo(task.image_dir / ref.name)
     maps = ref.photo_map(ref.grid_rays())
-    ref_gray = ref.undistort(cv2.cvtColor(ref_photo, cv2.COLOR_BGR2GRAY), maps=maps).astype(np.float32)
+    ref_gray = grey_on_grid(ref, task.image_dir, ref_photo, maps)
     src_grays, src_Ks, rel = [], [], []
     for src in task.sources:
-        gray = cv2.cvtColor(read_photo(task.image_dir / src.name), cv2.COLOR_BGR2GRAY)
-        src_grays.append(src.undistort(gray).astype(np.float32))
+        src_grays.append(grey_on_grid(src, task.image_dir))
         src_Ks.append(src.K)
         R = src.R @ ref.R.T
         rel.append((R, src.t - R @ ref.t))

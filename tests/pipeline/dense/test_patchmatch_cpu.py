@@ -3,8 +3,10 @@ whose source views differ in exposure, and the per-view task writing the stage's
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
@@ -87,3 +89,23 @@ def test_depth_for_view_writes_the_stage_file(tmp_path: Path, scene: synthetic.S
     truth = _true_depth(scene, task.ref.K)
     ok = (depth > 0) & np.isfinite(truth)
     assert np.median(np.abs(depth[ok] - truth[ok]) / truth[ok]) < 0.005
+
+
+def test_grey_photos_are_resampled_once_per_file_version(
+    tmp_path: Path, scene: synthetic.SyntheticScene
+) -> None:
+    ws = Workspace(tmp_path).create()
+    workspace_from_scene(scene, ws)
+    view = load_views(ws.sparse_dir, DepthConfig().max_image_size)[0]
+    first = patchmatch_cpu.grey_on_grid(view, ws.images_dir)
+    assert patchmatch_cpu.grey_on_grid(view, ws.images_dir) is first
+    assert not first.flags.writeable  # shared by the views that use it as a source
+    # The same name with other content (a rerun after a new ingest) is read again.
+    path = ws.images_dir / view.name
+    photo = cv2.imread(str(path))
+    cv2.imwrite(str(path), 255 - photo)
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1_000_000))
+    again = patchmatch_cpu.grey_on_grid(view, ws.images_dir)
+    assert again is not first
+    inside = first > 0
+    assert np.corrcoef(first[inside], again[inside])[0, 1] < -0.9

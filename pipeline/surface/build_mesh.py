@@ -32,7 +32,6 @@ from scipy import sparse
 from scipy.spatial import cKDTree
 
 from scandrop.pipeline.core import plyio
-from scandrop.pipeline.core.child_process import die_with_parent
 from scandrop.pipeline.core.errors import ErrorCode, ScandropError
 from scandrop.pipeline.core.pointcloud import PointCloud, load_points
 from scandrop.pipeline.core.stage import Progress, StopCheck, check_stop
@@ -96,18 +95,6 @@ class MeshResult(BaseModel):
     seconds: dict[str, float]
 
 
-def _child_main(parent: int) -> None:
-    """Entry point of the child interpreter: argv = kind, input, output, options JSON."""
-    die_with_parent(parent)
-    import pycolmap
-
-    kind, src, dst, options = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
-    if kind == "poisson":
-        pycolmap.poisson_meshing(src, dst, pycolmap.PoissonMeshingOptions(**options))
-    else:
-        raise ValueError(f"unknown child job {kind}")
-
-
 def _run_child(
     kind: str,
     src: Path,
@@ -119,7 +106,7 @@ def _run_child(
 ) -> None:
     """Run one pycolmap call in a child interpreter; its crash or failure raises mesh_failed.
     `waiting(seconds)` hears every HEARTBEAT_SECONDS how long the call has run."""
-    code = f"from scandrop.pipeline.surface.build_mesh import _child_main; _child_main({os.getpid()})"
+    code = f"from scandrop.pipeline.surface.poisson_child import main; main({os.getpid()})"
     log = dst.with_suffix(".log")
     with open(log, "wb") as log_fh:
         proc = subprocess.Popen(

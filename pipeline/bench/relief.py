@@ -236,7 +236,8 @@ def render_relief_scene(
     # One ray per pixel: at 1600 px a texel spans ~2 pixels, and 2x2 rays would take 4x as long.
     train = synthetic.render_views(primitives, tex, contrast, rs, ts, width, height, supersample=1)
     hr, ht = held_out_cameras(n_held_out)
-    held = synthetic.render_views(primitives, tex, contrast, hr, ht, width, height, supersample=1)
+    # Alpha = coverage: held-out PSNR is scored over the object, not the blank background.
+    held = synthetic.render_views(primitives, tex, contrast, hr, ht, width, height, alpha=True, supersample=1)
     held = SyntheticScene(
         names=[f"held_out_{i:02d}.png" for i in range(n_held_out)],
         images=held.images, K=held.K, R=held.R, t=held.t, width=width, height=height,

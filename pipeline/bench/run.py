@@ -283,6 +283,7 @@ def bench_relief(out: Path, preset: str, options: dict[str, Any]) -> dict[str, A
         row["points_f"] = row["points_scores"]["f@1%"]
         row["mesh_f"] = row["mesh_scores"]["f@1%"]
         row.update(share_explained(out / "result"))
+        row.update(score_held_out(out / "result", out / "result" / ".work", to_gt, scene.held_out))
     return row
 
 

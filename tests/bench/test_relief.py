@@ -54,6 +54,9 @@ def test_held_out_views_are_written_and_unseen(scene: relief.ReliefScene, tmp_pa
     views = relief.load_held_out(tmp_path)
     assert [v[0] for v in views] == scene.held_out.names
     _, image, _, R, _ = views[0]
-    assert np.array_equal(image, scene.held_out.images[0]) and np.allclose(R, scene.held_out.R[0])
+    rgba = scene.held_out.images[0]
+    assert np.array_equal(image, rgba[..., :3]) and np.allclose(R, scene.held_out.R[0])
+    # Alpha = coverage, so held-out PSNR is scored over the object: both object and background.
+    assert rgba.shape[-1] == 4 and (rgba[..., 3] == 255).any() and (rgba[..., 3] == 0).any()
     # The object is in the middle of the held-out photo.
     assert (image[30:42, 40:56] != round(0.5 * 255)).any(axis=-1).mean() > 0.9

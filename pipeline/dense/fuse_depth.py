@@ -54,7 +54,6 @@ class _DepthMaps:
     """Every view's depth map on one padded stack (views of other sizes fit in the largest), so the
     kernel can reach any view by index."""
 
-    names: list[str]
     depth: np.ndarray  # (N, H, W) float32, 0 = none (and the padding)
     normals: np.ndarray  # (N, H, W, 3) float32 camera frame
     rgb: np.ndarray  # (N, H, W, 3) uint8
@@ -72,7 +71,6 @@ def _load_all(paths: list[Path]) -> _DepthMaps:
     h, w = max(s[0] for s in shapes), max(s[1] for s in shapes)
     n = len(paths)
     maps = _DepthMaps(
-        names=[],
         depth=np.zeros((n, h, w), np.float32),
         normals=np.zeros((n, h, w, 3), np.float32),
         rgb=np.zeros((n, h, w, 3), np.uint8),
@@ -83,7 +81,6 @@ def _load_all(paths: list[Path]) -> _DepthMaps:
     )
     for i, (path, (hi, wi)) in enumerate(zip(paths, shapes, strict=True)):
         with np.load(path) as data:
-            maps.names.append(str(data["name"]))
             maps.depth[i, :hi, :wi] = data["depth"]
             maps.normals[i, :hi, :wi] = data["normals"]
             maps.rgb[i, :hi, :wi] = data["rgb"]
@@ -116,7 +113,7 @@ def _agree(
     normal_sum = np.empty((n, 3))
     rgb_sum = np.empty((n, 3))
     agree = np.zeros(n, np.int32)
-    hits = np.full((n, m), -1, np.int64)
+    hits = np.full((n, m), -1, np.int32)
     Rr, tr, Kr = R[ref], t[ref], K[ref]
     for i in prange(n):
         v, u = vs[i], us[i]
@@ -171,7 +168,7 @@ def _agree(
             g += rgb[o, vi, ui, 1]
             bl += rgb[o, vi, ui, 2]
             count += 1
-            hits[i, k] = vi * w + ui
+            hits[i, k] = np.int32(vi * w + ui)
         depth_sum[i] = ds
         normal_sum[i, 0], normal_sum[i, 1], normal_sum[i, 2] = sx, sy, sz
         rgb_sum[i, 0], rgb_sum[i, 1], rgb_sum[i, 2] = r, g, bl

@@ -115,6 +115,11 @@ def _agree(
     agree = np.zeros(n, np.int32)
     hits = np.full((n, m), -1, np.int32)
     Rr, tr, Kr = R[ref], t[ref], K[ref]
+    centres = np.empty((m, 3))  # -R^T t of each other view
+    for k in range(m):
+        Ro, to = R[others[k]], t[others[k]]
+        for j in range(3):
+            centres[k, j] = -(Ro[0, j] * to[0] + Ro[1, j] * to[1] + Ro[2, j] * to[2])
     for i in prange(n):
         v, u = vs[i], us[i]
         d = float(depth[ref, v, u])
@@ -155,9 +160,7 @@ def _agree(
             if mx * nx + my * ny + mz * nz < cos_max:
                 continue
             # The other view's estimate: slide the point along that view's ray to its measured depth.
-            ox = -(Ro[0, 0] * to[0] + Ro[1, 0] * to[1] + Ro[2, 0] * to[2])
-            oy = -(Ro[0, 1] * to[0] + Ro[1, 1] * to[1] + Ro[2, 1] * to[2])
-            oz = -(Ro[0, 2] * to[0] + Ro[1, 2] * to[1] + Ro[2, 2] * to[2])
+            ox, oy, oz = centres[k, 0], centres[k, 1], centres[k, 2]
             f = dj / z
             px, py, pz = ox + (wx - ox) * f, oy + (wy - oy) * f, oz + (wz - oz) * f
             ds += Rr[2, 0] * px + Rr[2, 1] * py + Rr[2, 2] * pz + tr[2]

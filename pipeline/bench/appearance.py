@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import trimesh
 
+from scandrop.pipeline.bench import synthetic
 from scandrop.pipeline.core import raster
 
 
@@ -49,6 +50,12 @@ def load_model(glb: Path) -> ColouredModel:
     return ColouredModel(vertices, faces, None, None, rgb)
 
 
+def _pixels(k: np.ndarray, cam: np.ndarray) -> np.ndarray:
+    """Pinhole pixel coordinates of camera-frame points (points behind the camera: anywhere)."""
+    z = np.where(cam[:, 2] > 1e-6, cam[:, 2], 1.0)
+    return np.stack([k[0, 0] * cam[:, 0] / z + k[0, 2], k[1, 1] * cam[:, 1] / z + k[1, 2]], axis=1)
+
+
 def render(
     model: ColouredModel,
     k: np.ndarray,
@@ -64,8 +71,7 @@ def render(
     z = cam[:, 2]
     front = (z[model.faces] > 1e-6).all(axis=1)
     faces = model.faces[front]
-    safe = np.where(z > 1e-6, z, 1.0)
-    px = np.stack([k[0, 0] * cam[:, 0] / safe + k[0, 2], k[1, 1] * cam[:, 1] / safe + k[1, 2]], axis=1)
+    px = _pixels(k, cam)
     zb = raster.zbuffer(px, z, faces, size)
     hit = np.flatnonzero(zb.face >= 0)
     corners = faces[zb.face[hit]]
@@ -106,4 +112,51 @@ def score_views(
     return {
         "psnr_db": round(10.0 * math.log10(255.0**2 / float(np.mean(mse))), 3) if mse else math.nan,
         "psnr_per_view_db": [round(p, 3) for p in per_view],
+    }
+
+
+def photo_ceiling(
+    train: synthetic.SyntheticScene, held_out: synthetic.SyntheticScene, nearest: int = 4
+) -> dict[str, float]:
+    """PSNR that a perfect model would reach at the held-out views when its colours come from the
+    training photos: each held-out pixel's TRUE surface point (true geometry, true cameras) is
+    looked up bilinearly in the visible photo seen from the closest direction ("one_photo"), or
+    averaged over the visible photos among the `nearest` cameras ("blend").
+
+    A texture cannot beat this by reprojection alone: what it misses is detail the photos do not
+    resolve (a texture near their Nyquist limit, sampled at other phases) and the view's own
+    quantisation. A model's PSNR below it is what geometry, poses and the atlas lose."""
+    k = held_out.K
+    centres = train.centres()
+    sq_one, sq_blend, count = 0.0, 0.0, 0
+    for image, r, t in zip(held_out.images, held_out.R, held_out.t, strict=True):
+        vv, uu = np.nonzero(image[..., 3] == 255)
+        rays = np.stack([(uu + 0.5 - k[0, 2]) / k[0, 0], (vv + 0.5 - k[1, 2]) / k[1, 1], np.ones(len(uu))], 1)
+        rays = np.einsum("ji,kj->ki", r, rays)  # camera to world: R^T d
+        rays /= np.linalg.norm(rays, axis=1, keepdims=True)
+        origin = -r.T @ t
+        dist, _ = synthetic.cast_rays(train.primitives, origin, rays)
+        hit = np.isfinite(dist)
+        points, rays, truth = origin + dist[hit, None] * rays[hit], rays[hit], image[vv[hit], uu[hit], :3]
+        best = np.full(len(points), -np.inf)
+        one = np.zeros((len(points), 3))
+        total = np.zeros((len(points), 3))
+        seen = np.zeros(len(points))
+        for j in np.argsort(np.linalg.norm(centres - origin, axis=1))[:nearest]:
+            idx = np.flatnonzero(train.visible_in(points, int(j)))
+            cam = np.einsum("ij,kj->ki", train.R[j], points[idx]) + train.t[j]
+            colour = raster.sample_bilinear(train.images[j][..., :3], _pixels(k, cam))
+            view_dir = points[idx] - centres[j]
+            cos = np.einsum("ij,ij->i", view_dir, rays[idx]) / np.linalg.norm(view_dir, axis=1)
+            closer = cos > best[idx]
+            best[idx[closer]], one[idx[closer]] = cos[closer], colour[closer]
+            total[idx] += colour
+            seen[idx] += 1
+        ok = seen > 0
+        sq_one += float(((one[ok] - truth[ok]) ** 2).sum())
+        sq_blend += float(((total[ok] / seen[ok, None] - truth[ok]) ** 2).sum())
+        count += int(ok.sum()) * 3
+    return {
+        "one_photo": round(10.0 * math.log10(255.0**2 * count / sq_one), 3) if sq_one else math.inf,
+        "blend": round(10.0 * math.log10(255.0**2 * count / sq_blend), 3) if sq_blend else math.inf,
     }

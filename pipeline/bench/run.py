@@ -284,6 +284,7 @@ def bench_relief(out: Path, preset: str, options: dict[str, Any]) -> dict[str, A
         row["mesh_f"] = row["mesh_scores"]["f@1%"]
         row.update(share_explained(out / "result"))
         row.update(score_held_out(out / "result", out / "result" / ".work", to_gt, scene.held_out))
+        row["psnr_ceiling_db"] = appearance.photo_ceiling(scene.train, scene.held_out)
     return row
 
 
@@ -400,6 +401,13 @@ def print_table(rows: dict[str, dict[str, Any]], file: Any = sys.stdout) -> None
                 f"{'':10} held-out views: PSNR {r['psnr_db']:.2f} dB "
                 f"({'texture' if r.get('textured') else 'vertex colours'}; vertex colours "
                 f"{_fmt(r.get('psnr_vertex_db'), '.2f')} dB), model.glb {r['glb_mb']} MB",
+                file=file,
+            )
+        if "psnr_ceiling_db" in r:
+            ceiling = r["psnr_ceiling_db"]
+            print(
+                f"{'':10} held-out ceiling (true geometry and cameras, colours from the photos): "
+                f"one photo {ceiling['one_photo']:.2f} dB, blend {ceiling['blend']:.2f} dB",
                 file=file,
             )
         if "plain_seconds" in r:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from scandrop.pipeline.bench import relief, synthetic
+from scandrop.pipeline.bench import appearance, relief, synthetic
 
 
 @pytest.fixture(scope="module")
@@ -60,3 +60,20 @@ def test_held_out_views_are_written_and_unseen(scene: relief.ReliefScene, tmp_pa
     assert rgba.shape[-1] == 4 and (rgba[..., 3] == 255).any() and (rgba[..., 3] == 0).any()
     # The object is in the middle of the held-out photo.
     assert (image[30:42, 40:56] != round(0.5 * 255)).any(axis=-1).mean() > 0.9
+
+
+def test_photo_ceiling_is_exact_where_a_photo_was_taken(scene: relief.ReliefScene) -> None:
+    train = scene.train
+    tex, contrast = relief.hashed_texture(0), np.full(len(train.primitives), 0.22)
+    # The first training camera, rendered again with coverage: its pixels' true surface points
+    # project back onto that photo's pixel centres, so the lookup is the photo itself.
+    same = synthetic.render_views(
+        train.primitives, tex, contrast, train.R[:1], train.t[:1], train.width, train.height,
+        alpha=True, supersample=1,
+    )  # fmt: skip
+    exact = appearance.photo_ceiling(train, same)
+    assert exact["one_photo"] > 60.0
+    # At views between the photos the texture (finer than these 96 px photos resolve) is only
+    # partly recovered: a finite ceiling, far below the exact one.
+    between = appearance.photo_ceiling(train, scene.held_out)
+    assert 5.0 < between["one_photo"] < 40.0 and 5.0 < between["blend"] < 40.0

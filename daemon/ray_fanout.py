@@ -8,7 +8,9 @@ into the job's workspace atomically, where fusion reads it. Both data modes work
 workspace is the job node's scratch folder, which other nodes do not see even when the inbox and
 outbox are shared. The job's own node computes views too, one at a time, in the CPUs the job task
 already holds, so that a cluster whose other CPUs are busy still makes progress; while it does,
-this process cannot hand out views, so each free CPU of the cluster gets two (PREFETCH).
+this process cannot hand out views, so each free CPU of the cluster gets two (PREFETCH). The free
+CPUs are re-read between views: a cluster busy with other jobs when the stage starts joins in as
+they finish.
 
 Stop: outstanding view tasks are cancelled (ray.cancel, force) before the stage raises; a pipeline
 process that is killed outright takes its driver with it, and Ray kills a dead driver's tasks.
@@ -148,11 +150,11 @@ class _Gather:
         self.done: list[ViewDone] = []
 
     def run(self, connected: bool) -> list[ViewDone]:
-        free = self.ray.available_resources().get("CPU", 0.0) if connected else 0.0
-        slots = int(free // self.fanout.cpus)  # what the cluster can run now besides this job
+        slots = 0  # view tasks the cluster can run at once besides this job
         try:
             while self.queue or self.pending:
                 check_stop(self.should_stop)
+                slots = self._slots(slots) if connected else 0
                 while self.queue and len(self.pending) < slots * PREFETCH:
                     task = self.queue.pop(0)
                     self.pending[self._submit(task)] = task
@@ -167,6 +169,14 @@ class _Gather:
                 with contextlib.suppress(Exception):
                     self.ray.cancel(ref, force=True)
         return self.done
+
+    def _slots(self, before: int) -> int:
+        """Ours that hold CPUs (at most the slots we had) plus the CPUs free now that our prefetched
+        views will not take first: re-read every round, so that CPUs other jobs free during the
+        stage get views, and CPUs they take do not."""
+        free = int(self.ray.available_resources().get("CPU", 0.0) // self.fanout.cpus)
+        waiting = max(0, len(self.pending) - before)
+        return min(len(self.pending), before) + max(0, free - waiting)
 
     def _ready(self, wait: bool) -> list[Any]:
         """The view tasks that have finished; with `wait`, after at most a poll interval."""

@@ -280,6 +280,84 @@ print(json.dumps(outcome))
 """
 
 
+def test_cpus_freed_by_other_work_during_the_stage_get_views(
+    tmp_path: Path, cluster: LocalRayCluster
+) -> None:
+    """Both worker nodes are busy (another driver's tasks) when the fan-out starts: the job's node
+    computes views alone; when the other work ends, the fan-out sees the free CPUs and both nodes
+    take views (before, the free CPUs were read once, at the start of the stage)."""
+    held = tmp_path / "held"
+    held.mkdir()
+    blocker = subprocess.Popen(
+        [sys.executable, "-c", BLOCKER, cluster.address, str(held)], env=cluster.env, stderr=subprocess.PIPE
+    )
+    try:
+        wait_for(lambda: len(list(held.iterdir())) == 2, 120, "the other work to hold both nodes")
+        driver = subprocess.run(
+            [sys.executable, "-c", TIMED_VIEWS, cluster.address, str(tmp_path)],
+            env=cluster.env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    finally:
+        _, err = blocker.communicate(timeout=120)
+    assert blocker.returncode == 0, err[-3000:]
+    assert driver.returncode == 0, driver.stderr[-3000:]
+    nodes = json.loads(driver.stdout.strip().splitlines()[-1])  # in the order the views finished
+    assert len(nodes) == 12
+    assert nodes[:2] == ["here", "here"], nodes  # nothing free at first: the job's node alone
+    assert len({n for n in nodes if n != "here"}) == 2, nodes  # then both freed nodes joined in
+
+
+BLOCKER = """
+import sys, time
+from pathlib import Path
+import ray
+
+ray.init(address=sys.argv[1], namespace="scandrop-test", log_to_driver=False)
+
+
+@ray.remote(num_cpus=1)
+def hold(folder, i):
+    (Path(folder) / str(i)).touch()
+    time.sleep(4.0)
+
+
+ray.get([hold.remote(sys.argv[2], i) for i in range(2)])
+"""
+
+TIMED_VIEWS = """
+import json, sys, time
+from dataclasses import dataclass
+from pathlib import Path
+from scandrop.daemon.ray_fanout import RayViewFanout
+
+ROOT = Path(sys.argv[2])
+
+
+@dataclass(frozen=True)
+class Task:
+    image_dir: Path
+    mask_path: Path | None
+    out_path: Path
+    photo_names: tuple[str, ...]
+
+
+def one_second(task):
+    time.sleep(1.0)
+    return task.photo_names[0], 1.0
+
+
+for i in range(12):
+    (ROOT / f"{i}.png").write_bytes(b"photo")
+tasks = [Task(ROOT, None, ROOT / f"{i}.npz", (f"{i}.png",)) for i in range(12)]
+fanout = RayViewFanout(address=sys.argv[1], namespace="scandrop-test", min_views=1, cpus=1, job_node="here")
+done = fanout.map(one_second, tasks, lambda f, m: None, lambda: False)
+print(json.dumps([view.node for view in done]))
+"""
+
+
 def test_a_node_killed_mid_job_is_retried_on_the_other_once_with_shipped_data(
     tmp_path: Path, cluster: LocalRayCluster, daemons: list[Daemon], photos: Path
 ) -> None:

@@ -7,10 +7,11 @@ photos a view reads go into the object store once and its depth file comes back 
 into the job's workspace atomically, where fusion reads it. Both data modes work this way: the
 workspace is the job node's scratch folder, which other nodes do not see even when the inbox and
 outbox are shared. The job's own node computes views too, one at a time, in the CPUs the job task
-already holds, so that a cluster whose other CPUs are busy still makes progress; while it does,
-this process cannot hand out views, so each free CPU of the cluster gets two (PREFETCH). The free
-CPUs are re-read between views: a cluster busy with other jobs when the stage starts joins in as
-they finish.
+already holds, so that a cluster whose other CPUs are busy still makes progress; it does so in a
+thread of its own, so that handing out and gathering views never waits for a local view. Each free
+CPU of the cluster gets two views (PREFETCH), so that the next one waits on its node, not on a
+round trip to this process. The free CPUs are re-read between views: a cluster busy with other
+jobs when the stage starts joins in as they finish.
 
 Stop: outstanding view tasks are cancelled (ray.cancel, force) before the stage raises; a pipeline
 process that is killed outright takes its driver with it, and Ray kills a dead driver's tasks.
@@ -23,8 +24,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import queue
 import shutil
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +43,7 @@ log = structlog.get_logger("scandrop.ray")
 
 POLL_SECONDS = 0.2
 SCRATCH_PREFIX = "scandrop-view-"  # + the task's pid: a dead one's folder is swept by the next
-PREFETCH = 2  # view tasks in flight per free CPU: the next one waits on its node, not on this process
+PREFETCH = 2  # view tasks in flight per free CPU: the next one waits on its node, not on a round trip
 VIEW_RETRIES = 2  # a view whose node died runs again elsewhere, at most this often
 MASK_KEY = "\0mask"  # the view's mask among its shipped files (no photo is named so)
 
@@ -148,27 +151,67 @@ class _Gather:
         self.photos: dict[str, Any] = {}  # photo name -> object ref, each put once
         self.pending: dict[Any, Any] = {}  # object ref -> its task
         self.done: list[ViewDone] = []
+        self.lock = threading.Lock()  # guards the queue, which the local thread takes from too
+        self.closing = threading.Event()
+        self.local_done: queue.SimpleQueue[ViewDone | BaseException] = queue.SimpleQueue()
+        self.started_local = False
 
     def run(self, connected: bool) -> list[ViewDone]:
         slots = 0  # view tasks the cluster can run at once besides this job
+        local = threading.Thread(target=self._local_views, name="scandrop-local-views", daemon=True)
         try:
-            while self.queue or self.pending:
+            while len(self.done) < self.total:
                 check_stop(self.should_stop)
+                self._take_local()
                 slots = self._slots(slots) if connected else 0
-                while self.queue and len(self.pending) < slots * PREFETCH:
-                    task = self.queue.pop(0)
+                while len(self.pending) < slots * PREFETCH and (task := self._next(front=True)) is not None:
                     self.pending[self._submit(task)] = task
-                for ref in self._ready(wait=not self.queue):
-                    self._gather(ref, self.pending.pop(ref))
-                if self.queue:  # the job's own CPUs take the last view in the queue
-                    task = self.queue.pop()
-                    name, fraction = self.work(task)
-                    self._record(ViewDone(name=name, valid_fraction=fraction, node=self.fanout.job_node))
+                if not self.started_local:  # after the cluster's first share
+                    self.started_local = True
+                    local.start()
+                if self.pending:
+                    for ref in self._ready():
+                        self._gather(ref, self.pending.pop(ref))
+                else:
+                    self._take_local(wait=POLL_SECONDS)
         finally:
+            self.closing.set()  # the local thread takes no more views
             for ref in self.pending:  # stopped or failed: nothing of this job runs on without it
                 with contextlib.suppress(Exception):
                     self.ray.cancel(ref, force=True)
+            if self.started_local:
+                local.join()  # at most the view it is computing
         return self.done
+
+    def _next(self, front: bool) -> Any | None:
+        """The next view to compute: the cluster's from the front of the queue, ours from the end."""
+        with self.lock:
+            if self.closing.is_set() or not self.queue:
+                return None
+            return self.queue.pop(0 if front else -1)
+
+    def _local_views(self) -> None:
+        """The job's own CPUs, in a thread of their own: views one at a time until none is left.
+        Only computation runs here; Ray calls and progress stay in the stage's thread."""
+        try:
+            while (task := self._next(front=False)) is not None:
+                name, fraction = self.work(task)
+                self.local_done.put(ViewDone(name=name, valid_fraction=fraction, node=self.fanout.job_node))
+        except BaseException as exc:  # handed to the stage's thread, which raises it
+            self.local_done.put(exc)
+
+    def _take_local(self, wait: float = 0.0) -> None:
+        """Record the views the local thread finished (raise what it raised), waiting at most
+        `wait` seconds for the first."""
+        try:
+            item = self.local_done.get(timeout=wait) if wait else self.local_done.get_nowait()
+            while True:
+                if isinstance(item, BaseException):
+                    raise item
+                self._record(item)
+                item = self.local_done.get_nowait()
+        except queue.Empty:
+            pass
 
     def _slots(self, before: int) -> int:
         """Ours that hold CPUs (at most the slots we had) plus the CPUs free now that our prefetched
@@ -178,12 +221,10 @@ class _Gather:
         waiting = max(0, len(self.pending) - before)
         return min(len(self.pending), before) + max(0, free - waiting)
 
-    def _ready(self, wait: bool) -> list[Any]:
-        """The view tasks that have finished; with `wait`, after at most a poll interval."""
-        if not self.pending:
-            return []
+    def _ready(self) -> list[Any]:
+        """The view tasks that have finished, after at most a poll interval."""
         refs = list(self.pending)
-        return self.ray.wait(refs, num_returns=len(refs), timeout=POLL_SECONDS if wait else 0)[0]
+        return self.ray.wait(refs, num_returns=len(refs), timeout=POLL_SECONDS)[0]
 
     def _submit(self, task: Any) -> Any:
         names = list(task.photo_names)

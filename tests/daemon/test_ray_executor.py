@@ -164,14 +164,7 @@ def test_depth_maps_fanned_out_over_the_cluster_equal_the_local_ones(
     for ws in (local, fanned):
         workspace_from_scene(scene, ws, masks=True)
     here = estimate_depth.run(config, local, lambda f, m: None, never_stop)
-    driver = subprocess.run(
-        [sys.executable, "-c", FANNED_DEPTH, cluster.address, str(fanned.root)],
-        env=cluster.env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert driver.returncode == 0, driver.stderr[-3000:]
+    driver = _run_driver(FANNED_DEPTH, cluster, fanned.root)
     result, messages = json.loads(driver.stdout.strip().splitlines()[-1])
     per_view = [m for m in messages if re.match(r"depth [1-9]\d*/12: ", m)]
     assert result["views_with_depth"] == here.views_with_depth == 12 and len(per_view) == 12
@@ -211,14 +204,7 @@ def test_a_failed_view_task_is_a_job_error_and_a_stop_cancels_the_view_tasks(
     (tmp_path / "a.png").write_bytes(b"photo")
     pids = tmp_path / "pids"
     pids.mkdir()
-    driver = subprocess.run(
-        [sys.executable, "-c", FAILING_VIEWS, cluster.address, str(pids)],
-        env=cluster.env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert driver.returncode == 0, driver.stderr[-3000:]
+    driver = _run_driver(FAILING_VIEWS, cluster, pids)
     outcome = json.loads(driver.stdout.strip().splitlines()[-1])
     assert outcome["failed"]["code"] == "dense_failed"
     assert "ValueError: no such lens" in outcome["failed"]["message"], outcome
@@ -233,14 +219,14 @@ def test_a_failed_view_task_is_a_job_error_and_a_stop_cancels_the_view_tasks(
     ]
 
 
-FAILING_VIEWS = """
+VIEW_DRIVER = """
 import json, os, sys, time
 from dataclasses import dataclass
 from pathlib import Path
 from scandrop.daemon.ray_fanout import RayViewFanout
-from scandrop.pipeline.core.errors import ScandropError
 
-DRIVER, PIDS = os.getpid(), Path(sys.argv[2])
+DRIVER = os.getpid()
+fanout = RayViewFanout(address=sys.argv[1], namespace="scandrop-test", min_views=1, cpus=1, job_node="here")
 
 
 @dataclass(frozen=True)
@@ -249,6 +235,14 @@ class Task:
     mask_path: Path | None
     out_path: Path
     photo_names: tuple[str, ...] = ("a.png",)
+"""
+
+FAILING_VIEWS = (
+    VIEW_DRIVER
+    + """
+from scandrop.pipeline.core.errors import ScandropError
+
+PIDS = Path(sys.argv[2])
 
 
 def fails_on_a_node(task):
@@ -264,7 +258,6 @@ def sleeps_on_a_node(task):
     return "a.png", 1.0
 
 
-fanout = RayViewFanout(address=sys.argv[1], namespace="scandrop-test", min_views=1, cpus=1, job_node="here")
 tasks = [Task(PIDS.parent, None, PIDS.parent / f"{i}.npz") for i in range(4)]
 stops = {"failed": lambda: False, "cancelled": lambda: len(list(PIDS.iterdir())) >= 2}
 outcome = {}
@@ -278,6 +271,7 @@ fanout.map(lambda task: ("a.png", 1.0), tasks, lambda f, m: None, lambda: False)
 outcome["after"] = "done"
 print(json.dumps(outcome))
 """
+)
 
 
 def test_cpus_freed_by_other_work_during_the_stage_get_views(
@@ -293,21 +287,44 @@ def test_cpus_freed_by_other_work_during_the_stage_get_views(
     )
     try:
         wait_for(lambda: len(list(held.iterdir())) == 2, 120, "the other work to hold both nodes")
-        driver = subprocess.run(
-            [sys.executable, "-c", TIMED_VIEWS, cluster.address, str(tmp_path)],
-            env=cluster.env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        driver = _run_driver(TIMED_VIEWS, cluster, tmp_path)
     finally:
         _, err = blocker.communicate(timeout=120)
     assert blocker.returncode == 0, err[-3000:]
-    assert driver.returncode == 0, driver.stderr[-3000:]
-    nodes = json.loads(driver.stdout.strip().splitlines()[-1])  # in the order the views finished
+    nodes = [node for _, node in _views(driver)]  # in the order the views finished
     assert len(nodes) == 12
     assert nodes[:2] == ["here", "here"], nodes  # nothing free at first: the job's node alone
     assert len({n for n in nodes if n != "here"}) == 2, nodes  # then both freed nodes joined in
+
+
+def test_views_are_handed_out_while_the_job_node_computes_its_own(
+    tmp_path: Path, cluster: LocalRayCluster
+) -> None:
+    """The job's own view runs in a thread: while it computes (here: until the cluster has done
+    all the others), the stage goes on handing views out. Computed in the stage's thread, as
+    before, it would hold back every view but the first few sent out, and give up waiting."""
+    views = _views(_run_driver(LOCAL_WAITS, cluster, tmp_path))
+    here = [name for name, node in views if node == "here"]
+    assert here == ["11.png"], views  # the last in the queue, done after the cluster's 11
+    assert sorted(name for name, _ in views) == sorted(f"{i}.png" for i in range(12))
+    assert len({node for _, node in views if node != "here"}) == 2, views
+
+
+def _run_driver(script: str, cluster: LocalRayCluster, folder: Path) -> subprocess.CompletedProcess[str]:
+    driver = subprocess.run(
+        [sys.executable, "-c", script, cluster.address, str(folder)],
+        env=cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert driver.returncode == 0, driver.stderr[-3000:]
+    return driver
+
+
+def _views(driver: subprocess.CompletedProcess[str]) -> list[tuple[str, str]]:
+    """(view, node) in the order the fan-out finished them, from a driver script's last line."""
+    return [tuple(v) for v in json.loads(driver.stdout.strip().splitlines()[-1])]
 
 
 BLOCKER = """
@@ -327,21 +344,10 @@ def hold(folder, i):
 ray.get([hold.remote(sys.argv[2], i) for i in range(2)])
 """
 
-TIMED_VIEWS = """
-import json, sys, time
-from dataclasses import dataclass
-from pathlib import Path
-from scandrop.daemon.ray_fanout import RayViewFanout
-
+TIMED_VIEWS = (
+    VIEW_DRIVER
+    + """
 ROOT = Path(sys.argv[2])
-
-
-@dataclass(frozen=True)
-class Task:
-    image_dir: Path
-    mask_path: Path | None
-    out_path: Path
-    photo_names: tuple[str, ...]
 
 
 def one_second(task):
@@ -352,10 +358,39 @@ def one_second(task):
 for i in range(12):
     (ROOT / f"{i}.png").write_bytes(b"photo")
 tasks = [Task(ROOT, None, ROOT / f"{i}.npz", (f"{i}.png",)) for i in range(12)]
-fanout = RayViewFanout(address=sys.argv[1], namespace="scandrop-test", min_views=1, cpus=1, job_node="here")
 done = fanout.map(one_second, tasks, lambda f, m: None, lambda: False)
-print(json.dumps([view.node for view in done]))
+print(json.dumps([[view.name, view.node] for view in done]))
 """
+)
+
+LOCAL_WAITS = (
+    VIEW_DRIVER
+    + """
+ROOT = Path(sys.argv[2])
+MARKS = ROOT / "marks"
+MARKS.mkdir()
+
+
+def waits_for_the_cluster(task):
+    name = task.photo_names[0]
+    if os.getpid() != DRIVER:
+        (MARKS / name).touch()
+        return name, 1.0
+    deadline = time.monotonic() + 60
+    while len(list(MARKS.iterdir())) < 11:
+        if time.monotonic() > deadline:
+            raise SystemExit("the cluster got no more views while this one computed")
+        time.sleep(0.05)
+    return name, 1.0
+
+
+for i in range(12):
+    (ROOT / f"{i}.png").write_bytes(b"photo")
+tasks = [Task(ROOT, None, ROOT / f"{i}.npz", (f"{i}.png",)) for i in range(12)]
+done = fanout.map(waits_for_the_cluster, tasks, lambda f, m: None, lambda: False)
+print(json.dumps([[view.name, view.node] for view in done]))
+"""
+)
 
 
 def test_a_node_killed_mid_job_is_retried_on_the_other_once_with_shipped_data(

@@ -145,7 +145,7 @@ def photo_ceiling(
         for j in np.argsort(np.linalg.norm(centres - origin, axis=1))[:nearest]:
             idx = np.flatnonzero(train.visible_in(points, int(j)))
             cam = np.einsum("ij,kj->ki", train.R[j], points[idx]) + train.t[j]
-            colour = raster.sample_bilinear(train.images[j][..., :3], _pixels(k, cam))
+            colour = raster.sample_bilinear(train.images[j][..., :3], _pixels(train.K, cam))
             view_dir = points[idx] - centres[j]
             cos = np.einsum("ij,ij->i", view_dir, rays[idx]) / np.linalg.norm(view_dir, axis=1)
             closer = cos > best[idx]

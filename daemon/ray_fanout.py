@@ -10,8 +10,9 @@ outbox are shared. The job's own node computes views too, one at a time, in the 
 already holds, so that a cluster whose other CPUs are busy still makes progress; it does so in a
 thread of its own, so that handing out and gathering views never waits for a local view. Each free
 CPU of the cluster gets two views (PREFETCH), so that the next one waits on its node, not on a
-round trip to this process. The free CPUs are re-read between views: a cluster busy with other
-jobs when the stage starts joins in as they finish.
+round trip to this process. A node's worker keeps the job's photos it was sent from view to view,
+so each is undistorted once per worker, as on the job's node. The free CPUs are re-read between
+views: a cluster busy with other jobs when the stage starts joins in as they finish.
 
 Stop: outstanding view tasks are cancelled (ray.cancel, force) before the stage raises; a pipeline
 process that is killed outright takes its driver with it, and Ray kills a dead driver's tasks.
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import os
 import queue
 import shutil
@@ -57,20 +59,36 @@ def run_view(
 
     _limit_threads(ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0))
     _sweep_scratch()
+    shipped = dict(zip(names, blobs, strict=True))
+    mask = shipped.pop(MASK_KEY, None)
     with tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-") as scratch:
         root = Path(scratch)
-        mask_path = None
-        for name, data in zip(names, blobs, strict=True):
-            path = root / "mask.png" if name == MASK_KEY else root / "images" / name
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(data)
-            mask_path = path if name == MASK_KEY else mask_path
+        mask_path = root / "mask.png" if mask is not None else None
+        if mask_path is not None:
+            mask_path.write_bytes(mask)
         local = dataclasses.replace(
-            task, image_dir=root / "images", mask_path=mask_path, out_path=root / "depth.npz"
+            task,
+            image_dir=_photo_copies(task.image_dir, shipped),
+            mask_path=mask_path,
+            out_path=root / "depth.npz",
         )
         view, fraction = work(local)
         out = local.out_path.read_bytes() if local.out_path.exists() else None
     return view, fraction, ray.get_runtime_context().get_node_id(), out
+
+
+def _photo_copies(job_images: Path, photos: dict[str, bytes]) -> Path:
+    """This process's copies of a job's photos, kept from view to view (a Ray worker serves one
+    job's driver and ends with it): each photo is written once, so its path and time stay the same
+    and the depth code's per-process cache of undistorted grey photos serves the next views."""
+    key = hashlib.sha1(str(job_images).encode()).hexdigest()[:16]
+    folder = Path(tempfile.gettempdir()) / f"{SCRATCH_PREFIX}{os.getpid()}-photos" / key
+    for name, data in photos.items():
+        path = folder / name
+        if not path.is_file() or path.stat().st_size != len(data):
+            with atomic_path(path) as tmp:
+                tmp.write_bytes(data)
+    return folder
 
 
 def _sweep_scratch() -> None:

@@ -31,6 +31,7 @@ from daemon_process import Daemon, EventListener, wait_for
 from ray_cluster import LocalRayCluster
 from test_daemon_process import OUTPUTS, PIPELINE_STAGES, _digests
 
+from scandrop.daemon import ray_fanout
 from scandrop.pipeline.bench import synthetic
 from scandrop.pipeline.bench.known_poses import workspace_from_scene
 from scandrop.pipeline.bench.run import estimated_cameras, score_geometry, score_poses
@@ -295,6 +296,19 @@ def test_cpus_freed_by_other_work_during_the_stage_get_views(
     assert len(nodes) == 12
     assert nodes[:2] == ["here", "here"], nodes  # nothing free at first: the job's node alone
     assert len({n for n in nodes if n != "here"}) == 2, nodes  # then both freed nodes joined in
+
+
+def test_a_workers_copies_of_the_photos_are_written_once_per_job(tmp_path: Path) -> None:
+    """Kept from view to view, so that the depth code's grey-photo cache (keyed by path, size and
+    time) serves a worker's next views; another job gets a folder of its own."""
+    first = ray_fanout._photo_copies(tmp_path / "job-a" / "images", {"a.png": b"one", "b.png": b"two"})
+    stamp = (first / "a.png").stat().st_mtime_ns
+    again = ray_fanout._photo_copies(tmp_path / "job-a" / "images", {"a.png": b"one", "c.png": b"three"})
+    assert again == first and (first / "a.png").stat().st_mtime_ns == stamp
+    assert sorted(p.name for p in first.iterdir()) == ["a.png", "b.png", "c.png"]
+    other = ray_fanout._photo_copies(tmp_path / "job-b" / "images", {"a.png": b"ONE"})
+    assert other != first and (other / "a.png").read_bytes() == b"ONE"
+    shutil.rmtree(first.parent)
 
 
 def test_views_are_handed_out_while_the_job_node_computes_its_own(

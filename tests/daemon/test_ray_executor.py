@@ -236,6 +236,15 @@ class Task:
     mask_path: Path | None
     out_path: Path
     photo_names: tuple[str, ...] = ("a.png",)
+
+
+def twelve_views(work):  # fan 12 views out; print [view, node] in the order they finished
+    root = Path(sys.argv[2])
+    for i in range(12):
+        (root / f"{i}.png").write_bytes(b"photo")
+    tasks = [Task(root, None, root / f"{i}.npz", (f"{i}.png",)) for i in range(12)]
+    done = fanout.map(work, tasks, lambda f, m: None, lambda: False)
+    print(json.dumps([[view.name, view.node] for view in done]))
 """
 
 FAILING_VIEWS = (
@@ -361,27 +370,19 @@ ray.get([hold.remote(sys.argv[2], i) for i in range(2)])
 TIMED_VIEWS = (
     VIEW_DRIVER
     + """
-ROOT = Path(sys.argv[2])
-
-
 def one_second(task):
     time.sleep(1.0)
     return task.photo_names[0], 1.0
 
 
-for i in range(12):
-    (ROOT / f"{i}.png").write_bytes(b"photo")
-tasks = [Task(ROOT, None, ROOT / f"{i}.npz", (f"{i}.png",)) for i in range(12)]
-done = fanout.map(one_second, tasks, lambda f, m: None, lambda: False)
-print(json.dumps([[view.name, view.node] for view in done]))
+twelve_views(one_second)
 """
 )
 
 LOCAL_WAITS = (
     VIEW_DRIVER
     + """
-ROOT = Path(sys.argv[2])
-MARKS = ROOT / "marks"
+MARKS = Path(sys.argv[2]) / "marks"
 MARKS.mkdir()
 
 
@@ -398,11 +399,7 @@ def waits_for_the_cluster(task):
     return name, 1.0
 
 
-for i in range(12):
-    (ROOT / f"{i}.png").write_bytes(b"photo")
-tasks = [Task(ROOT, None, ROOT / f"{i}.npz", (f"{i}.png",)) for i in range(12)]
-done = fanout.map(waits_for_the_cluster, tasks, lambda f, m: None, lambda: False)
-print(json.dumps([[view.name, view.node] for view in done]))
+twelve_views(waits_for_the_cluster)
 """
 )
 

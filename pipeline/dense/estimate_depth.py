@@ -50,6 +50,13 @@ class DepthConfig(BaseModel):
     partners: int = Field(4, ge=1, le=4, description="Stereo partners per view (more: fewer holes, slower).")
     min_angle_deg: float = Field(3.0, gt=0, lt=45, description="Smallest triangulation angle of a partner.")
     max_angle_deg: float = Field(40.0, gt=0, le=60, description="Largest triangulation angle of a partner.")
+    lone_max_angle_deg: float = Field(
+        60.0,
+        ge=0,
+        le=75,
+        description="PatchMatch: a view with no source within max_angle_deg takes sources up to this"
+        " angle (few photos far apart) instead of having no depth map; 0 = never.",
+    )
     block_size: int = Field(3, ge=3, le=11, description="SGBM matching window (odd, px).")
     uniqueness: int = Field(5, ge=0, le=50, description="SGBM uniqueness margin (%): higher drops ambiguity.")
     max_disparities: int = Field(256, ge=16, le=512, description="Cap on the disparity search range (px).")
@@ -101,6 +108,10 @@ class DepthResult(BaseModel):
     seconds: float
     nodes: dict[str, str] = Field(
         default_factory=dict, description="Where each view ran (Ray node id), when the views fanned out."
+    )
+    wide_baseline_views: list[str] = Field(
+        default_factory=list,
+        description="Views whose sources all lie beyond max_angle_deg (see lone_max_angle_deg).",
     )
 
 

@@ -50,6 +50,7 @@ class DepthTask:
     mask_path: Path | None
     out_path: Path
     config: DepthConfig
+    wide_baseline: bool = False  # its sources lie beyond config.max_angle_deg (view_selection)
 
     @property
     def photo_names(self) -> tuple[str, ...]:
@@ -223,9 +224,11 @@ def depth_for_view(task: DepthTask) -> tuple[str, float]:
 
 def plan_tasks(views: list[DenseView], config: DepthConfig, ws: Workspace) -> list[DepthTask]:
     """One task per view that has source views."""
-    sources = mvs_sources(views, config.pm_sources, config.min_angle_deg, config.max_angle_deg)
+    sources, wide = mvs_sources(
+        views, config.pm_sources, config.min_angle_deg, config.max_angle_deg, config.lone_max_angle_deg
+    )
     tasks = []
-    for view, chosen in zip(views, sources, strict=True):
+    for i, (view, chosen) in enumerate(zip(views, sources, strict=True)):
         if not chosen:
             continue
         mask = ws.mask_for(view.name)
@@ -237,6 +240,7 @@ def plan_tasks(views: list[DenseView], config: DepthConfig, ws: Workspace) -> li
                 mask_path=mask if mask.exists() else None,
                 out_path=ws.depth_dir / f"{view.name}.npz",
                 config=config,
+                wide_baseline=i in wide,
             )
         )
     return tasks
@@ -276,4 +280,5 @@ def run(
         mean_valid_fraction=round(float(np.mean(fractions)), 4),
         seconds=round(time.monotonic() - start, 2),
         nodes=nodes,
+        wide_baseline_views=[t.ref.name for t in tasks if t.wide_baseline],
     )

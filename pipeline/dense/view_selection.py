@@ -92,15 +92,27 @@ def fusion_neighbours(views: list[DenseView], count: int, min_shared: int = 8) -
 
 
 def mvs_sources(
-    views: list[DenseView], count: int, min_angle_deg: float, max_angle_deg: float, min_shared: int = 12
-) -> list[list[int]]:
+    views: list[DenseView],
+    count: int,
+    min_angle_deg: float,
+    max_angle_deg: float,
+    lone_max_angle_deg: float = 0.0,
+    min_shared: int = 12,
+) -> tuple[list[list[int]], set[int]]:
     """For each view, up to `count` source views for multi-view stereo, best first: many shared
     points at a moderate triangulation angle (COLMAP's and ACMM's criterion). Unlike rectified
-    pairs, forward motion is fine here; views facing more than 75 degrees apart are not."""
+    pairs, forward motion is fine here; views facing more than 75 degrees apart are not.
+
+    A view with no source within `max_angle_deg` takes its sources up to `lone_max_angle_deg`
+    (few photos far apart): plane-induced windows still match there, and fusion still needs other
+    views to agree, while without sources the photo would add no depth at all. Returns the sources
+    and the indices of the views that got such wide-baseline sources."""
     best_angle = 0.5 * (min_angle_deg + max_angle_deg)
+    widest = max(max_angle_deg, lone_max_angle_deg)
     sources: list[list[int]] = []
-    for ref in views:
-        scored: list[tuple[float, int]] = []
+    wide: set[int] = set()
+    for i, ref in enumerate(views):
+        scored: list[tuple[float, int, bool]] = []
         for j, other in enumerate(views):
             if other is ref or float(ref.axis @ other.axis) < np.cos(np.radians(75.0)):
                 continue
@@ -108,10 +120,15 @@ def mvs_sources(
             if len(pts) < min_shared:
                 continue
             angle = _median_angle_deg(pts, ref.center, other.center)
-            if not min_angle_deg * 0.5 <= angle <= max_angle_deg:
+            if not min_angle_deg * 0.5 <= angle <= widest:
                 continue
             weight = np.exp(-(((angle - best_angle) / (max_angle_deg - min_angle_deg)) ** 2) * 2.0)
-            scored.append((float(np.sqrt(len(pts)) * weight), j))
+            scored.append((float(np.sqrt(len(pts)) * weight), j, angle > max_angle_deg))
+        usual = [s for s in scored if not s[2]]
+        if usual or not scored:
+            scored = usual
+        else:
+            wide.add(i)
         scored.sort(reverse=True)
-        sources.append([j for _, j in scored[:count]])
-    return sources
+        sources.append([j for _, j, _ in scored[:count]])
+    return sources, wide

@@ -153,7 +153,9 @@ def _numba_seed(seed: int) -> None:
 
 def _resize(gray: np.ndarray, scale: float) -> np.ndarray:
     if scale == 1.0:
-        return np.ascontiguousarray(gray, dtype=np.float32)
+        # A writable copy: the cached greys are read-only, and numba compiles every kernel again
+        # for a read-only array type (the first job compiled the finest level twice).
+        return np.array(gray, dtype=np.float32, order="C")
     h, w = gray.shape
     size = (max(8, round(w * scale)), max(8, round(h * scale)))
     return cv2.resize(gray.astype(np.float32), size, interpolation=cv2.INTER_AREA)

@@ -8,14 +8,17 @@ cannot tell them apart, except by the `execution` field that says where the job 
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import structlog
+
 from scandrop.daemon.job_status import DataMode, ExecutionInfo
 from scandrop.daemon.settings import ExecutorKind
-from scandrop.daemon.worker import run_job
+from scandrop.daemon.worker import run_job, warm_up
 from scandrop.pipeline.core.stage import OnEvent, StopCheck, never_stop
 from scandrop.pipeline.job_spec import JobSpec
 from scandrop.pipeline.report import Report
@@ -59,8 +62,28 @@ class Executor(Protocol):
     def close(self) -> None: ...
 
 
+log = structlog.get_logger("scandrop.daemon")
+
+
 class LocalExecutor:
+    """Jobs in child processes here. With `warm_up`, the pipeline's kernels are compiled at start in
+    a low-priority child (worker.warm_up) while the daemon already takes jobs."""
+
     kind = ExecutorKind.local
+
+    def __init__(self, warm: bool = False) -> None:
+        self._closing = threading.Event()
+        self._warming: threading.Thread | None = None
+        if warm:
+            self._warming = threading.Thread(target=self._warm_up, name="warm-up", daemon=True)
+            self._warming.start()
+
+    def _warm_up(self) -> None:
+        seconds = warm_up(should_stop=self._closing.is_set)
+        if seconds is not None:
+            log.info("kernels_ready", seconds=round(seconds, 1))
+        elif not self._closing.is_set():
+            log.warning("kernels_warm_up_failed", hint="the first job compiles them instead")
 
     def problem(self) -> str | None:
         return None
@@ -81,4 +104,6 @@ class LocalExecutor:
         )
 
     def close(self) -> None:
-        return None
+        self._closing.set()
+        if self._warming is not None:
+            self._warming.join()

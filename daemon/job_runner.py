@@ -78,7 +78,7 @@ def make_executor(settings: Settings) -> Executor:
         from scandrop.daemon.ray_executor import RayExecutor  # Ray loads only for this executor
 
         return RayExecutor(settings)
-    return LocalExecutor()
+    return LocalExecutor(warm=settings.warm_up)
 
 
 class JobRunner:

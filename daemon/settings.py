@@ -105,6 +105,11 @@ class Settings(BaseSettings):
     job_timeout: float = Field(3600.0, gt=0, description="Seconds before a job is stopped as timed out.")
     max_retries: int = Field(1, ge=0, le=10, description="Re-runs of a job whose process crashed.")
     max_triangles: int = Field(300_000, ge=1000, description="Triangle cap of model.glb.")
+    warm_up: bool = Field(
+        True,
+        description="Compile the reconstruction kernels at start, at the lowest CPU priority, so that "
+        "the first job after an install does not wait for them (local executor).",
+    )
     executor: ExecutorKind = Field(
         ExecutorKind.local, description="local: child processes here; ray: tasks on a Ray cluster."
     )

@@ -93,6 +93,37 @@ def _child(
     events.put(("report", report.model_dump_json()))
 
 
+def _warm_child(lifeline: Connection) -> None:
+    # Not a process group of its own (that is what marks a job's processes); it starts none.
+    die_with(lifeline, group=False)
+    os.nice(19)  # only what jobs and the daemon leave idle
+    from scandrop.pipeline import warm_kernels
+
+    warm_kernels.warm()
+
+
+def warm_up(should_stop: StopCheck = never_stop, timeout: float = 900.0) -> float | None:
+    """Compile the pipeline's numba kernels (or load them from numba's cache) in a child of the
+    jobs' fork server at the lowest CPU priority, so the first job after an install does not pay for
+    it (pipeline/warm_kernels.py); this also starts the fork server before the first job. Returns
+    the seconds it took, or None when it failed, was stopped or ran past `timeout`."""
+    ctx = _job_context()
+    lifeline, held = ctx.Pipe(duplex=False)  # as a job's: it dies with this process
+    proc = ctx.Process(target=_warm_child, name="scandrop-warm-up", daemon=False, args=(lifeline,))
+    t0 = time.monotonic()
+    proc.start()
+    lifeline.close()
+    try:
+        while proc.exitcode is None and not should_stop() and time.monotonic() - t0 < timeout:
+            proc.join(0.2)
+    finally:
+        if proc.exitcode is None:
+            _kill_tree(proc.pid)  # type: ignore[arg-type]
+        proc.join()
+        held.close()
+    return time.monotonic() - t0 if proc.exitcode == 0 else None
+
+
 def _drain(events: mp.Queue, on_event: OnEvent | None, wait: float) -> Report | None:
     """Pass on every queued progress event; return the report if the child sent it."""
     while True:

@@ -27,13 +27,16 @@ def die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def die_with(lifeline: Connection) -> None:
+def die_with(lifeline: Connection, group: bool = True) -> None:
     """Call first thing in a child that leads its own process group: the group is killed as soon
-    as the other end of `lifeline` closes (its holder exited or died; it never writes)."""
+    as the other end of `lifeline` closes (its holder exited or died; it never writes). With
+    `group` False, only this process is (one that starts none and shares its starter's group)."""
 
     def watch() -> None:
         with contextlib.suppress(EOFError, OSError):
             lifeline.recv()
-        os.killpg(0, signal.SIGKILL)
+        if group:
+            os.killpg(0, signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGKILL)
 
     threading.Thread(target=watch, name="lifeline", daemon=True).start()

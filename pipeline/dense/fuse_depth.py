@@ -216,6 +216,25 @@ def _fuse_view(
     return points, normals, colours
 
 
+def warm_kernels() -> None:
+    """Compile (or load from numba's cache) this module's kernels on two tiny depth maps of a plane,
+    with the array types `run` uses (pipeline/warm_kernels.py)."""
+    h, w = 8, 8
+    K = np.array([[8.0, 0.0, 3.5], [0.0, 8.0, 3.5], [0.0, 0.0, 1.0]])
+    normals = np.zeros((2, h, w, 3), np.float32)
+    normals[..., 2] = -1.0
+    maps = _DepthMaps(
+        depth=np.full((2, h, w), 2.0, np.float32),
+        normals=normals,
+        rgb=np.zeros((2, h, w, 3), np.uint8),
+        K=np.stack([K, K]),
+        R=np.stack([np.eye(3), np.eye(3)]),
+        t=np.array([[0.0, 0.0, 0.0], [-0.25, 0.0, 0.0]]),
+        used=np.zeros((2, h, w), bool),
+    )
+    _fuse_view(maps, 0, np.array([1], np.int64), FuseConfig())
+
+
 def _snapshot(views: list[DenseView], chunks: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> LiveModel:
     """The cameras and the points fused so far, for the live view."""
     xyz = np.concatenate([c[0] for c in chunks]) if chunks else np.zeros((0, 3))

@@ -154,6 +154,8 @@ def test_slow_copy_waits_then_succeeds_with_live_events(patient_daemon: Daemon, 
     assert kinds[0] == "snapshot" and "created" in kinds and "progress" in kinds
     stages = [e["job"]["stage"] for e in listener.events if e["type"] == "stage"]
     assert stages == PIPELINE_STAGES
+    # At start the daemon compiled the pipeline's kernels at low priority, beside the job's start.
+    assert '"event": "kernels_ready"' in daemon.log.read_text()
     progress = [e["job"]["progress"] for e in listener.events if e["type"] in ("stage", "progress")]
     assert progress == sorted(progress) and progress[-1] > 0.9
     _assert_live_models(job, watcher, listener)

@@ -17,7 +17,7 @@ import psutil
 import pytest
 from PIL import Image
 
-from scandrop.daemon.worker import run_job
+from scandrop.daemon.worker import run_job, warm_up
 from scandrop.pipeline.bench import synthetic
 from scandrop.pipeline.core.errors import ErrorCode
 from scandrop.pipeline.core.stage import ProgressEvent
@@ -156,3 +156,25 @@ def test_a_really_full_disk_fails_as_disk_full(tmp_path: Path, scene_photos: Pat
     assert proc.returncode == 1 and error["code"] == "disk_full", error
     assert str(mount / "work") in error["message"] and error["hint"]
     assert "Traceback" not in proc.stderr
+
+
+def _fork_server_children() -> list[psutil.Process]:
+    """The processes the jobs' fork server has started (jobs, the warm-up) and that still run."""
+    servers = [p for p in psutil.Process().children() if "forkserver" in " ".join(p.cmdline())]
+    return [child for server in servers for child in server.children(recursive=True)]
+
+
+def test_the_warm_up_runs_at_the_lowest_priority_and_is_stopped_on_request() -> None:
+    niceness: list[int] = []
+
+    def watch() -> bool:
+        niceness.extend(p.nice() for p in _fork_server_children())
+        return False
+
+    seconds = warm_up(should_stop=watch)
+    assert seconds is not None and seconds > 0  # compiled, or loaded from numba's cache
+    assert 19 in niceness  # jobs and the daemon come first
+    assert _fork_server_children() == []
+
+    assert warm_up(should_stop=lambda: True) is None  # the daemon stopping: killed, not waited for
+    assert _fork_server_children() == []

@@ -66,8 +66,8 @@ log = structlog.get_logger("scandrop.daemon")
 
 
 class LocalExecutor:
-    """Jobs in child processes here. With `warm_up`, the pipeline's kernels are compiled at start in
-    a low-priority child (worker.warm_up) while the daemon already takes jobs."""
+    """Jobs in child processes here. With `warm`, the pipeline's kernels are compiled at start in a
+    low-priority child (worker.warm_up) while the daemon already takes jobs."""
 
     kind = ExecutorKind.local
 

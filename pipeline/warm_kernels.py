@@ -2,10 +2,10 @@
 
 numba compiles a kernel at its first call and keeps the machine code on disk (`cache=True`: the
 package's __pycache__, or NUMBA_CACHE_DIR). Without a warm-up the first job after an install pays
-for it inside its depth stage (about 26 s of one core on an idle machine, PatchMatch above all).
+for it inside its depth stage (28.5 s on an idle 2-core machine, PatchMatch above all).
 `warm()` calls every kernel once on a tiny textured plane, through the functions and array types
 a job uses, so that later jobs only load them; the daemon runs it at start in a child process at
-the lowest CPU priority (daemon/worker.py, `start_warm_up`). `compiled()` lists what each kernel
+the lowest CPU priority (daemon/worker.py, `warm_up`). `compiled()` lists what each kernel
 was compiled for: a test checks that a real run adds nothing to what `warm()` compiled.
 """
 

@@ -6,12 +6,13 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 # In a fresh interpreter (this one may have compiled kernels already): warm up, then run the real
 # depth, fusion and rasterisation on a tiny rendered scene, and list the kernels' signatures.
 SCRIPT = textwrap.dedent(
     """
-    import json, sys, tempfile
+    import json, sys
     from pathlib import Path
     import numpy as np
     from scandrop.pipeline import warm_kernels
@@ -30,7 +31,7 @@ SCRIPT = textwrap.dedent(
     rs, ts = synthetic.orbit_cameras(48)
     rs, ts = [rs[i] for i in (0, 1, 23, 24, 47)], [ts[i] for i in (0, 1, 23, 24, 47)]
     scene = synthetic.render_views(primitives, tex, np.full(len(primitives), 0.22), rs, ts, 200, 150)
-    ws = Workspace(Path(tempfile.mkdtemp())).create()
+    ws = Workspace(Path(sys.argv[1])).create()
     workspace_from_scene(scene, ws)
     patchmatch_cpu.run(DepthConfig(), ws, lambda *_: None, lambda: False)
     fused = fuse_depth.run(fuse_depth.FuseConfig(min_points=1), ws, lambda *_: None, lambda: False)
@@ -41,8 +42,10 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def test_a_job_after_the_warm_up_compiles_nothing_more() -> None:
-    done = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=600)
+def test_a_job_after_the_warm_up_compiles_nothing_more(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(tmp_path / "work")], capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout)
     assert result["points"] > 1000  # the real stages ran and produced geometry

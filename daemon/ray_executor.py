@@ -66,6 +66,7 @@ class RayExecutor:
         self._probed_nodes: frozenset[str] | None = None
         self._mode = DataMode.shipped
         self._remote: dict[str, Any] = {}
+        self._warming: dict[str, Any] = {}  # node id -> its warm-up task, None once it answered
         self._thread = threading.Thread(target=self._connect_loop, name="ray-connect", daemon=True)
         self._thread.start()
 
@@ -92,6 +93,7 @@ class RayExecutor:
                         "run": ray.remote(ray_tasks.run_on_node),
                         "probe": ray.remote(ray_tasks.probe_paths),
                         "kill": ray.remote(ray_tasks.kill_job_group),
+                        "warm": ray.remote(ray_tasks.warm_node),
                     }
                     self._connected = True
                     log.info(
@@ -102,6 +104,7 @@ class RayExecutor:
                 if self._problem is not None:
                     log.info("ray_ready", address=self.settings.ray_address, nodes=len(self._worker_nodes()))
                 self._problem = None
+                self._warm_nodes()
             except Exception as exc:  # refused, timed out, no cluster, no worker node, auth: not (yet)
                 if self._problem is None or self._problem.startswith("connecting"):
                     log.warning("ray_unreachable", address=self.settings.ray_address, error=str(exc))
@@ -113,6 +116,32 @@ class RayExecutor:
                     with contextlib.suppress(Exception):
                         ray.shutdown()
             self._closed.wait(CONNECT_RETRY_SECONDS)
+
+    def _warm_nodes(self) -> None:
+        """Each node that joins compiles the pipeline's kernels once (no CPU reserved: it runs at the
+        lowest priority), so that its first job or depth-map task does not; the log says when."""
+        if not self.settings.warm_up:
+            return
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        for node in self._worker_nodes() - self._warming.keys():
+            self._warming[node] = (
+                self._remote["warm"]
+                .options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
+                .remote()
+            )
+        for node, ref in self._warming.items():
+            if ref is None or not self._ray.wait([ref], timeout=0)[0]:
+                continue
+            self._warming[node] = None
+            try:
+                answer = self._ray.get(ref)
+            except Exception as exc:  # the node left, or the task failed: its first job compiles
+                answer = {"error": str(exc)}
+            if answer.get("seconds") is None:
+                log.warning("kernels_warm_up_failed", node=node, **answer)
+            else:
+                log.info("kernels_ready", node=node, **answer)
 
     def close(self) -> None:
         self._closed.set()

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from scandrop.daemon.ray_fanout import RayViewFanout
-from scandrop.daemon.worker import kill_group, run_job
+from scandrop.daemon.worker import kill_group, run_job, warm_up
 from scandrop.models.device import resolve_device_in_child
 from scandrop.pipeline.core.stage import ProgressEvent
 from scandrop.pipeline.job_spec import JobSpec
@@ -86,6 +86,12 @@ def probe_paths(tokens: dict[str, str]) -> dict[str, Any]:
         except OSError:
             seen[path] = False
     return {"node_id": ray.get_runtime_context().get_node_id(), "seen": seen}
+
+
+def warm_node() -> dict[str, Any]:
+    """Compile the pipeline's kernels on this node (worker.warm_up, at the lowest CPU priority), so
+    that its first job or depth-map task does not."""
+    return {"host": socket.gethostname(), "seconds": warm_up()}
 
 
 def kill_job_group(pgid: int) -> str:

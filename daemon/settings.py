@@ -107,8 +107,8 @@ class Settings(BaseSettings):
     max_triangles: int = Field(300_000, ge=1000, description="Triangle cap of model.glb.")
     warm_up: bool = Field(
         True,
-        description="Compile the reconstruction kernels at start, at the lowest CPU priority, so that "
-        "the first job after an install does not wait for them (local executor).",
+        description="Compile the reconstruction kernels at start (ray: on each node as it joins), at "
+        "the lowest CPU priority, so that the first job after an install does not wait for them.",
     )
     executor: ExecutorKind = Field(
         ExecutorKind.local, description="local: child processes here; ray: tasks on a Ray cluster."

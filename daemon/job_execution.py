@@ -65,6 +65,14 @@ class Executor(Protocol):
 log = structlog.get_logger("scandrop.daemon")
 
 
+def log_warm_up(seconds: float | None, **where: Any) -> None:
+    """The log line of a finished kernel warm-up (worker.warm_up), here or on a Ray node."""
+    if seconds is None:
+        log.warning("kernels_warm_up_failed", hint="its first job compiles them instead", **where)
+    else:
+        log.info("kernels_ready", seconds=round(seconds, 1), **where)
+
+
 class LocalExecutor:
     """Jobs in child processes here. With `warm`, the pipeline's kernels are compiled at start in a
     low-priority child (worker.warm_up) while the daemon already takes jobs."""
@@ -80,10 +88,8 @@ class LocalExecutor:
 
     def _warm_up(self) -> None:
         seconds = warm_up(should_stop=self._closing.is_set)
-        if seconds is not None:
-            log.info("kernels_ready", seconds=round(seconds, 1))
-        elif not self._closing.is_set():
-            log.warning("kernels_warm_up_failed", hint="the first job compiles them instead")
+        if seconds is not None or not self._closing.is_set():  # stopped on purpose: nothing to say
+            log_warm_up(seconds)
 
     def problem(self) -> str | None:
         return None

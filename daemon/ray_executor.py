@@ -28,7 +28,7 @@ from typing import Any
 import structlog
 
 from scandrop.daemon import ray_tasks
-from scandrop.daemon.job_execution import JobHooks, JobRequest
+from scandrop.daemon.job_execution import JobHooks, JobRequest, log_warm_up
 from scandrop.daemon.job_status import DataMode, ExecutionInfo
 from scandrop.daemon.settings import ExecutorKind, RayData, Settings
 from scandrop.daemon.worker import GRACE_SECONDS, _failed_report
@@ -136,12 +136,9 @@ class RayExecutor:
             self._warming[node] = None
             try:
                 answer = self._ray.get(ref)
-            except Exception as exc:  # the node left, or the task failed: its first job compiles
+            except Exception as exc:  # the node left, or the task failed
                 answer = {"error": str(exc)}
-            if answer.get("seconds") is None:
-                log.warning("kernels_warm_up_failed", node=node, **answer)
-            else:
-                log.info("kernels_ready", node=node, **answer)
+            log_warm_up(answer.pop("seconds", None), node=node, **answer)
 
     def close(self) -> None:
         self._closed.set()

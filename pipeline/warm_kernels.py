@@ -30,7 +30,7 @@ def warm() -> float:
     height, width, shift = 48, 64, 3
     noise = np.random.default_rng(0).uniform(0.0, 255.0, (height, width)).astype(np.float32)
     ref = cv2.GaussianBlur(noise, (0, 0), 1.0)
-    src = np.ascontiguousarray(np.roll(ref, -shift, axis=1))
+    src = np.roll(ref, -shift, axis=1)  # a new contiguous array
     K = np.array([[60.0, 0.0, (width - 1) / 2], [0.0, 60.0, (height - 1) / 2], [0.0, 0.0, 1.0]])
     depth = 2.0  # a fronto-parallel plane; the source camera moved along x by `shift` px of it
     R, t = np.eye(3), np.array([-shift * depth / K[0, 0], 0.0, 0.0])

@@ -75,6 +75,11 @@ class Daemon:
     def log(self) -> Path:
         return self.root / f"daemon-{self.starts}.log"
 
+    def logged(self, *events: str) -> list[dict[str, Any]]:
+        """The JSON log lines of this start that are one of `events`."""
+        records = [json.loads(line) for line in self.log.read_text().splitlines() if line.startswith("{")]
+        return [e for e in records if e["event"] in events]
+
     def start(self, extra_env: dict[str, str] | None = None, healthy: bool = True) -> Daemon:
         """Start and wait until it answers /healthz with 200 (or at all, when not `healthy`)."""
         self.starts += 1

@@ -154,8 +154,10 @@ def test_slow_copy_waits_then_succeeds_with_live_events(patient_daemon: Daemon, 
     assert kinds[0] == "snapshot" and "created" in kinds and "progress" in kinds
     stages = [e["job"]["stage"] for e in listener.events if e["type"] == "stage"]
     assert stages == PIPELINE_STAGES
-    # At start the daemon compiled the pipeline's kernels at low priority, beside the job's start.
-    assert '"event": "kernels_ready"' in daemon.log.read_text()
+    # At start the daemon compiled the pipeline's kernels at the lowest priority, beside the job
+    # (on a loaded machine the job can end first: the warm-up only gets idle CPU).
+    warmed = wait_for(lambda: daemon.logged("kernels_ready", "kernels_warm_up_failed"), 300, "the warm-up")
+    assert [e["event"] for e in warmed] == ["kernels_ready"], warmed
     progress = [e["job"]["progress"] for e in listener.events if e["type"] in ("stage", "progress")]
     assert progress == sorted(progress) and progress[-1] > 0.9
     _assert_live_models(job, watcher, listener)

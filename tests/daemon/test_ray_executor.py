@@ -128,9 +128,15 @@ def test_jobs_wait_for_an_unreachable_cluster_then_run_on_it_fanning_out_their_d
     assert len(nodes) == depth["result"]["views"] == 24
     assert job["execution"]["node_id"] in set(nodes.values())  # the job's own node took views,
     assert len(set(nodes.values())) == 2  # and so did the other one
-    # Each node compiled the pipeline's kernels once when it joined, at the lowest priority.
-    logged = [json.loads(line) for line in daemon.log.read_text().splitlines() if line.startswith("{")]
-    assert {e["node"] for e in logged if e["event"] == "kernels_ready"} == set(nodes.values())
+    # Each node compiled the pipeline's kernels once when it joined, at the lowest priority (only
+    # idle CPU: the job and its depth tasks can end first on a loaded machine).
+    warmed = wait_for(
+        lambda: len(found := daemon.logged("kernels_ready", "kernels_warm_up_failed")) >= 2 and found,
+        300,
+        "the warm-up on both nodes",
+    )
+    expected = sorted(("kernels_ready", node) for node in set(nodes.values()))
+    assert sorted((e["event"], e["node"]) for e in warmed) == expected, warmed
     # The geometry is that of a job on one node: cameras and surface against the rendered truth.
     scene = synthetic.render_scene(n_views=24, width=320, height=240, seed=0)  # = the `photos`
     poses = score_poses(estimated_cameras(out), scene.cameras())

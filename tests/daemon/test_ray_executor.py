@@ -130,11 +130,9 @@ def test_jobs_wait_for_an_unreachable_cluster_then_run_on_it_fanning_out_their_d
     assert len(set(nodes.values())) == 2  # and so did the other one
     # Each node compiled the pipeline's kernels once when it joined, at the lowest priority (only
     # idle CPU: the job and its depth tasks can end first on a loaded machine).
-    warmed = wait_for(
-        lambda: len(found := daemon.logged("kernels_ready", "kernels_warm_up_failed")) >= 2 and found,
-        300,
-        "the warm-up on both nodes",
-    )
+    ended = ("kernels_ready", "kernels_warm_up_failed")
+    wait_for(lambda: len(daemon.logged(*ended)) >= 2, 300, "the warm-up on both nodes")
+    warmed = daemon.logged(*ended)
     expected = sorted(("kernels_ready", node) for node in set(nodes.values()))
     assert sorted((e["event"], e["node"]) for e in warmed) == expected, warmed
     # The geometry is that of a job on one node: cameras and surface against the rendered truth.

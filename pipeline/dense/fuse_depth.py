@@ -29,6 +29,9 @@ from scandrop.pipeline.core.workspace import Workspace
 from scandrop.pipeline.dense.dense_views import DenseView, load_views
 from scandrop.pipeline.dense.view_selection import fusion_neighbours
 
+# Sets with depth in at most this many photos need one other view to agree with a point (see run).
+SMALL_SET_VIEWS = 3
+
 
 class FuseConfig(BaseModel):
     """Fusion settings; the defaults are the `balanced` preset."""
@@ -273,9 +276,12 @@ def run(
         )
     maps = _load_all([ws.depth_dir / f"{views[i].name}.npz" for i in with_depth])
     slot = {view_index: k for k, view_index in enumerate(with_depth)}
-    # A set of 2-3 photos cannot give min_consistent other views: it cross-checks with what it has
-    # (the 3-view barn had depth in 2 views and failed here with no model at all).
-    config = config.model_copy(update={"min_consistent": min(config.min_consistent, len(with_depth) - 1)})
+    # A set of 2-3 photos cannot give min_consistent other views: it cross-checks with one. Two
+    # photos have no more; in three, two agreeing views would mean every photo sees the point, and
+    # the wide-baseline triples people take share little three ways (the 3-view barn: 7 006 points
+    # and a preview of fragments, 194 054 points with one).
+    if len(with_depth) <= SMALL_SET_VIEWS:
+        config = config.model_copy(update={"min_consistent": 1})
     chunks: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     throttle = Throttle()
     for k, i in enumerate(with_depth):

@@ -72,6 +72,30 @@ def test_patchmatch_depth_matches_ground_truth_across_exposures(scene: synthetic
     assert np.allclose(np.linalg.norm(n, axis=1), 1.0, atol=1e-3)
 
 
+def test_two_sources_a_pixel_needs_only_one(scene: synthetic.SyntheticScene) -> None:
+    """A view with two sources (each view of a 3-photo set): where one source does not see the
+    surface, the other's match must be enough (fusion cross-checks it later), as it was not when a
+    pixel averaged its best 2 of 2."""
+    K = scene.K.copy()
+    K[0, 2] -= 0.5
+    K[1, 2] -= 0.5
+    grey = [img.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32) for img in scene.images]
+    blind = grey[2].copy()
+    blind[:, : WIDTH // 2] = 0.0  # this source sees nothing of its left half
+    rel = []
+    for R, t in zip(scene.R[1:3], scene.t[1:3], strict=True):
+        r_rel = R @ scene.R[0].T
+        rel.append((r_rel, t - r_rel @ scene.t[0]))
+    config = DepthConfig(pm_levels=2, pm_best_k=2)
+    assert patchmatch_cpu.selected_sources(config.pm_best_k, 2) == 1
+    planes = patchmatch_cpu.patchmatch_planes(grey[0], K, [grey[1], blind], [K] * 2, rel, 1.5, 4.5, config)
+    truth = _true_depth(scene, K)
+    valid = (planes.depth > 0) & (planes.cost < config.pm_max_cost) & np.isfinite(truth)
+    assert valid.sum() > 0.6 * np.isfinite(truth).sum()
+    err = np.abs(planes.depth[valid] - truth[valid])
+    assert np.mean(err < 0.015 * truth[valid]) > 0.85
+
+
 def test_depth_for_view_writes_the_stage_file(tmp_path: Path, scene: synthetic.SyntheticScene) -> None:
     ws = Workspace(tmp_path).create()
     workspace_from_scene(scene, ws)

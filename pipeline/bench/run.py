@@ -41,7 +41,7 @@ from scandrop.models.device import resolve_device
 from scandrop.pipeline.bench import appearance, baseline, metrics, relief, synthetic
 from scandrop.pipeline.core.stage import never_stop, no_progress
 from scandrop.pipeline.core.workspace import Workspace
-from scandrop.pipeline.export import export_assets
+from scandrop.pipeline.export import export_assets, model_glb
 from scandrop.pipeline.job_spec import JobSpec
 from scandrop.pipeline.presets import preset_config
 from scandrop.pipeline.report import Report
@@ -130,7 +130,7 @@ def score_held_out(
     images = [image[..., :3] for image in held_out.images]
     masks = [image[..., 3] == 255 for image in held_out.images]
     row: dict[str, Any] = {}
-    textured = appearance.load_model(result / "model.glb").moved(to_gt)
+    textured = model_glb.load_model(result / "model.glb").moved(to_gt)
     scores = appearance.score_views(textured, cameras, images, masks)
     row["psnr_db"], row["psnr_per_view_db"] = scores["psnr_db"], scores["psnr_per_view_db"]
     row["textured"] = textured.texture is not None
@@ -138,7 +138,7 @@ def score_held_out(
         vertex_out = result.parent / "vertex-colours"
         config = export_assets.ExportConfig(texture="vertex", points=False, splats=False, cameras=False)
         export_assets.run(config, Workspace(work), vertex_out, no_progress, never_stop)
-        vertex = appearance.load_model(vertex_out / "model.glb").moved(to_gt)
+        vertex = model_glb.load_model(vertex_out / "model.glb").moved(to_gt)
         row["psnr_vertex_db"] = appearance.score_views(vertex, cameras, images, masks)["psnr_db"]
     glb = result / "model.glb"
     row["glb_mb"] = round(glb.stat().st_size / 2**20, 2)

@@ -1,12 +1,14 @@
 """Stage: a preview.png of the result, rendered in software (no GL on a headless CPU box).
 
-The mesh is drawn orthographically from the direction the photographer mostly looked, with +y
+The model is drawn orthographically from the direction the photographer mostly looked, with +y
 up, framed on the subject: the 1-99% percentile box of the dense points (the mesh's vertices when
 there are none) fills the image, centred, so that stray points and Poisson skirts around a scene
 do not leave it small and off-centre. Where the cameras' optical axes meet (an object photographed
-from around it), only the points within the photos' view of that meeting point count. Each face
-gets its vertex colour times simple two-sided directional shading; core.raster's z-buffer
-resolves visibility. Without a mesh the fused points are drawn.
+from around it), only the points within the photos' view of that meeting point count. What is
+drawn is what the user gets: model.glb with its texture atlas when it has one (a little two-sided
+directional shading on top, the photos' own light being in the texture), else the mesh with each
+face in its vertex colour times that shading; core.raster's z-buffer resolves visibility. Without
+a mesh the fused points are drawn.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from scandrop.pipeline.core.errors import ErrorCode, ScandropError
 from scandrop.pipeline.core.pointcloud import load_points
 from scandrop.pipeline.core.stage import Progress, StopCheck, atomic_path, check_stop
 from scandrop.pipeline.core.workspace import Workspace
+from scandrop.pipeline.export.model_glb import ColouredModel, load_model
 
 _BACKGROUND = (236, 236, 236)  # RGB
 _FRAME_PERCENTILES = (1.0, 99.0)  # the subject: stray points and Poisson skirts fall outside
@@ -32,6 +35,9 @@ _FRAME_PAD = 0.05  # share of the percentile box added on each side
 # too close to parallel (within about 13 degrees of one another) to meet at a subject.
 _MIN_CONVERGENCE = 0.05
 _MIN_SUBJECT_POINTS = 1000
+# Share of the directional shading on textured faces: the texture already holds the photos' light;
+# a little more keeps the shape readable.
+_TEXTURE_SHADING = 0.25
 
 
 class PreviewConfig(BaseModel):
@@ -46,7 +52,7 @@ class PreviewConfig(BaseModel):
 
 
 class PreviewResult(BaseModel):
-    rendered: str  # "mesh" or "points"
+    rendered: str  # "textured mesh", "mesh" or "points"
     file: str
     view_direction: list[float]  # world direction the virtual camera looks along
     up: list[float]
@@ -142,12 +148,35 @@ def subject_bounds(points: np.ndarray, right: np.ndarray, up: np.ndarray) -> tup
     return lo - pad, np.maximum(hi + pad, lo + 1e-9)
 
 
+def _textured(glb: Path) -> ColouredModel | None:
+    """model.glb when it carries a texture atlas (not with `export.texture = "vertex"`)."""
+    if not glb.exists():
+        return None
+    model = load_model(glb)
+    return model if model.texture is not None and model.uv is not None else None
+
+
+def _texture_colours(model: ColouredModel, face: np.ndarray, bary: np.ndarray, lit: np.ndarray) -> np.ndarray:
+    """Atlas colours at pixels inside `face` (barycentrics `bary`), lightly shaded (uint8 RGB)."""
+    assert model.texture is not None and model.uv is not None
+    uv = (bary[:, :, None].astype(np.float64) * model.uv[model.faces[face]]).sum(axis=1)
+    th, tw = model.texture.shape[:2]
+    colour = raster.sample_bilinear(model.texture, uv * [tw, th])
+    shade = 1.0 - _TEXTURE_SHADING + _TEXTURE_SHADING * lit[face]
+    return np.clip(colour * shade[:, None], 0, 255).astype(np.uint8)
+
+
 def run(
     config: PreviewConfig, ws: Workspace, out_dir: Path, progress: Progress, should_stop: StopCheck
 ) -> PreviewResult:
-    """Render out_dir/preview.png from ws.mesh, or from ws.fused when there is no mesh."""
+    """Render out_dir/preview.png from out_dir/model.glb when it is textured, else from ws.mesh, or
+    from ws.fused when there is no mesh."""
     t0 = time.perf_counter()
-    if ws.mesh.exists():
+    textured = _textured(out_dir / "model.glb")
+    if textured is not None:
+        vertices, faces, rgb = textured.vertices, textured.faces, None
+        rendered = "textured mesh"
+    elif ws.mesh.exists():
         ply = plyio.read_ply(ws.mesh)
         vertices, faces = plyio.xyz_of(ply.vertex).astype(np.float64), ply.faces
         rgb = plyio.rgb_of(ply.vertex)
@@ -195,11 +224,15 @@ def run(
         normal /= np.maximum(np.linalg.norm(normal, axis=1, keepdims=True), 1e-20)
         light = -forward + 0.6 * up + 0.3 * right
         light /= np.linalg.norm(light)
-        shade = 0.35 + 0.65 * np.abs(normal @ light)
-        face_rgb = np.clip(rgb[faces].mean(axis=1) * shade[:, None], 0, 255).astype(np.uint8)
+        lit = np.abs(normal @ light)
         drawn = raster.zbuffer(px, depth, faces, (width, height), should_stop, perspective=False)
         hit = drawn.face >= 0
-        image[hit] = face_rgb[drawn.face[hit]]
+        if textured is not None:
+            image[hit] = _texture_colours(textured, drawn.face[hit], drawn.bary[hit], lit)
+        else:
+            shade = 0.35 + 0.65 * lit
+            face_rgb = np.clip(rgb[faces].mean(axis=1) * shade[:, None], 0, 255).astype(np.uint8)
+            image[hit] = face_rgb[drawn.face[hit]]
         primitives = len(faces)
     else:
         base = np.floor(px).astype(np.int64)

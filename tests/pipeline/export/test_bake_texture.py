@@ -23,7 +23,7 @@ from scandrop.pipeline.core import plyio, raster
 from scandrop.pipeline.core.pointcloud import PointCloud, save_points
 from scandrop.pipeline.core.stage import never_stop, no_progress
 from scandrop.pipeline.core.workspace import Workspace
-from scandrop.pipeline.export import bake_texture, export_assets
+from scandrop.pipeline.export import bake_texture, export_assets, model_glb
 
 W, H, F = 320, 240, 300.0
 K = np.array([[F, 0, W / 2], [0, F, H / 2], [0, 0, 1.0]])
@@ -115,12 +115,12 @@ def test_texture_reproduces_held_out_views_better_than_vertex_colours(sphere_job
     cameras = [(K, rot, t) for rot, t in held_out]
     masks = [cv2.erode(m.astype(np.uint8), np.ones((3, 3), np.uint8)) > 0 for _, m in truth]
     textured = appearance.score_views(
-        appearance.load_model(out / "model.glb"), cameras, [i for i, _ in truth], masks
+        model_glb.load_model(out / "model.glb"), cameras, [i for i, _ in truth], masks
     )
     vertex = appearance.score_views(
-        appearance.load_model(tmp_path / "model.glb"), cameras, [i for i, _ in truth], masks
+        model_glb.load_model(tmp_path / "model.glb"), cameras, [i for i, _ in truth], masks
     )
-    assert appearance.load_model(out / "model.glb").texture is not None
+    assert model_glb.load_model(out / "model.glb").texture is not None
     print(f"held-out PSNR: texture {textured['psnr_db']} dB, vertex colours {vertex['psnr_db']} dB")
     assert textured["psnr_db"] >= 27.0, textured
     assert textured["psnr_db"] >= vertex["psnr_db"] + 6.0, (textured, vertex)
@@ -131,7 +131,7 @@ def test_every_face_is_textured_from_a_photo_with_few_seams(sphere_job) -> None:
     stats = result.texture
     assert stats["faces_textured"] > 0.99 and stats["views"] == 10 and stats["views_per_face"] >= 2.5
     assert stats["seam_edges"] < 0.15  # neighbours mostly share a photo: the smoothness term works
-    model = appearance.load_model(out / "model.glb")
+    model = model_glb.load_model(out / "model.glb")
     assert model.texture is not None and model.texture.shape == (1024, 1024, 3)
     assert model.uv is not None and (model.uv >= 0).all() and (model.uv <= 1).all()
 

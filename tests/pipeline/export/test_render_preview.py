@@ -10,6 +10,7 @@ import numpy as np
 import pycolmap
 import pytest
 import trimesh
+from PIL import Image
 
 from scandrop.pipeline.core import plyio
 from scandrop.pipeline.core.errors import ErrorCode, ScandropError
@@ -97,6 +98,28 @@ def test_preview_shows_the_object_centred_and_upright(tmp_path: Path, source: st
         assert np.ptp(image[red, 0]) > 60
         cy, cx = int(np.nonzero(red)[0].mean()), int(np.nonzero(red)[1].mean())
         assert mask[cy - 50 : cy + 50, cx - 50 : cx + 50].all()
+
+
+def test_preview_draws_the_texture_of_model_glb(tmp_path: Path) -> None:
+    """What the user gets: a textured model.glb is drawn with its atlas, not with the mesh's
+    vertex colours (here one grey), so the photos' detail shows in the preview."""
+    ws = Workspace(tmp_path / "job").create()
+    snowman(ws)
+    write_front_cameras(ws.sparse_dir)
+    sphere = trimesh.creation.uv_sphere(radius=1.0, count=[64, 64])
+    uv = sphere.vertices[:, :2] * 0.5 + 0.5  # the front of the sphere seen flat: its x, y
+    stripes = np.zeros((64, 64, 3), np.uint8)
+    stripes[:, ::8] = stripes[:, 1::8] = stripes[:, 2::8] = stripes[:, 3::8] = 255  # 8 white stripes
+    sphere.visual = trimesh.visual.TextureVisuals(uv=uv, image=Image.fromarray(stripes))
+    sphere.export(tmp_path / "model.glb")
+
+    result = render_preview.run(render_preview.PreviewConfig(), ws, tmp_path, no_progress, never_stop)
+    assert result.rendered == "textured mesh" and result.primitives == len(sphere.faces)
+    image = cv2.cvtColor(cv2.imread(str(tmp_path / "preview.png")), cv2.COLOR_BGR2RGB)
+    mask = _object_mask(image)
+    row = int(np.nonzero(mask)[0].mean())
+    bright = image[row, mask[row], 0] > 128
+    assert 14 <= np.count_nonzero(np.diff(bright.astype(int))) <= 17  # 8 white stripes on black
 
 
 def test_nothing_to_render_is_an_error(tmp_path: Path) -> None:

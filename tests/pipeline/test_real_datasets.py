@@ -75,6 +75,24 @@ def test_kitchen_registers_at_least_24_of_25(tmp_path: Path) -> None:
         assert (tmp_path / "out" / name).is_file()
 
 
+def test_three_view_barn_becomes_a_model_of_the_barn(tmp_path: Path) -> None:
+    """Three wide-baseline photos (a barn from three sides), SIFT alone: global mapping, adjusted
+    again over two-view tracks; depth where one of two sources sees a pixel; points that one other
+    photo confirms. Measured 2026-12-03: 0.17 px, 190 451 fused points, the barn textured in
+    preview.png; before these three changes 1.44 px, 2 498 points and a preview of fragments."""
+    root = _dataset("instantsplat_tnt_barn_3view")
+    spec = JobSpec(preset="balanced", overrides={"sparse": {"learned": "off"}})
+    report = run_job(root / "images", tmp_path / "out", spec, tmp_path / "w", {"name": "cpu"})
+    assert report.ok, report.error
+    assert report.images.registered == 3
+    sparse = next(stage.result for stage in report.stages if stage.name == "sparse")
+    assert sparse["mapping"][-1]["note"].startswith("bundle adjusted again"), sparse["mapping"]
+    assert sparse["mean_reprojection_error_px"] < 0.5
+    assert (report.points or 0) > 50_000
+    preview = next(stage.result for stage in report.stages if stage.name == "preview")
+    assert preview["rendered"] == "textured mesh"
+
+
 def test_room_with_barely_overlapping_photos_fails_clearly_or_names_what_it_left_out(tmp_path: Path) -> None:
     root = _dataset("vggt_room")
     report = run_job(

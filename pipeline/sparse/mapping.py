@@ -89,9 +89,7 @@ def refine_global_model(
     degrees off the two-view geometries its matches verified (the matches' median Sampson error
     under its poses: 2.7 and 15.7 px), and depth maps from those poses did not agree with each
     other. Refined: 0.17 px, Sampson 0.14 and 0.19 px. Kept when it places the same photos."""
-    options = pycolmap.IncrementalPipelineOptions()
-    options.random_seed = seed
-    options.num_threads = options.mapper.num_threads = MAPPING_THREADS
+    options = incremental_options(seed, relaxed=False)  # its triangulator's settings, seeded, one thread
     options.triangulation.ignore_two_view_tracks = num_images > TWO_VIEW_TRACKS_MAX_IMAGES
     model.update_point_3d_errors()
     before = model.compute_mean_reprojection_error()

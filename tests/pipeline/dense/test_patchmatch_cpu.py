@@ -45,18 +45,27 @@ def _true_depth(scene: synthetic.SyntheticScene, K: np.ndarray) -> np.ndarray:
     return (hit / norms).reshape(HEIGHT, WIDTH)
 
 
-def test_patchmatch_depth_matches_ground_truth_across_exposures(scene: synthetic.SyntheticScene) -> None:
+def _inputs(
+    scene: synthetic.SyntheticScene, sources: int
+) -> tuple[np.ndarray, list[np.ndarray], list[tuple[np.ndarray, np.ndarray]]]:
+    """OpenCV-centred K, every view in grey levels, and the first `sources` sources' poses
+    relative to view 0 (source-from-reference R, t)."""
     K = scene.K.copy()
     K[0, 2] -= 0.5  # COLMAP -> OpenCV pixel centres
     K[1, 2] -= 0.5
     grey = [img.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32) for img in scene.images]
+    rel = []
+    for R, t in zip(scene.R[1 : 1 + sources], scene.t[1 : 1 + sources], strict=True):
+        r_rel = R @ scene.R[0].T
+        rel.append((r_rel, t - r_rel @ scene.t[0]))
+    return K, grey, rel
+
+
+def test_patchmatch_depth_matches_ground_truth_across_exposures(scene: synthetic.SyntheticScene) -> None:
+    K, grey, rel = _inputs(scene, 4)
     # Sources photographed with other exposures and offsets: NCC must not care.
     gains = (1.0, 0.55, 1.4, 0.8, 1.2)
     grey = [np.clip(g * gain + 12.0 * k, 0, 255) for k, (g, gain) in enumerate(zip(grey, gains, strict=True))]
-    rel = []
-    for R, t in zip(scene.R[1:], scene.t[1:], strict=True):
-        r_rel = R @ scene.R[0].T
-        rel.append((r_rel, t - r_rel @ scene.t[0]))
     config = DepthConfig(pm_levels=2, pm_best_k=2)
     planes = patchmatch_cpu.patchmatch_planes(grey[0], K, grey[1:], [K] * 4, rel, 1.5, 4.5, config)
     truth = _true_depth(scene, K)
@@ -76,16 +85,9 @@ def test_two_sources_a_pixel_needs_only_one(scene: synthetic.SyntheticScene) -> 
     """A view with two sources (each view of a 3-photo set): where one source does not see the
     surface, the other's match must be enough (fusion cross-checks it later), as it was not when a
     pixel averaged its best 2 of 2."""
-    K = scene.K.copy()
-    K[0, 2] -= 0.5
-    K[1, 2] -= 0.5
-    grey = [img.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32) for img in scene.images]
+    K, grey, rel = _inputs(scene, 2)
     blind = grey[2].copy()
     blind[:, : WIDTH // 2] = 0.0  # this source sees nothing of its left half
-    rel = []
-    for R, t in zip(scene.R[1:3], scene.t[1:3], strict=True):
-        r_rel = R @ scene.R[0].T
-        rel.append((r_rel, t - r_rel @ scene.t[0]))
     config = DepthConfig(pm_levels=2, pm_best_k=2)
     assert patchmatch_cpu.selected_sources(config.pm_best_k, 2) == 1
     planes = patchmatch_cpu.patchmatch_planes(grey[0], K, [grey[1], blind], [K] * 2, rel, 1.5, 4.5, config)

@@ -6,7 +6,7 @@ pair" and returns nothing. The ladder below tries the default first (best accura
 then a relaxed initialisation, then global SfM (GLOMAP, which needs no initial pair), then GLOMAP
 after estimating focal lengths from the view graph; each attempt is recorded so report.json says what
 was done. A global model is retriangulated and bundle adjusted once more before it is used
-(refine_global_model).
+(refine_global_model), and photos that too few of its points tie to are taken out of it.
 """
 
 from __future__ import annotations
@@ -106,8 +106,36 @@ def refine_global_model(
         pycolmap.bundle_adjustment(refined, adjust)
     after = refined.compute_mean_reprojection_error()
     if refined.num_reg_images() < model.num_reg_images():
-        return model, f"bundle adjusted again: placed {refined.num_reg_images()} photos, not kept; "
-    return refined, f"bundle adjusted again: {before:.2f} -> {after:.2f} px; "
+        chosen, note = model, f"bundle adjusted again: placed {refined.num_reg_images()} photos, not kept; "
+    else:
+        chosen, note = refined, f"bundle adjusted again: {before:.2f} -> {after:.2f} px; "
+    least = pycolmap.TwoViewGeometryOptions().min_num_inliers  # what verification asks of a pair
+    left_out = drop_unsupported_photos(chosen, least)
+    if left_out:
+        note += f"left out {left_out} placed photo(s) tied to fewer than {least} points; "
+    return chosen, note
+
+
+def drop_unsupported_photos(model: pycolmap.Reconstruction, least: int) -> int:
+    """Takes out of the model the photos that fewer than `least` of its points tie to; returns how many.
+
+    GLOMAP places every photo of the view graph's largest connected part, also one whose matches
+    ended in no point of the model: its pose is then constrained by nothing, yet the report counts it
+    as placed and depth and texture use it. The room (8 barely overlapping photos) with the learned
+    matcher's pairs: 8 of 8 placed, 5 of them seen by 0-2 points; a rendered 12-photo orbit at
+    320x240: one photo placed 19 degrees off, seen by no point. The bar is the one geometric
+    verification sets for a pair (COLMAP's `min_num_inliers`, 15), not the incremental mapper's 30
+    for a new photo: a global pose also rests on its pairs' two-view geometries, and that orbit's
+    well-placed photos had 27-31 points. Taking a photo out can leave a point with one photo, which
+    COLMAP deletes: hence the loop."""
+    dropped = 0
+    while True:
+        weak = [i for i in model.reg_image_ids() if model.image(i).num_points3D < least]
+        if not weak:
+            return dropped
+        for image_id in weak:
+            model.deregister_frame(model.image(image_id).frame_id)
+        dropped += len(weak)
 
 
 def _best(models: dict[int, pycolmap.Reconstruction]) -> pycolmap.Reconstruction | None:

@@ -88,7 +88,8 @@ def refine_global_model(
     GLOMAP's last adjustment left the 3-view barn at 1.44 px, its relative rotations 2.6 and 4.8
     degrees off the two-view geometries its matches verified (the matches' median Sampson error
     under its poses: 2.7 and 15.7 px), and depth maps from those poses did not agree with each
-    other. Refined: 0.17 px, Sampson 0.14 and 0.19 px. Kept when it places the same photos."""
+    other. Refined: 0.17 px, Sampson 0.14 and 0.19 px. Kept when it places the same photos; then
+    the photos that too few of its points tie to leave it (drop_unsupported_photos)."""
     options = incremental_options(seed, relaxed=False)  # its triangulator's settings, seeded, one thread
     options.triangulation.ignore_two_view_tracks = num_images > TWO_VIEW_TRACKS_MAX_IMAGES
     model.update_point_3d_errors()

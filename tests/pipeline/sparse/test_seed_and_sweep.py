@@ -41,10 +41,24 @@ def orbit(orbit_scene: synthetic.SyntheticScene, tmp_path_factory: pytest.TempPa
     return folder
 
 
-def test_same_photos_same_model(orbit: Path, orbit_scene: synthetic.SyntheticScene, tmp_path: Path) -> None:
-    config = SparseConfig(learned="off", seed=7)
-    first, rec1 = _reconstruct(orbit, tmp_path / "a", config)
-    second, rec2 = _reconstruct(orbit, tmp_path / "b", config)
+ORBIT_CONFIG = SparseConfig(learned="off", seed=7)
+
+
+@pytest.fixture(scope="module")
+def orbit_model(
+    orbit: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[SparseResult, pycolmap.Reconstruction]:
+    return _reconstruct(orbit, tmp_path_factory.mktemp("orbit_ws"), ORBIT_CONFIG)
+
+
+def test_same_photos_same_model(
+    orbit: Path,
+    orbit_scene: synthetic.SyntheticScene,
+    orbit_model: tuple[SparseResult, pycolmap.Reconstruction],
+    tmp_path: Path,
+) -> None:
+    first, rec1 = orbit_model
+    second, rec2 = _reconstruct(orbit, tmp_path / "b", ORBIT_CONFIG)
     assert first.seed == second.seed == 7
     assert first.registered_names == second.registered_names
     # Global mapping placed all 12 here, view_001 19 degrees off and seen by no point of the model:
@@ -112,10 +126,12 @@ def test_global_model_is_adjusted_back_onto_its_matches(tmp_path: Path) -> None:
     assert note.startswith("bundle adjusted again") and "not kept" not in note
 
 
-def test_photos_that_too_few_points_tie_to_are_taken_out(orbit: Path, tmp_path: Path) -> None:
+def test_photos_that_too_few_points_tie_to_are_taken_out(
+    orbit_model: tuple[SparseResult, pycolmap.Reconstruction],
+) -> None:
     """A global model can hold a photo whose matches made no point (the room, learned pairs: 5 of
     8 placed photos seen by 0-2 points). Such a photo leaves the model; the others stay as they were."""
-    _, rec = _reconstruct(orbit, tmp_path / "ws", SparseConfig(learned="off", seed=7))
+    rec = pycolmap.Reconstruction(orbit_model[1])  # a copy: the fixture's model is shared
     placed = rec.num_reg_images()
     weak = rec.reg_image_ids()[4]
     tied = [k for k, point in enumerate(rec.image(weak).points2D) if point.has_point3D()]

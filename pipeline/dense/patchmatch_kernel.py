@@ -9,7 +9,10 @@ The method of COLMAP, Gipuma and ACMM, reduced to what runs on a CPU:
   mean of the best `best_k` sources (per-pixel view selection: an occluded or differently lit
   source does not spoil the pixel);
 - red-black (checkerboard) sweeps propagate the planes of near and far neighbours, then random
-  refinement perturbs depth and normal with a shrinking range.
+  refinement perturbs depth and normal with a shrinking range;
+- on a refining level a pixel's sweeps score only the few sources that matched its starting plane
+  best (`selection`): the others were not among its best, and not scoring them saves 17% of the
+  windows of a rendered view, 9% of a kitchen photo's (most of its pixels see only 2-3 sources).
 
 Planes: a camera-frame plane {X : n . X = c}; the ray of pixel x is r = Kinv x (z = 1), so the
 plane's depth at x is c / (n . r) and its image in source s is y ~ A_s x + b_s (m . x), with
@@ -27,6 +30,7 @@ import numpy as np
 from numba import njit, prange
 
 INVALID_COST = 2.0  # cost of a source the window does not land in (worst possible 1 - NCC)
+SKIPPED = 3.0  # a source left out of a pixel's selection: sorts after every evaluated one
 
 
 @njit(cache=True, fastmath=True)
@@ -53,7 +57,7 @@ def ref_window_stats(ref: np.ndarray, half: int, step: int) -> tuple[np.ndarray,
 
 
 @njit(cache=True, fastmath=True)
-def _hypothesis_cost(
+def _source_costs(
     u: int,
     v: int,
     depth: float,
@@ -70,15 +74,17 @@ def _hypothesis_cost(
     kinv: np.ndarray,
     half: int,
     step: int,
-    best_k: int,
+    sources: int,
     costs: np.ndarray,
-) -> float:
-    """Mean of the best_k per-source (1 - NCC) costs of plane (depth, n) at pixel (u, v)."""
+) -> None:
+    """Each source's 1 - NCC for plane (depth, n) at pixel (u, v), in costs[s] for the sources whose
+    bit is set in `sources` (SKIPPED for the others; INVALID_COST for all when the plane faces away)."""
     rx = kinv[0, 0] * u + kinv[0, 1] * v + kinv[0, 2]
     ry = kinv[1, 1] * v + kinv[1, 2]
     c = depth * (nx * rx + ny * ry + nz)  # n . X with X = depth * r
     if c > -1e-12:  # the plane must face the camera (n . X < 0)
-        return INVALID_COST
+        costs[:] = INVALID_COST
+        return
     # m = Kinv^T n / c
     m0 = (kinv[0, 0] * nx) / c
     m1 = (kinv[0, 1] * nx + kinv[1, 1] * ny) / c
@@ -87,6 +93,9 @@ def _hypothesis_cost(
     count = (2 * half + 1) ** 2
     n_src = srcs.shape[0]
     for s in range(n_src):
+        if not (sources >> s) & 1:
+            costs[s] = SKIPPED
+            continue
         sh = src_hw[s, 0]
         sw = src_hw[s, 1]
         # y(x) = A x + b (m . x): linear in x, so centre value plus per-pixel increments.
@@ -147,19 +156,43 @@ def _hypothesis_cost(
             continue
         ncc = (sum_rs / count - ref_mean * mean_s) / (ref_std * np.sqrt(var_s))
         costs[s] = 1.0 - min(1.0, max(-1.0, ncc))
-    # best_k smallest costs (insertion sort on a handful of values)
-    for i in range(1, n_src):
+
+
+@njit(cache=True, fastmath=True)
+def _mean_of_best(costs: np.ndarray, best_k: int) -> float:
+    """Mean of the best_k smallest costs among the evaluated sources (sorts `costs` in place)."""
+    n_src = costs.shape[0]
+    for i in range(1, n_src):  # insertion sort on a handful of values
         key = costs[i]
         j = i - 1
         while j >= 0 and costs[j] > key:
             costs[j + 1] = costs[j]
             j -= 1
         costs[j + 1] = key
-    k = min(best_k, n_src)
     total = 0.0
-    for i in range(k):
+    k = 0
+    for i in range(min(best_k, n_src)):
+        if costs[i] == SKIPPED:
+            break
         total += costs[i]
-    return total / k
+        k += 1
+    return total / k if k else INVALID_COST
+
+
+@njit(cache=True, fastmath=True)
+def _cheapest_sources(costs: np.ndarray, keep: int) -> int:
+    """Bit mask of the `keep` sources with the smallest costs (unsorted `costs`, one per source)."""
+    n_src = costs.shape[0]
+    if keep >= n_src:
+        return (1 << n_src) - 1
+    chosen = 0
+    for _ in range(keep):
+        best = -1
+        for s in range(n_src):
+            if not (chosen >> s) & 1 and (best < 0 or costs[s] < costs[best]):
+                best = s
+        chosen |= 1 << best
+    return chosen
 
 
 @njit(cache=True, fastmath=True)
@@ -201,9 +234,15 @@ def initialise(
     half: int,
     step: int,
     best_k: int,
+    selection: np.ndarray,
+    keep: int,
+    trusted_cost: float,
 ) -> None:
-    """Random planes (when `randomise`, or where the given depth is 0) and their costs."""
+    """Random planes (when `randomise`, or where the given depth is 0) and their costs over all
+    sources. A pixel's `selection` (bit mask of the sources its sweeps score) becomes the `keep`
+    sources that match its plane best where that plane costs at most `trusted_cost`, else all."""
     h, w = ref.shape
+    every_source = (1 << srcs.shape[0]) - 1
     span = half * step
     n_src = srcs.shape[0]
     inv_lo = 1.0 / dmax
@@ -211,6 +250,7 @@ def initialise(
     for v in prange(h):
         costs = np.empty(n_src)
         for u in range(w):
+            selection[v, u] = every_source
             if v < span or u < span or v >= h - span or u >= w - span or ref_std[v, u] <= 0:
                 depth[v, u] = 0.0
                 cost[v, u] = INVALID_COST
@@ -223,10 +263,14 @@ def initialise(
                 normal[v, u, 0] = nx
                 normal[v, u, 1] = ny
                 normal[v, u, 2] = nz
-            cost[v, u] = _hypothesis_cost(
+            _source_costs(
                 u, v, depth[v, u], normal[v, u, 0], normal[v, u, 1], normal[v, u, 2],
-                ref, ref_mean[v, u], ref_std[v, u], srcs, src_hw, A, b, kinv, half, step, best_k, costs,
+                ref, ref_mean[v, u], ref_std[v, u], srcs, src_hw, A, b, kinv, half, step, every_source, costs,
             )  # fmt: skip
+            best = _cheapest_sources(costs, keep)
+            cost[v, u] = _mean_of_best(costs, best_k)
+            if cost[v, u] <= trusted_cost:  # a plane that fails the bar ranks its sources by chance
+                selection[v, u] = best
 
 
 @njit(cache=True, fastmath=True, parallel=True, nogil=True)
@@ -248,6 +292,7 @@ def sweep(
     half: int,
     step: int,
     best_k: int,
+    selection: np.ndarray,
     far: int,
     depth_range: float,
     normal_range: float,
@@ -275,6 +320,7 @@ def sweep(
             best_ny = float(normal[v, u, 1])
             best_nz = float(normal[v, u, 2])
             best_c = float(cost[v, u])
+            sources = int(selection[v, u])
             # Propagation copies planes, and a refined level starts with 2x2 blocks of one plane:
             # many neighbours offer a plane this pixel has (or has just scored). Scoring it again
             # cannot win, so it is skipped (equal up to float32 storage of the depth).
@@ -302,10 +348,11 @@ def sweep(
                     continue
                 tried[n_tried, 0], tried[n_tried, 1], tried[n_tried, 2], tried[n_tried, 3] = nx, ny, nz, c
                 n_tried += 1
-                cc = _hypothesis_cost(
+                _source_costs(
                     u, v, d, nx, ny, nz, ref, ref_mean[v, u], ref_std[v, u], srcs, src_hw, A, b, kinv,
-                    half, step, best_k, costs,
+                    half, step, sources, costs,
                 )  # fmt: skip
+                cc = _mean_of_best(costs, best_k)
                 if cc < best_c:
                     best_c, best_d, best_nx, best_ny, best_nz = cc, d, nx, ny, nz
             if best_d <= 0:
@@ -329,10 +376,11 @@ def sweep(
                 nz = base_nz if t == 0 else pnz
                 if d < 0.5 * dmin or d > 2.0 * dmax:
                     continue
-                cc = _hypothesis_cost(
+                _source_costs(
                     u, v, d, nx, ny, nz, ref, ref_mean[v, u], ref_std[v, u], srcs, src_hw, A, b, kinv,
-                    half, step, best_k, costs,
+                    half, step, sources, costs,
                 )  # fmt: skip
+                cc = _mean_of_best(costs, best_k)
                 if cc < best_c:
                     best_c, best_d, best_nx, best_ny, best_nz = cc, d, nx, ny, nz
             depth[v, u] = best_d

@@ -14,6 +14,7 @@ from scandrop.pipeline.bench import synthetic
 from scandrop.pipeline.bench.known_poses import workspace_from_scene
 from scandrop.pipeline.core.workspace import Workspace
 from scandrop.pipeline.dense import patchmatch_cpu
+from scandrop.pipeline.dense import patchmatch_kernel as kernel
 from scandrop.pipeline.dense.dense_views import load_views
 from scandrop.pipeline.dense.estimate_depth import DepthConfig
 
@@ -96,6 +97,46 @@ def test_two_sources_a_pixel_needs_only_one(scene: synthetic.SyntheticScene) -> 
     assert valid.sum() > 0.6 * np.isfinite(truth).sum()
     err = np.abs(planes.depth[valid] - truth[valid])
     assert np.mean(err < 0.015 * truth[valid]) > 0.85
+
+
+def test_a_refining_level_scores_only_the_sources_that_matched_best() -> None:
+    """A pixel whose starting plane passes the cost bar keeps its best sources (best_k and a spare)
+    for the level's sweeps; a pixel whose plane fails keeps every source."""
+    rng = np.random.default_rng(0)
+    h, w, shift, depth = 24, 40, 3, 2.0
+    ref = cv2.GaussianBlur(rng.uniform(0, 255, (h, w)).astype(np.float32), (0, 0), 1.0)
+    good = np.roll(ref, -shift, axis=1)  # the plane below, seen from a camera moved along x
+    srcs = np.zeros((3, h + 1, w + 1), np.float32)
+    # A negative of the matching source (NCC -1), the matching source, one 2 px off the plane.
+    for i, img in enumerate((255.0 - good, good, np.roll(ref, -shift - 2, axis=1))):
+        srcs[i, :h, :w] = img
+    K = np.array([[60.0, 0.0, (w - 1) / 2], [0.0, 60.0, (h - 1) / 2], [0.0, 0.0, 1.0]])
+    kinv = np.linalg.inv(K)
+    t = np.array([-shift * depth / K[0, 0], 0.0, 0.0])
+    A = np.stack([K @ kinv] * 3)
+    b = np.stack([K @ t] * 3)
+    mean, std = kernel.ref_window_stats(ref, 2, 1)
+    plane_depth = np.full((h, w), depth, np.float32)
+    normal = np.zeros((h, w, 3), np.float32)
+    normal[..., 2] = -1.0
+    cost = np.empty((h, w), np.float32)
+    selection = np.empty((h, w), np.uint16)
+    args = (ref, mean, std, srcs, np.array([[h, w]] * 3), A, b, kinv, 1.0, 4.0, 2, 1, 1, selection)
+    kernel.initialise(plane_depth, normal, cost, False, *args, 2, 0.5)
+    inside = std > 0
+    assert np.all(selection[~inside] == 0b111)
+    # Where the plane is right the two sources that match it best are kept, not the negative.
+    trusted = inside & (cost <= 0.5)
+    assert trusted.mean() > 0.5 * inside.mean()
+    assert np.all(selection[trusted] == 0b110)
+    assert np.all(selection[inside & ~trusted] == 0b111)
+
+    costs = np.array([0.3, 0.1, 0.9, 0.2, 0.5])
+    assert kernel._cheapest_sources(costs, 3) == 0b01011 and kernel._cheapest_sources(costs, 5) == 0b11111
+    # Sources left out of a selection do not count, whatever they would have cost.
+    assert kernel._mean_of_best(np.array([kernel.SKIPPED, 0.4, kernel.SKIPPED, 0.2]), 2) == pytest.approx(0.3)
+    assert kernel._mean_of_best(np.array([kernel.SKIPPED, 0.4, kernel.SKIPPED]), 2) == pytest.approx(0.4)
+    assert kernel._mean_of_best(np.full(3, kernel.SKIPPED), 2) == kernel.INVALID_COST
 
 
 def test_depth_for_view_writes_the_stage_file(tmp_path: Path, scene: synthetic.SyntheticScene) -> None:

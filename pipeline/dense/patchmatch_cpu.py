@@ -113,6 +113,8 @@ def patchmatch_planes(
     half, step = config.pm_window_half, config.pm_window_step
     best_k = selected_sources(config.pm_best_k, len(src_grays))
     depth = normal = cost = kinv_prev = None
+    # One pixel of disparity in relative depth at full size; a level's pixel is 1 / scale of those.
+    one_px_full = _depth_per_pixel(ref_K[0, 0], rel_poses, dmin, dmax)
     for level in range(levels - 1, -1, -1):
         scale = 0.5**level
         ref = _resize(ref_gray, scale)
@@ -149,7 +151,6 @@ def patchmatch_planes(
         # and one spare), and the sweeps score only those.
         keep = len(srcs) if randomise else best_k + 1
         kernel.initialise(depth, normal, cost, randomise, *args, keep, config.pm_max_cost)
-        one_px = _depth_per_pixel(K[0, 0], rel_poses, dmin, dmax)
         for it in range(iterations):
             # Perturbations shrink with the iterations. Refining levels start from planes good to
             # about a pixel of the level below: their neighbours' planes and one depth perturbation
@@ -159,7 +160,7 @@ def patchmatch_planes(
             if randomise:
                 far, ranges, trials = config.pm_far, (0.2 * 0.5**it, 0.4 * 0.5**it), 3
             else:
-                far, ranges, trials = 1, (0.5 * one_px * 0.5**it, 0.0), 1
+                far, ranges, trials = 1, (0.5 * one_px_full / scale * 0.5**it, 0.0), 1
             for colour in (0, 1):
                 kernel.sweep(colour, depth, normal, cost, *args, far, *ranges, trials)
         kinv_prev = kinv

@@ -242,9 +242,9 @@ def initialise(
     sources. A pixel's `selection` (bit mask of the sources its sweeps score) becomes the `keep`
     sources that match its plane best where that plane costs at most `trusted_cost`, else all."""
     h, w = ref.shape
-    every_source = (1 << srcs.shape[0]) - 1
     span = half * step
     n_src = srcs.shape[0]
+    every_source = (1 << n_src) - 1
     inv_lo = 1.0 / dmax
     inv_hi = 1.0 / dmin
     for v in prange(h):

@@ -20,8 +20,9 @@ from numba.core.dispatcher import Dispatcher
 from scandrop.pipeline.core import raster
 from scandrop.pipeline.dense import fuse_depth, patchmatch_cpu, patchmatch_kernel
 from scandrop.pipeline.dense.estimate_depth import DepthConfig
+from scandrop.pipeline.surface import refine_mesh
 
-KERNEL_MODULES = (patchmatch_kernel, patchmatch_cpu, fuse_depth, raster)
+KERNEL_MODULES = (patchmatch_kernel, patchmatch_cpu, fuse_depth, raster, refine_mesh)
 
 
 def warm() -> float:
@@ -37,6 +38,7 @@ def warm() -> float:
     patchmatch_cpu.patchmatch_planes(ref, K, [src], [K], [(R, t)], 1.0, 4.0, DepthConfig(pm_levels=2))
 
     fuse_depth.warm_kernels()
+    refine_mesh.warm_kernels()
 
     px = np.array([[1.0, 1.0], [6.0, 1.0], [1.0, 6.0]])
     raster.zbuffer(px, np.ones(3), np.array([[0, 1, 2]]), (8, 8))

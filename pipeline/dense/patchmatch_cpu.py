@@ -121,18 +121,8 @@ def patchmatch_planes(
         K = scaled_intrinsics(ref_K, scale)
         kinv = np.linalg.inv(K)
         srcs = [_resize(g, scale) for g in src_grays]
-        hmax = max(s.shape[0] for s in srcs)
-        wmax = max(s.shape[1] for s in srcs)
-        stack = np.zeros((len(srcs), hmax + 1, wmax + 1), np.float32)
-        for i, s in enumerate(srcs):
-            stack[i, : s.shape[0], : s.shape[1]] = s
-        src_hw = np.array([s.shape for s in srcs], np.int64)
-        A = np.empty((len(srcs), 3, 3))
-        b = np.empty((len(srcs), 3))
-        for i, ((R, t), Ks) in enumerate(zip(rel_poses, src_Ks, strict=True)):
-            ks = scaled_intrinsics(Ks, scale)
-            A[i] = ks @ R @ kinv
-            b[i] = ks @ t
+        stack, src_hw = source_stack(srcs)
+        A, b = plane_warps(kinv, [scaled_intrinsics(Ks, scale) for Ks in src_Ks], rel_poses)
         ref_mean, ref_std = kernel.ref_window_stats(ref, half, step)
         ref_std[ref_std < config.min_texture] = 0.0
         h, w = ref.shape
@@ -165,6 +155,33 @@ def patchmatch_planes(
                 kernel.sweep(colour, depth, normal, cost, *args, far, *ranges, trials)
         kinv_prev = kinv
     return PlaneMaps(depth=depth, normal=normal, cost=cost)
+
+
+def source_stack(grays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """The source images in one zero-padded (S, H + 1, W + 1) stack (the spare row and column keep
+    bilinear reads in bounds) and each one's (h, w): the kernels' layout."""
+    hmax = max(g.shape[0] for g in grays)
+    wmax = max(g.shape[1] for g in grays)
+    stack = np.zeros((len(grays), hmax + 1, wmax + 1), np.float32)
+    for i, g in enumerate(grays):
+        stack[i, : g.shape[0], : g.shape[1]] = g
+    return stack, np.array([g.shape for g in grays], np.int64)
+
+
+def plane_warps(
+    kinv: np.ndarray, src_Ks: list[np.ndarray], rel_poses: list[tuple[np.ndarray, np.ndarray]]
+) -> tuple[np.ndarray, np.ndarray]:
+    """A_s = K_s R_s Kinv and b_s = K_s t_s of each source: the plane homographies' parts
+    (patchmatch_kernel), from source-from-reference poses."""
+    A = np.array([Ks @ R @ kinv for (R, _), Ks in zip(rel_poses, src_Ks, strict=True)], np.float64)
+    b = np.array([Ks @ t for (_, t), Ks in zip(rel_poses, src_Ks, strict=True)], np.float64)
+    return A, b
+
+
+def relative_pose(ref: DenseView, src: DenseView) -> tuple[np.ndarray, np.ndarray]:
+    """Source-from-reference (R, t)."""
+    R = src.R @ ref.R.T
+    return R, src.t - R @ ref.t
 
 
 def _depth_per_pixel(
@@ -236,12 +253,9 @@ def depth_for_view(task: DepthTask) -> tuple[str, float]:
     ref_photo = read_photo(task.image_dir / ref.name)
     maps = ref.photo_map(ref.grid_rays())
     ref_gray = grey_on_grid(ref, task.image_dir, ref_photo, maps)
-    src_grays, src_Ks, rel = [], [], []
-    for src in task.sources:
-        src_grays.append(grey_on_grid(src, task.image_dir))
-        src_Ks.append(src.K)
-        R = src.R @ ref.R.T
-        rel.append((R, src.t - R @ ref.t))
+    src_grays = [grey_on_grid(src, task.image_dir) for src in task.sources]
+    src_Ks = [src.K for src in task.sources]
+    rel = [relative_pose(ref, src) for src in task.sources]
     planes = patchmatch_planes(ref_gray, ref.K, src_grays, src_Ks, rel, dmin, dmax, cfg)
     depth = planes.depth.copy()
     depth[(planes.cost > cfg.pm_max_cost) | (depth < dmin) | (depth > dmax)] = 0.0

@@ -40,24 +40,30 @@ def ref_window_stats(ref: np.ndarray, half: int, step: int) -> tuple[np.ndarray,
     mean = np.zeros((h, w), np.float32)
     std = np.zeros((h, w), np.float32)
     span = half * step
-    n = (2 * half + 1) ** 2
     for v in prange(span, h - span):
         for u in range(span, w - span):
-            s = 0.0
-            ss = 0.0
-            for dy in range(-span, span + 1, step):
-                for dx in range(-span, span + 1, step):
-                    val = ref[v + dy, u + dx]
-                    s += val
-                    ss += val * val
-            m = s / n
-            mean[v, u] = m
-            std[v, u] = np.sqrt(max(ss / n - m * m, 0.0))
+            mean[v, u], std[v, u] = window_stats(ref, u, v, half, step)
     return mean, std
 
 
 @njit(cache=True, fastmath=True)
-def _source_costs(
+def window_stats(ref: np.ndarray, u: int, v: int, half: int, step: int) -> tuple[float, float]:
+    """Mean and standard deviation of the sampled matching window around reference pixel (u, v)."""
+    span = half * step
+    n = (2 * half + 1) ** 2
+    s = 0.0
+    ss = 0.0
+    for dy in range(-span, span + 1, step):
+        for dx in range(-span, span + 1, step):
+            val = ref[v + dy, u + dx]
+            s += val
+            ss += val * val
+    m = s / n
+    return m, np.sqrt(max(ss / n - m * m, 0.0))
+
+
+@njit(cache=True, fastmath=True)
+def source_costs(
     u: int,
     v: int,
     depth: float,
@@ -159,7 +165,7 @@ def _source_costs(
 
 
 @njit(cache=True, fastmath=True)
-def _mean_of_best(costs: np.ndarray, best_k: int) -> float:
+def mean_of_best(costs: np.ndarray, best_k: int) -> float:
     """Mean of the best_k smallest costs among the evaluated sources (sorts `costs` in place)."""
     n_src = costs.shape[0]
     for i in range(1, n_src):  # insertion sort on a handful of values
@@ -263,12 +269,12 @@ def initialise(
                 normal[v, u, 0] = nx
                 normal[v, u, 1] = ny
                 normal[v, u, 2] = nz
-            _source_costs(
+            source_costs(
                 u, v, depth[v, u], normal[v, u, 0], normal[v, u, 1], normal[v, u, 2],
                 ref, ref_mean[v, u], ref_std[v, u], srcs, src_hw, A, b, kinv, half, step, every_source, costs,
             )  # fmt: skip
             best = _cheapest_sources(costs, keep)
-            cost[v, u] = _mean_of_best(costs, best_k)
+            cost[v, u] = mean_of_best(costs, best_k)
             if cost[v, u] <= trusted_cost:  # a plane that fails the bar ranks its sources by chance
                 selection[v, u] = best
 
@@ -348,11 +354,11 @@ def sweep(
                     continue
                 tried[n_tried, 0], tried[n_tried, 1], tried[n_tried, 2], tried[n_tried, 3] = nx, ny, nz, c
                 n_tried += 1
-                _source_costs(
+                source_costs(
                     u, v, d, nx, ny, nz, ref, ref_mean[v, u], ref_std[v, u], srcs, src_hw, A, b, kinv,
                     half, step, sources, costs,
                 )  # fmt: skip
-                cc = _mean_of_best(costs, best_k)
+                cc = mean_of_best(costs, best_k)
                 if cc < best_c:
                     best_c, best_d, best_nx, best_ny, best_nz = cc, d, nx, ny, nz
             if best_d <= 0:
@@ -376,11 +382,11 @@ def sweep(
                 nz = base_nz if t == 0 else pnz
                 if d < 0.5 * dmin or d > 2.0 * dmax:
                     continue
-                _source_costs(
+                source_costs(
                     u, v, d, nx, ny, nz, ref, ref_mean[v, u], ref_std[v, u], srcs, src_hw, A, b, kinv,
                     half, step, sources, costs,
                 )  # fmt: skip
-                cc = _mean_of_best(costs, best_k)
+                cc = mean_of_best(costs, best_k)
                 if cc < best_c:
                     best_c, best_d, best_nx, best_ny, best_nz = cc, d, nx, ny, nz
             depth[v, u] = best_d

@@ -45,6 +45,7 @@ from pydantic import BaseModel
 
 from scandrop.pipeline.core import raster
 from scandrop.pipeline.core.errors import ErrorCode, ScandropError
+from scandrop.pipeline.core.pointcloud import farthest_points
 from scandrop.pipeline.core.stage import Progress, StopCheck, check_stop
 
 _MAX_CANDIDATES = 6  # best photos kept per face before labelling
@@ -120,12 +121,7 @@ def spread_views(views: list[View], most: int) -> list[View]:
     if len(views) <= most:
         return views
     centres = np.array([-v.rotation.T @ v.translation for v in views])
-    chosen = [0]
-    dist = np.linalg.norm(centres - centres[0], axis=1)
-    for _ in range(most - 1):
-        chosen.append(int(dist.argmax()))
-        dist = np.minimum(dist, np.linalg.norm(centres - centres[chosen[-1]], axis=1))
-    return [views[i] for i in sorted(chosen)]
+    return [views[i] for i in farthest_points(centres, most)]
 
 
 class TextureStats(BaseModel):

@@ -6,8 +6,9 @@ invents surface where there were no points (holes, the far side of a scene), so 
 fused point
 and small floating pieces are removed. The mesh is then decimated by quadric edge collapse
 (fast-simplification: 1 s for 1M -> 300k faces on this 2-core box, where pycolmap's
-`simplify_mesh` took 6-7 s) and its vertices re-coloured from the nearest fused points,
-because decimation loses colour.
+`simplify_mesh` took 6-7 s), moved onto what the photos say at their full resolution
+(`refine_mesh`: fused depth and Poisson both smooth), and its vertices re-coloured from the nearest
+fused points, because decimation loses colour.
 
 pycolmap runs in a child interpreter: Poisson segfaults on some inputs, and a crash must become
 a `mesh_failed` error, not a silently dead job.
@@ -36,6 +37,7 @@ from scandrop.pipeline.core.errors import ErrorCode, ScandropError
 from scandrop.pipeline.core.pointcloud import PointCloud, load_points
 from scandrop.pipeline.core.stage import Progress, StopCheck, check_stop
 from scandrop.pipeline.core.workspace import Workspace
+from scandrop.pipeline.surface import refine_mesh
 
 _MIN_POINTS = 100
 # Poisson says nothing until it is done (9 s on the kitchen, 31 s on the synthetic scene): the
@@ -79,6 +81,11 @@ class MeshConfig(BaseModel):
         description="Average the points in voxels of this many Poisson cells before Poisson (0: off);"
         " Poisson time follows the point count and finer points do not refine the surface.",
     )
+    refine: bool = Field(
+        True,
+        description="Move the vertices to where the photos agree best, at the photos' full resolution"
+        " (see refine_mesh), after decimation.",
+    )
     max_triangles: int = Field(300_000, ge=100, description="Decimate the mesh to at most this many faces.")
     num_threads: int = Field(-1, description="Threads for Poisson (-1: all cores).")
     child_timeout_s: float = Field(1800.0, gt=0, description="Give up on one pycolmap call after this long.")
@@ -92,6 +99,7 @@ class MeshResult(BaseModel):
     removed_far_triangles: int
     removed_small_component_triangles: int
     decimated: bool
+    refined: refine_mesh.RefineStats | None = None
     seconds: dict[str, float]
 
 
@@ -342,6 +350,21 @@ def run(config: MeshConfig, ws: Workspace, progress: Progress, should_stop: Stop
             progress(0.72, f"Decimating {len(faces)} to {config.max_triangles} triangles")
             vertices, faces = decimate(vertices, faces, config.max_triangles)
         seconds["decimate"] = time.perf_counter() - t2
+        refined = None
+        if config.refine:
+            tr = time.perf_counter()
+            vertices, refined = refine_mesh.refine(
+                vertices,
+                faces,
+                ws.sparse_dir,
+                ws.images_dir,
+                lambda f, m: progress(0.75 + 0.2 * f, m),
+                should_stop,
+            )
+            seconds["refine"] = time.perf_counter() - tr
+            progress(0.95, f"Refined {refined.measured:.0%} of the vertices against the photos")
+            check_stop(should_stop)
+
     check_stop(should_stop)
 
     t3 = time.perf_counter()
@@ -360,7 +383,7 @@ def run(config: MeshConfig, ws: Workspace, progress: Progress, should_stop: Stop
             }
         ),
         faces,
-        comment="scandrop mesh: screened Poisson, cleaned, decimated, vertex colours",
+        comment="scandrop mesh: screened Poisson, cleaned, decimated, refined, vertex colours",
     )
     seconds["colour_write"] = time.perf_counter() - t3
     seconds["total"] = time.perf_counter() - t0
@@ -373,5 +396,6 @@ def run(config: MeshConfig, ws: Workspace, progress: Progress, should_stop: Stop
         removed_far_triangles=removed_far,
         removed_small_component_triangles=removed_small,
         decimated=decimated,
+        refined=refined,
         seconds={k: round(v, 3) for k, v in seconds.items()},
     )

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from scandrop.models.registry import DEPTH_MODEL
 from scandrop.pipeline.core import plyio
 from scandrop.pipeline.core.errors import ErrorCode, ScandropError
-from scandrop.pipeline.core.pointcloud import PointCloud, save_points
+from scandrop.pipeline.core.pointcloud import PointCloud, save_points, vertex_normals
 from scandrop.pipeline.core.stage import Progress, StopCheck, atomic_dir, check_stop
 from scandrop.pipeline.core.workspace import Workspace
 
@@ -100,15 +100,6 @@ def grid_mesh(depth: np.ndarray, valid: np.ndarray, max_jump: float) -> np.ndarr
     return faces.astype(np.int64)
 
 
-def _vertex_normals(xyz: np.ndarray, faces: np.ndarray) -> np.ndarray:
-    n = np.cross(xyz[faces[:, 1]] - xyz[faces[:, 0]], xyz[faces[:, 2]] - xyz[faces[:, 0]])
-    normals = np.zeros_like(xyz)
-    for k in range(3):
-        np.add.at(normals, faces[:, k], n)
-    length = np.linalg.norm(normals, axis=1, keepdims=True)
-    return (normals / np.where(length > 0, length, 1.0)).astype(np.float32)
-
-
 def run(
     config: SingleViewConfig,
     ws: Workspace,
@@ -169,7 +160,7 @@ def run(
     xyz = ((world - centre) / radius).astype(np.float32)
     faces = remap[faces]
     colours = rgb.reshape(-1, 3)[used]
-    normals = _vertex_normals(xyz, faces)
+    normals = vertex_normals(xyz, faces).astype(np.float32)
     check_stop(should_stop)
 
     save_points(ws.fused, PointCloud(xyz=xyz, normals=normals, rgb=colours))

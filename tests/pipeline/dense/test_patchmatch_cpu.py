@@ -134,9 +134,9 @@ def test_a_refining_level_scores_only_the_sources_that_matched_best() -> None:
     costs = np.array([0.3, 0.1, 0.9, 0.2, 0.5])
     assert kernel._cheapest_sources(costs, 3) == 0b01011 and kernel._cheapest_sources(costs, 5) == 0b11111
     # Sources left out of a selection do not count, whatever they would have cost.
-    assert kernel._mean_of_best(np.array([kernel.SKIPPED, 0.4, kernel.SKIPPED, 0.2]), 2) == pytest.approx(0.3)
-    assert kernel._mean_of_best(np.array([kernel.SKIPPED, 0.4, kernel.SKIPPED]), 2) == pytest.approx(0.4)
-    assert kernel._mean_of_best(np.full(3, kernel.SKIPPED), 2) == kernel.INVALID_COST
+    assert kernel.mean_of_best(np.array([kernel.SKIPPED, 0.4, kernel.SKIPPED, 0.2]), 2) == pytest.approx(0.3)
+    assert kernel.mean_of_best(np.array([kernel.SKIPPED, 0.4, kernel.SKIPPED]), 2) == pytest.approx(0.4)
+    assert kernel.mean_of_best(np.full(3, kernel.SKIPPED), 2) == kernel.INVALID_COST
 
 
 def test_depth_for_view_writes_the_stage_file(tmp_path: Path, scene: synthetic.SyntheticScene) -> None:

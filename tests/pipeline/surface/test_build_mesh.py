@@ -48,7 +48,7 @@ def _workspace(tmp_path: Path, cloud: PointCloud) -> Workspace:
 
 def test_poisson_mesh_matches_the_true_surface(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     ws = _workspace(tmp_path, sphere_and_box())
-    config = build_mesh.MeshConfig(depth=7, max_triangles=20_000)
+    config = build_mesh.MeshConfig(depth=7, max_triangles=20_000, refine=False)
     monkeypatch.setattr(build_mesh, "HEARTBEAT_SECONDS", 0.1)
     said: list[str] = []
     result = build_mesh.run(config, ws, lambda _, message: said.append(message), never_stop)
@@ -93,7 +93,7 @@ def test_far_faces_and_floaters_are_removed(tmp_path: Path) -> None:
     keep = cloud.xyz[:, 1] > 0.0
     cap = PointCloud(cloud.xyz[keep], cloud.normals[keep], cloud.rgb[keep])
     ws = _workspace(tmp_path, cap)
-    config = build_mesh.MeshConfig(depth=7, trim=0.0, max_triangles=3000)
+    config = build_mesh.MeshConfig(depth=7, trim=0.0, max_triangles=3000, refine=False)
     result = build_mesh.run(config, ws, no_progress, never_stop)
     ply = plyio.read_ply(ws.mesh)
     vertices = plyio.xyz_of(ply.vertex)
@@ -156,7 +156,7 @@ def test_thin_averages_points_per_voxel() -> None:
 
 
 def test_poisson_depth_follows_the_point_spacing(tmp_path: Path) -> None:
-    config = build_mesh.MeshConfig(depth=10, min_depth=6, cell_spacings=2.0)
+    config = build_mesh.MeshConfig(depth=10, min_depth=6, cell_spacings=2.0, refine=False)
     # finest cell = 1.1 * extent / 2**depth: about two spacings, within [min_depth, depth]
     assert build_mesh.poisson_depth(2.0, 2.2 / 512, config) == 8
     assert build_mesh.poisson_depth(2.0, 2.2 / 600, config) == 9
@@ -165,7 +165,7 @@ def test_poisson_depth_follows_the_point_spacing(tmp_path: Path) -> None:
     # On a real cloud: four times the points (half the spacing) -> one level deeper.
     sparse_ws = _workspace(tmp_path / "sparse", sphere_and_box(4_000, 2_500))
     dense_ws = _workspace(tmp_path / "dense", sphere_and_box(16_000, 10_000))
-    run = build_mesh.MeshConfig(depth=9, min_depth=5, max_triangles=20_000)
+    run = build_mesh.MeshConfig(depth=9, min_depth=5, max_triangles=20_000, refine=False)
     coarse = build_mesh.run(run, sparse_ws, no_progress, never_stop)
     fine = build_mesh.run(run, dense_ws, no_progress, never_stop)
     assert fine.poisson_depth == coarse.poisson_depth + 1

@@ -41,6 +41,8 @@ def sphere_and_box(n_sphere: int = 30_000, n_box: int = 20_000, seed: int = 0) -
 
 
 def _workspace(tmp_path: Path, cloud: PointCloud) -> Workspace:
+    """Fused points only, no photos or cameras: the tests that mesh them set `refine=False`
+    (test_refine_mesh covers the refinement against rendered photos)."""
     ws = Workspace(tmp_path / "job").create()
     save_points(ws.fused, cloud)
     return ws

@@ -193,8 +193,10 @@ def _measure(
         x_cam = vertices[idx] @ view.R.T + view.t
         uv = np.rint(x_cam[:, :2] / x_cam[:, 2:] * np.diag(view.K)[:2] + view.K[:2, 2]).astype(np.int64)
         rays = np.column_stack([uv, np.ones(len(uv))]) @ kinv.T  # z = 1 rays of those pixels
-        facing = np.einsum("ij,ij->i", n_cam, rays)  # < 0: the normal faces the camera
-        plane_depth = np.einsum("ij,ij->i", n_cam, x_cam) / np.where(facing < -1e-9, facing, -1e-9)
+        facing = np.einsum("ij,ij->i", n_cam, rays)
+        front = facing < -1e-9  # the normal faces the camera at that pixel: the plane has a depth
+        idx, masks, uv, n_cam, x_cam, facing = (a[front] for a in (idx, masks, uv, n_cam, x_cam, facing))
+        plane_depth = np.einsum("ij,ij->i", n_cam, x_cam) / facing
         # One pixel of disparity against the median source: dz = z^2 / (f B).
         baseline = float(np.median([np.linalg.norm(t) for _, t in rel]))
         px_depth = plane_depth**2 / (view.K[0, 0] * baseline)
@@ -205,7 +207,7 @@ def _measure(
             uv, plane_depth, n_cam, masks, step_z, _STEPS, ref, (stack, src_hw, A, b, kinv),
             min(_BEST_K, len(srcs_of)), _MIN_TEXTURE, shift, cost,
         )  # fmt: skip
-        good = (cost < _MAX_COST) & (facing < -1e-9)
+        good = cost < _MAX_COST
         # Moving the plane by dz at the pixel moves it by dz * (n . ray) along its normal.
         tau[idx] = np.where(good, shift * facing, 0.0)
         weight[idx] = np.where(good, 1.0 - cost / _MAX_COST, 0.0)

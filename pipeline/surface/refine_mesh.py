@@ -60,9 +60,9 @@ class RefineStats(BaseModel):
 
 def _visible_vertices(
     vertices: np.ndarray, normals: np.ndarray, faces: np.ndarray, view: DenseView, should_stop: StopCheck
-) -> tuple[np.ndarray, np.ndarray]:
-    """(mask, camera z) of the vertices this view sees in front, facing it, with a
-    whole window inside the photo."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(mask, camera z, cosine between normal and direction to the camera) of the vertices: the
+    mask holds those this view sees in front, facing it, with a whole window inside the photo."""
     cam = vertices @ view.R.T + view.t
     z = cam[:, 2]
     safe = np.where(z > 1e-9, z, 1.0)
@@ -72,14 +72,15 @@ def _visible_vertices(
     ok = (z > 1e-9) & (px[:, 0] >= margin) & (px[:, 1] >= margin)
     ok &= (px[:, 0] < width - 1 - margin) & (px[:, 1] < height - 1 - margin)
     to_cam = view.center - vertices
-    ok &= np.einsum("ij,ij->i", normals, to_cam) > _MIN_COS * np.linalg.norm(to_cam, axis=1)
+    cos = np.einsum("ij,ij->i", normals, to_cam) / np.linalg.norm(to_cam, axis=1)
+    ok &= cos > _MIN_COS
     # The z-buffer uses COLMAP's pixel convention (centres at +0.5); K has OpenCV's.
     zb = raster.zbuffer(np.where(z[:, None] > 1e-9, px + 0.5, np.nan), z, faces, (width, height), should_stop)
     ix = np.clip(np.rint(px[:, 0]).astype(np.int64), 0, width - 1)
     iy = np.clip(np.rint(px[:, 1]).astype(np.int64), 0, height - 1)
     front = zb.depth[iy * width + ix]
     ok &= z <= front * 1.002 + 1e-9
-    return ok, z
+    return ok, z, cos
 
 
 @njit(cache=True, fastmath=True, parallel=True, nogil=True)
@@ -142,10 +143,8 @@ def _visibility(
     reference = np.full(len(vertices), -1, dtype=np.int64)
     for i, view in enumerate(views):
         check_stop(should_stop)
-        ok, z = _visible_vertices(vertices, normals, faces, view, should_stop)
+        ok, z, cos = _visible_vertices(vertices, normals, faces, view, should_stop)
         seen[i] = ok
-        to_cam = view.center - vertices
-        cos = np.einsum("ij,ij->i", normals, to_cam) / np.linalg.norm(to_cam, axis=1)
         score = np.where(ok, cos * view.K[0, 0] / np.maximum(z, 1e-12), 0.0)
         better = score > best
         best[better], reference[better] = score[better], i

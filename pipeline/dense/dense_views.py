@@ -17,6 +17,8 @@ import pycolmap
 
 from scandrop.pipeline.core.errors import ErrorCode, ScandropError
 
+_MAP_LATTICE = 8  # grid pixels between the exact evaluations of DenseView.grid_map
+
 
 @dataclass(frozen=True)
 class DenseView:
@@ -60,10 +62,25 @@ class DenseView:
         uv = uv.astype(np.float32).reshape(*shape, 2)
         return uv[..., 0].copy(), uv[..., 1].copy()
 
-    def grid_rays(self) -> np.ndarray:
-        """Camera-frame rays (z = 1) through every depth-grid pixel centre, shaped (H, W, 3)."""
+    def grid_map(self) -> tuple[np.ndarray, np.ndarray]:
+        """photo_map(grid_rays()), evaluated exactly every _MAP_LATTICE pixels and interpolated
+        linearly between: lens distortion is smooth, and the exact map of a 1600x1200 grid took
+        0.25 s a view, for every photo in the depth stage and again in mesh refinement."""
         width, height = self.grid_size
-        u, v = np.meshgrid(np.arange(width, dtype=np.float64), np.arange(height, dtype=np.float64))
+        xs, ys = _lattice(width), _lattice(height)
+        mx, my = self.photo_map(self.grid_rays(xs, ys))
+        if (mx == -1e4).any() or (my == -1e4).any():  # a lens that folds inside the photo: exactly
+            return self.photo_map(self.grid_rays())
+        return _upsample(mx, xs, ys, width, height), _upsample(my, xs, ys, width, height)
+
+    def grid_rays(self, xs: np.ndarray | None = None, ys: np.ndarray | None = None) -> np.ndarray:
+        """Camera-frame rays (z = 1) through every depth-grid pixel centre, shaped (H, W, 3), or
+        through the pixel columns `xs` and rows `ys` only."""
+        width, height = self.grid_size
+        u, v = np.meshgrid(
+            np.arange(width, dtype=np.float64) if xs is None else xs,
+            np.arange(height, dtype=np.float64) if ys is None else ys,
+        )
         kinv = np.linalg.inv(self.K)
         x = kinv[0, 0] * u + kinv[0, 1] * v + kinv[0, 2]
         y = kinv[1, 1] * v + kinv[1, 2]
@@ -75,14 +92,38 @@ class DenseView:
         interpolation: int = cv2.INTER_LINEAR,
         maps: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> np.ndarray:
-        """Resample a photo (or mask) onto the undistorted depth grid; `maps` = photo_map(grid_rays())
-        when several images of the view are resampled (building them is the costly part)."""
-        mx, my = maps if maps is not None else self.photo_map(self.grid_rays())
+        """Resample a photo (or mask) onto the undistorted depth grid; `maps` = grid_map() when
+        several images of the view are resampled."""
+        mx, my = maps if maps is not None else self.grid_map()
         src = photo
         if self.scale < 0.75 and interpolation != cv2.INTER_NEAREST:
             sigma = 0.4 / self.scale
             src = cv2.GaussianBlur(photo, (0, 0), sigma)
         return cv2.remap(src, mx, my, interpolation, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+
+
+def _lattice(n: int) -> np.ndarray:
+    """Pixel positions 0, L, 2L, ... and the last one, n - 1."""
+    points = np.arange(0, n, _MAP_LATTICE, dtype=np.float64)
+    return points if points[-1] == n - 1 else np.append(points, n - 1.0)
+
+
+def _upsample(coarse: np.ndarray, xs: np.ndarray, ys: np.ndarray, width: int, height: int) -> np.ndarray:
+    """(height, width) float32 linear interpolation of values given at columns xs and rows ys."""
+
+    def weights(positions: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+        at = np.interp(np.arange(n, dtype=np.float64), positions, np.arange(len(positions), dtype=np.float64))
+        first = np.minimum(at.astype(np.int64), max(len(positions) - 2, 0))
+        return first, at - first
+
+    coarse = coarse.astype(np.float64)
+    if len(xs) > 1:
+        i, a = weights(xs, width)
+        coarse = coarse[:, i] * (1 - a) + coarse[:, i + 1] * a
+    if len(ys) > 1:
+        j, b = weights(ys, height)
+        coarse = coarse[j] * (1 - b)[:, None] + coarse[j + 1] * b[:, None]
+    return np.ascontiguousarray(coarse, dtype=np.float32)
 
 
 def pinhole_grid(camera: pycolmap.Camera, max_size: int) -> tuple[np.ndarray, tuple[int, int], float]:

@@ -199,7 +199,7 @@ def _view_depth(task: _Task) -> tuple[str, float]:
     ref = task.ref
     ref_photo = read_photo(task.image_dir / ref.name)
     ref_gray = cv2.cvtColor(ref_photo, cv2.COLOR_BGR2GRAY)
-    maps = ref.photo_map(ref.grid_rays())
+    maps = ref.grid_map()
     textured = ref.undistort(texture_strength(ref_gray), maps=maps) >= cfg.min_texture
     mask = None
     points, point_ids = ref.points, ref.point_ids

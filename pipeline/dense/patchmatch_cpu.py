@@ -251,7 +251,7 @@ def depth_for_view(task: DepthTask) -> tuple[str, float]:
         return ref.name, 0.0
     dmin, dmax = bounds
     ref_photo = read_photo(task.image_dir / ref.name)
-    maps = ref.photo_map(ref.grid_rays())
+    maps = ref.grid_map()
     ref_gray = grey_on_grid(ref, task.image_dir, ref_photo, maps)
     src_grays = [grey_on_grid(src, task.image_dir) for src in task.sources]
     src_Ks = [src.K for src in task.sources]

@@ -65,7 +65,7 @@ class DenseView:
     def grid_map(self) -> tuple[np.ndarray, np.ndarray]:
         """photo_map(grid_rays()), evaluated exactly every _MAP_LATTICE pixels and interpolated
         linearly between: lens distortion is smooth, and the exact map of a 1600x1200 grid took
-        0.25 s a view, for every photo in the depth stage and again in mesh refinement."""
+        0.25-0.5 s a view, for every photo in the depth stage and again in mesh refinement."""
         width, height = self.grid_size
         xs, ys = _lattice(width), _lattice(height)
         mx, my = self.photo_map(self.grid_rays(xs, ys))

@@ -89,15 +89,17 @@ def photo_ceiling(
 ) -> dict[str, float]:
     """PSNR that a perfect model would reach at the held-out views when its colours come from the
     training photos: each held-out pixel's TRUE surface point (true geometry, true cameras) is
-    looked up bilinearly in the visible photo seen from the closest direction ("one_photo"), or
-    averaged over the visible photos among the `nearest` cameras ("blend").
+    looked up bilinearly in one of the visible photos among the `nearest` cameras: the one seen
+    from the closest direction ("one_photo"), the one that sees the point largest (projected area,
+    the texture atlas's own choice: "largest"), or all of them averaged ("blend").
 
     A texture cannot beat this by reprojection alone: what it misses is detail the photos do not
     resolve (a texture near their Nyquist limit, sampled at other phases) and the view's own
     quantisation. A model's PSNR below it is what geometry, poses and the atlas lose."""
     k = held_out.K
     centres = train.centres()
-    sq_one, sq_blend, count = 0.0, 0.0, 0
+    sq = {"one_photo": 0.0, "largest": 0.0, "blend": 0.0}
+    count = 0
     for image, r, t in zip(held_out.images, held_out.R, held_out.t, strict=True):
         vv, uu = np.nonzero(image[..., 3] == 255)
         rays = np.stack([(uu + 0.5 - k[0, 2]) / k[0, 0], (vv + 0.5 - k[1, 2]) / k[1, 1], np.ones(len(uu))], 1)
@@ -107,25 +109,31 @@ def photo_ceiling(
         dist, _ = synthetic.cast_rays(train.primitives, origin, rays)
         hit = np.isfinite(dist)
         points, rays, truth = origin + dist[hit, None] * rays[hit], rays[hit], image[vv[hit], uu[hit], :3]
-        best = np.full(len(points), -np.inf)
+        normals = train.normals(points)
+        closest = np.full(len(points), -np.inf)
+        largest = np.zeros(len(points))
         one = np.zeros((len(points), 3))
+        big = np.zeros((len(points), 3))
         total = np.zeros((len(points), 3))
         seen = np.zeros(len(points))
         for j in np.argsort(np.linalg.norm(centres - origin, axis=1))[:nearest]:
-            idx = np.flatnonzero(train.visible_in(points, int(j)))
+            idx = np.flatnonzero(train.visible_in(points, int(j), normals))
             cam = np.einsum("ij,kj->ki", train.R[j], points[idx]) + train.t[j]
             colour = raster.sample_bilinear(train.images[j][..., :3], _pixels(train.K, cam))
             view_dir = points[idx] - centres[j]
-            cos = np.einsum("ij,ij->i", view_dir, rays[idx]) / np.linalg.norm(view_dir, axis=1)
-            closer = cos > best[idx]
-            best[idx[closer]], one[idx[closer]] = cos[closer], colour[closer]
+            length = np.linalg.norm(view_dir, axis=1)
+            cos = np.einsum("ij,ij->i", view_dir, rays[idx]) / length
+            closer = cos > closest[idx]
+            closest[idx[closer]], one[idx[closer]] = cos[closer], colour[closer]
+            area = -np.einsum("ij,ij->i", normals[idx], view_dir) / length / cam[:, 2] ** 2
+            larger = area > largest[idx]
+            largest[idx[larger]], big[idx[larger]] = area[larger], colour[larger]
             total[idx] += colour
             seen[idx] += 1
         ok = seen > 0
-        sq_one += float(((one[ok] - truth[ok]) ** 2).sum())
-        sq_blend += float(((total[ok] / seen[ok, None] - truth[ok]) ** 2).sum())
+        sq["one_photo"] += float(((one[ok] - truth[ok]) ** 2).sum())
+        sq["largest"] += float(((big[ok] - truth[ok]) ** 2).sum())
+        sq["blend"] += float(((total[ok] / seen[ok, None] - truth[ok]) ** 2).sum())
         count += int(ok.sum()) * 3
-    return {
-        "one_photo": round(10.0 * math.log10(255.0**2 * count / sq_one), 3) if sq_one else math.inf,
-        "blend": round(10.0 * math.log10(255.0**2 * count / sq_blend), 3) if sq_blend else math.inf,
-    }
+    scale = 255.0**2 * count
+    return {name: round(10.0 * math.log10(scale / e), 3) if e else math.inf for name, e in sq.items()}

@@ -373,7 +373,7 @@ class SyntheticScene:
         """Area-uniform points on the true surface that at least `min_views` cameras see: the
         reference for completeness (a surface no camera sees cannot be asked for)."""
         points = self._raw_samples(n, seed)
-        normals = self._normals(points)
+        normals = self.normals(points)
         seen = np.zeros(len(points), dtype=np.int64)
         for i in range(len(self.R)):
             seen += self._visible(points, normals, i)
@@ -394,9 +394,10 @@ class SyntheticScene:
             chunks.append(pts[keep])
         return np.concatenate(chunks)
 
-    def visible_in(self, points: np.ndarray, view: int) -> np.ndarray:
-        """Which surface points camera `view` sees: in frame, front-facing and not occluded."""
-        return self._visible(points, self._normals(points), view)
+    def visible_in(self, points: np.ndarray, view: int, normals: np.ndarray | None = None) -> np.ndarray:
+        """Which surface points camera `view` sees: in frame, front-facing and not occluded
+        (`normals`: the points' own, when the caller has them already)."""
+        return self._visible(points, self.normals(points) if normals is None else normals, view)
 
     def _visible(self, points: np.ndarray, normals: np.ndarray, view: int) -> np.ndarray:
         r, t = self.R[view], self.t[view]
@@ -417,7 +418,8 @@ class SyntheticScene:
         ok[idx[hit >= dist - 1e-6 * self.size]] = True
         return ok
 
-    def _normals(self, points: np.ndarray) -> np.ndarray:
+    def normals(self, points: np.ndarray) -> np.ndarray:
+        """Outward unit normals of the true surface at points on it."""
         sdf = np.stack([p.sdf(points) for p in self.primitives], axis=1)
         owner = np.abs(sdf).argmin(axis=1)
         normals = np.zeros_like(points)

@@ -72,8 +72,8 @@ def test_photo_ceiling_is_exact_where_a_photo_was_taken(scene: relief.ReliefScen
         alpha=True, supersample=1,
     )  # fmt: skip
     exact = appearance.photo_ceiling(train, same)
-    assert exact["one_photo"] > 60.0
+    assert exact["one_photo"] > 60.0  # "largest" may pick another photo there: no exact value
     # At views between the photos the texture (finer than these 96 px photos resolve) is only
     # partly recovered: a finite ceiling, far below the exact one.
     between = appearance.photo_ceiling(train, scene.held_out)
-    assert 5.0 < between["one_photo"] < 40.0 and 5.0 < between["blend"] < 40.0
+    assert all(5.0 < between[name] < 40.0 for name in ("one_photo", "largest", "blend"))

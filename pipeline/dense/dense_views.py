@@ -18,6 +18,7 @@ import pycolmap
 from scandrop.pipeline.core.errors import ErrorCode, ScandropError
 
 _MAP_LATTICE = 8  # grid pixels between the exact evaluations of DenseView.grid_map
+NO_PIXEL = -1e4  # map value of rays with no photo pixel (behind the camera, or not finite)
 
 
 @dataclass(frozen=True)
@@ -54,11 +55,11 @@ class DenseView:
         shape = rays_cam.shape[:2]
         rays = rays_cam.reshape(-1, 3).astype(np.float64)
         front = rays[:, 2] > 1e-6
-        uv = np.full((rays.shape[0], 2), -1e4, np.float64)
+        uv = np.full((rays.shape[0], 2), NO_PIXEL, np.float64)
         if front.any():
             # COLMAP puts pixel centres at +0.5, OpenCV at integers.
             uv[front] = self.camera().img_from_cam(rays[front], check_cheirality=False) - 0.5
-        uv[~np.isfinite(uv).all(axis=1)] = -1e4
+        uv[~np.isfinite(uv).all(axis=1)] = NO_PIXEL
         uv = uv.astype(np.float32).reshape(*shape, 2)
         return uv[..., 0].copy(), uv[..., 1].copy()
 
@@ -69,7 +70,7 @@ class DenseView:
         width, height = self.grid_size
         xs, ys = _lattice(width), _lattice(height)
         mx, my = self.photo_map(self.grid_rays(xs, ys))
-        if (mx == -1e4).any() or (my == -1e4).any():  # a lens that folds inside the photo: exactly
+        if (mx == NO_PIXEL).any() or (my == NO_PIXEL).any():  # a lens that folds inside the photo: exactly
             return self.photo_map(self.grid_rays())
         return _upsample(mx, xs, ys, width, height), _upsample(my, xs, ys, width, height)
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from scandrop.pipeline.dense.dense_views import DenseView
+from scandrop.pipeline.dense.dense_views import NO_PIXEL, DenseView
 
 _MODES = {
     "sgbm": cv2.StereoSGBM_MODE_SGBM,
@@ -136,8 +136,8 @@ def _rect_maps(view: DenseView, R: np.ndarray, K: np.ndarray, size: tuple[int, i
     cam = rays @ (view.R @ R.T).T
     mx, my = view.photo_map(cam)
     far = (mx < -1e3) | (my < -1e3)
-    mx = (mv @ np.where(far, -1e4, mx) @ mu.T).astype(np.float32)
-    my = (mv @ np.where(far, -1e4, my) @ mu.T).astype(np.float32)
+    mx = (mv @ np.where(far, NO_PIXEL, mx) @ mu.T).astype(np.float32)
+    my = (mv @ np.where(far, NO_PIXEL, my) @ mu.T).astype(np.float32)
     return mx, my
 
 

@@ -14,15 +14,17 @@ round trip to this process. A node's worker keeps the job's photos it was sent f
 so each is undistorted once per worker, as on the job's node. The free CPUs are re-read between
 views: a cluster busy with other jobs when the stage starts joins in as they finish.
 
-Stop: outstanding view tasks are cancelled (ray.cancel, force) before the stage raises; a pipeline
-process that is killed outright takes its driver with it, and Ray kills a dead driver's tasks.
+Stop: the stage disconnects its driver (ray.shutdown) before it raises, and Ray kills the
+outstanding view tasks of the finished driver on every node; a pipeline process that is killed
+outright takes its driver with it, with the same effect. No task is cancelled one by one: in Ray
+2.60, ray.cancel(force=True) of a task whose result is already on its way aborts the driver ("Tried
+to complete task that was not pending"); a failed view ending the stage while others finished did.
 A view task that failed is the job's error (its own ScandropError when it raised one), never a hang:
 Ray retries a view whose node died (max_retries) and then reports it lost.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import os
@@ -143,8 +145,9 @@ class RayViewFanout:
             try:
                 return gather.run(connected=True)
             finally:
-                ray.shutdown()
+                ray.shutdown()  # a stop or a failure leaves views running: Ray kills them now
         finally:
+            gather.close()
             cv2.setNumThreads(threads)
 
 
@@ -172,11 +175,10 @@ class _Gather:
         self.lock = threading.Lock()  # guards the queue, which the local thread takes from too
         self.closing = threading.Event()
         self.local_done: queue.SimpleQueue[ViewDone | BaseException] = queue.SimpleQueue()
-        self.started_local = False
+        self.local = threading.Thread(target=self._local_views, name="scandrop-local-views", daemon=True)
 
     def run(self, connected: bool) -> list[ViewDone]:
         slots = 0  # view tasks the cluster can run at once besides this job
-        local = threading.Thread(target=self._local_views, name="scandrop-local-views", daemon=True)
         try:
             while len(self.done) < self.total:
                 check_stop(self.should_stop)
@@ -184,9 +186,8 @@ class _Gather:
                 slots = self._slots(slots) if connected else 0
                 while len(self.pending) < slots * PREFETCH and (task := self._next(front=True)) is not None:
                     self.pending[self._submit(task)] = task
-                if not self.started_local:  # after the cluster's first share
-                    self.started_local = True
-                    local.start()
+                if self.local.ident is None:  # not started yet: after the cluster's first share
+                    self.local.start()
                 if self.pending:
                     for ref in self._ready():
                         self._gather(ref, self.pending.pop(ref))
@@ -194,12 +195,13 @@ class _Gather:
                     self._take_local(wait=POLL_SECONDS)
         finally:
             self.closing.set()  # the local thread takes no more views
-            for ref in self.pending:  # stopped or failed: nothing of this job runs on without it
-                with contextlib.suppress(Exception):
-                    self.ray.cancel(ref, force=True)
-            if self.started_local:
-                local.join()  # at most the view it is computing
         return self.done
+
+    def close(self) -> None:
+        """Wait for the view the local thread is computing (after the driver let go of the cluster's)."""
+        self.closing.set()
+        if self.local.is_alive():
+            self.local.join()
 
     def _next(self, front: bool) -> Any | None:
         """The next view to compute: the cluster's from the front of the queue, ours from the end."""

@@ -308,6 +308,7 @@ t0 = time.monotonic()  # this driver lives on: its stopped view tasks end all th
 while any(alive(p) for p in started) and time.monotonic() - t0 < 30:
     time.sleep(0.1)
 outcome["ended_after_s"] = round(time.monotonic() - t0, 1)
+wait_until_the_cluster_is_free()
 fanout.map(lambda task: ("a.png", 1.0), tasks, lambda f, m: None, lambda: False)  # sweeps on both nodes
 outcome["after"] = "done"
 print(json.dumps(outcome))

@@ -198,8 +198,8 @@ class _Gather:
         return self.done
 
     def close(self) -> None:
-        """Wait for the view the local thread is computing (after the driver let go of the cluster's)."""
-        self.closing.set()
+        """Wait for the view the local thread is computing (after the driver let go of the cluster's;
+        `run` has already told it to take no more)."""
         if self.local.is_alive():
             self.local.join()
 

@@ -90,6 +90,13 @@ class DepthConfig(BaseModel):
     pm_window_half: int = Field(2, ge=1, le=7, description="PatchMatch: window samples each side of a pixel.")
     pm_window_step: int = Field(1, ge=1, le=3, description="PatchMatch: pixels between window samples.")
     pm_far: int = Field(5, ge=1, le=25, description="PatchMatch: distance of the far propagation neighbours.")
+    pm_rescue_sweeps: int = Field(
+        1,
+        ge=0,
+        le=8,
+        description="PatchMatch: sweeps, on each refining level, in which the pixels whose upsampled"
+        " plane fails pm_max_cost search as on the coarsest level (far neighbours, large steps).",
+    )
     pm_max_cost: float = Field(
         0.5, gt=0, le=2, description="PatchMatch: drop pixels whose best sources' mean 1 - NCC is above."
     )

@@ -17,6 +17,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -141,6 +142,8 @@ def patchmatch_planes(
         # and one spare), and the sweeps score only those.
         keep = len(srcs) if randomise else best_k + 1
         kernel.initialise(depth, normal, cost, randomise, *args, keep, config.pm_max_cost)
+        if not randomise:
+            rescue(depth, normal, cost, args, config)
         for it in range(iterations):
             # Perturbations shrink with the iterations. Refining levels start from planes good to
             # about a pixel of the level below: their neighbours' planes and one depth perturbation
@@ -155,6 +158,30 @@ def patchmatch_planes(
                 kernel.sweep(colour, depth, normal, cost, *args, far, *ranges, trials)
         kinv_prev = kinv
     return PlaneMaps(depth=depth, normal=normal, cost=cost)
+
+
+def rescue(
+    depth: np.ndarray, normal: np.ndarray, cost: np.ndarray, args: tuple[Any, ...], config: DepthConfig
+) -> None:
+    """On a refining level, the pixels whose upsampled plane fails the cost bar search again as on
+    the coarsest level (far neighbours, large perturbations); the sweeps skip the pixels that pass.
+    `args` are the level's kernel arguments as patchmatch_planes builds them (ref, ref_mean,
+    ref_std, ...): the pixels that pass get a window deviation of 0, which the sweeps skip.
+
+    A plane that a coarse level got wrong is more than a pixel off, out of reach of the refining
+    sweeps' half-pixel steps. Where a coarse window mixes a thin band with what lies behind it
+    (the dark underside of the relief object above its bright plate), the band kept the plate's
+    depth or none: on the lower ring's photos, 35-62% of that band's pixels had a depth within
+    0.25% of the object's size; with one rescue sweep 54-81%, with two 65-91%. Each sweep costs
+    the kitchen's depth maps about a fifth more time, and adds 9% of their pixels (75% -> 84%)."""
+    ref, ref_mean, ref_std = args[:3]
+    lost_std = np.where(cost > config.pm_max_cost, ref_std, 0.0).astype(np.float32)
+    lost_args = (ref, ref_mean, lost_std, *args[3:])
+    for it in range(config.pm_rescue_sweeps):
+        for colour in (0, 1):
+            kernel.sweep(
+                colour, depth, normal, cost, *lost_args, config.pm_far, 0.2 * 0.5**it, 0.4 * 0.5**it, 3
+            )
 
 
 def source_stack(grays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

@@ -176,3 +176,44 @@ def test_grey_photos_are_resampled_once_per_file_version(
     assert again is not first
     inside = first > 0
     assert np.corrcoef(first[inside], again[inside])[0, 1] < -0.9
+
+
+def test_a_refining_level_rescues_the_pixels_a_coarse_level_got_wrong() -> None:
+    """Pixels whose upsampled plane fails the cost bar search again with far neighbours and large
+    steps; a refining sweep's near neighbours and half-pixel steps reach only the block's rim.
+    Pixels that pass are left as they are."""
+    rng = np.random.default_rng(1)
+    h, w, shift, depth = 40, 60, 3, 2.0
+    ref = cv2.GaussianBlur(rng.uniform(0, 255, (h, w)).astype(np.float32), (0, 0), 1.0)
+    srcs = np.zeros((1, h + 1, w + 1), np.float32)
+    srcs[0, :h, :w] = np.roll(ref, -shift, axis=1)  # the plane below, from a camera moved along x
+    K = np.array([[60.0, 0.0, (w - 1) / 2], [0.0, 60.0, (h - 1) / 2], [0.0, 0.0, 1.0]])
+    kinv = np.linalg.inv(K)
+    A = np.stack([K @ kinv])
+    b = np.stack([K @ np.array([-shift * depth / K[0, 0], 0.0, 0.0])])
+    mean, std = kernel.ref_window_stats(ref, 2, 1)
+    block = np.zeros((h, w), bool)
+    block[12:28, 20:40] = True  # a coarse level's wrong plane, 3 px of disparity off
+    config = DepthConfig(pm_rescue_sweeps=2)
+
+    def depth_after(rescue: bool) -> np.ndarray:
+        plane_depth = np.where(block, depth / 2, depth).astype(np.float32)
+        normal = np.zeros((h, w, 3), np.float32)
+        normal[..., 2] = -1.0
+        cost = np.empty((h, w), np.float32)
+        selection = np.empty((h, w), np.uint16)
+        args = (ref, mean, std, srcs, np.array([[h, w]]), A, b, kinv, 1.0, 4.0, 2, 1, 1, selection)
+        kernel.initialise(plane_depth, normal, cost, False, *args, 2, config.pm_max_cost)
+        assert np.mean(cost[block] > config.pm_max_cost) > 0.95  # (a few match the shift by chance)
+        before = plane_depth.copy()
+        if rescue:
+            patchmatch_cpu.rescue(plane_depth, normal, cost, args, config)
+            passed = (std > 0) & ~block
+            assert np.array_equal(plane_depth[passed], before[passed])  # only failing pixels search
+        for colour in (0, 1):  # the level's own refining sweep: half a pixel of disparity
+            kernel.sweep(colour, plane_depth, normal, cost, *args, 1, 0.5 / shift, 0.0, 1)
+        return plane_depth
+
+    for rescue, least, most in ((True, 0.95, 1.0), (False, 0.0, 0.5)):
+        right = np.abs(depth_after(rescue) - depth) < 0.01 * depth
+        assert least <= right[block].mean() <= most, rescue

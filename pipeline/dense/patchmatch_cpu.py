@@ -151,22 +151,28 @@ def patchmatch_planes(
             # 0.024% of the depth, and 14% fewer windows scored, than with two perturbations of 2%
             # of the depth and of the normal).
             if randomise:
-                far, ranges, trials = config.pm_far, (0.2 * 0.5**it, 0.4 * 0.5**it), 3
+                schedule = searching(config, it)
             else:
-                far, ranges, trials = 1, (0.5 * one_px_full / scale * 0.5**it, 0.0), 1
+                schedule = (1, 0.5 * one_px_full / scale * 0.5**it, 0.0, 1)
             for colour in (0, 1):
-                kernel.sweep(colour, depth, normal, cost, *args, far, *ranges, trials)
+                kernel.sweep(colour, depth, normal, cost, *args, *schedule)
         kinv_prev = kinv
     return PlaneMaps(depth=depth, normal=normal, cost=cost)
+
+
+def searching(config: DepthConfig, it: int) -> tuple[int, float, float, int]:
+    """A searching sweep's (far neighbour distance, depth and normal perturbation ranges, trials):
+    the coarsest level's, and a refining level's rescue; the perturbations halve each sweep."""
+    return config.pm_far, 0.2 * 0.5**it, 0.4 * 0.5**it, 3
 
 
 def rescue(
     depth: np.ndarray, normal: np.ndarray, cost: np.ndarray, args: tuple[Any, ...], config: DepthConfig
 ) -> None:
     """On a refining level, the pixels whose upsampled plane fails the cost bar search again as on
-    the coarsest level (far neighbours, large perturbations); the sweeps skip the pixels that pass.
-    `args` are the level's kernel arguments as patchmatch_planes builds them (ref, ref_mean,
-    ref_std, ...): the pixels that pass get a window deviation of 0, which the sweeps skip.
+    the coarsest level (far neighbours, large perturbations). `args` are the level's kernel
+    arguments as patchmatch_planes builds them (ref, ref_mean, ref_std, ...); the pixels that pass
+    get a window deviation of 0 here, which the sweeps skip.
 
     A plane that a coarse level got wrong is more than a pixel off, out of reach of the refining
     sweeps' half-pixel steps. Where a coarse window mixes a thin band with what lies behind it
@@ -179,9 +185,7 @@ def rescue(
     lost_args = (ref, ref_mean, lost_std, *args[3:])
     for it in range(config.pm_rescue_sweeps):
         for colour in (0, 1):
-            kernel.sweep(
-                colour, depth, normal, cost, *lost_args, config.pm_far, 0.2 * 0.5**it, 0.4 * 0.5**it, 3
-            )
+            kernel.sweep(colour, depth, normal, cost, *lost_args, *searching(config, it))
 
 
 def source_stack(grays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

@@ -99,6 +99,21 @@ def test_two_sources_a_pixel_needs_only_one(scene: synthetic.SyntheticScene) -> 
     assert np.mean(err < 0.015 * truth[valid]) > 0.85
 
 
+def _moved_along_x(
+    images: list[np.ndarray], shift: int, depth: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Kernel inputs for sources seen from a camera moved along x, which sees a fronto-parallel
+    plane at `depth` shifted by `shift` px: the padded stack, Kinv, and each source's A and b."""
+    h, w = images[0].shape
+    srcs = np.zeros((len(images), h + 1, w + 1), np.float32)
+    for i, img in enumerate(images):
+        srcs[i, :h, :w] = img
+    K = np.array([[60.0, 0.0, (w - 1) / 2], [0.0, 60.0, (h - 1) / 2], [0.0, 0.0, 1.0]])
+    kinv = np.linalg.inv(K)
+    t = np.array([-shift * depth / K[0, 0], 0.0, 0.0])
+    return srcs, kinv, np.stack([K @ kinv] * len(images)), np.stack([K @ t] * len(images))
+
+
 def test_a_refining_level_scores_only_the_sources_that_matched_best() -> None:
     """A pixel whose starting plane passes the cost bar keeps its best sources (best_k and a spare)
     for the level's sweeps; a pixel whose plane fails keeps every source."""
@@ -106,15 +121,8 @@ def test_a_refining_level_scores_only_the_sources_that_matched_best() -> None:
     h, w, shift, depth = 24, 40, 3, 2.0
     ref = cv2.GaussianBlur(rng.uniform(0, 255, (h, w)).astype(np.float32), (0, 0), 1.0)
     good = np.roll(ref, -shift, axis=1)  # the plane below, seen from a camera moved along x
-    srcs = np.zeros((3, h + 1, w + 1), np.float32)
     # A negative of the matching source (NCC -1), the matching source, one 2 px off the plane.
-    for i, img in enumerate((255.0 - good, good, np.roll(ref, -shift - 2, axis=1))):
-        srcs[i, :h, :w] = img
-    K = np.array([[60.0, 0.0, (w - 1) / 2], [0.0, 60.0, (h - 1) / 2], [0.0, 0.0, 1.0]])
-    kinv = np.linalg.inv(K)
-    t = np.array([-shift * depth / K[0, 0], 0.0, 0.0])
-    A = np.stack([K @ kinv] * 3)
-    b = np.stack([K @ t] * 3)
+    srcs, kinv, A, b = _moved_along_x([255.0 - good, good, np.roll(ref, -shift - 2, axis=1)], shift, depth)
     mean, std = kernel.ref_window_stats(ref, 2, 1)
     plane_depth = np.full((h, w), depth, np.float32)
     normal = np.zeros((h, w, 3), np.float32)
@@ -185,12 +193,7 @@ def test_a_refining_level_rescues_the_pixels_a_coarse_level_got_wrong() -> None:
     rng = np.random.default_rng(1)
     h, w, shift, depth = 40, 60, 3, 2.0
     ref = cv2.GaussianBlur(rng.uniform(0, 255, (h, w)).astype(np.float32), (0, 0), 1.0)
-    srcs = np.zeros((1, h + 1, w + 1), np.float32)
-    srcs[0, :h, :w] = np.roll(ref, -shift, axis=1)  # the plane below, from a camera moved along x
-    K = np.array([[60.0, 0.0, (w - 1) / 2], [0.0, 60.0, (h - 1) / 2], [0.0, 0.0, 1.0]])
-    kinv = np.linalg.inv(K)
-    A = np.stack([K @ kinv])
-    b = np.stack([K @ np.array([-shift * depth / K[0, 0], 0.0, 0.0])])
+    srcs, kinv, A, b = _moved_along_x([np.roll(ref, -shift, axis=1)], shift, depth)  # the plane below
     mean, std = kernel.ref_window_stats(ref, 2, 1)
     block = np.zeros((h, w), bool)
     block[12:28, 20:40] = True  # a coarse level's wrong plane, 3 px of disparity off

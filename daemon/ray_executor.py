@@ -21,6 +21,7 @@ import socket
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ CONNECT_RETRY_SECONDS = 5.0
 POLL_SECONDS = 0.2
 HEAD_RESOURCE = "node:__internal_head__"  # every Ray head has one unit of it
 FORCE_AFTER_SECONDS = GRACE_SECONDS + 5  # a stop the task ignored this long is forced
+KILLED_TASK_ENDS_SECONDS = 15.0  # a task whose pipeline was killed returns by then (packing included)
 MEMORY_BASE = 768 * 2**20  # the pipeline's own footprint
 MEMORY_PER_INPUT_BYTE = 20  # decoded photos, features, depth maps: ~20x the compressed input
 
@@ -259,7 +261,10 @@ class RayExecutor:
                     self._force_cancel(ref, where)  # we are leaving: the task must not run on alone
             with contextlib.suppress(Exception):
                 ray.kill(channel)
-        if result is None:
+        report = None if result is None else Report.model_validate_json(result["report"])
+        # A forced stop kills the pipeline first: its task then reports a crash that was our doing.
+        killed = stopping_since is not None and report is not None and _crashed(report)
+        if report is None or killed:
             error = (
                 lost
                 or reason
@@ -268,7 +273,6 @@ class RayExecutor:
             return _failed_report(
                 request.input_path, request.out_dir, request.spec, request.device, started, error
             )
-        report = Report.model_validate_json(result["report"])
         if result["outputs"] is not None:
             report.input, report.output = str(request.input_path), str(request.out_dir)
             _write_outputs(result["outputs"], request.out_dir, request, report)
@@ -340,18 +344,41 @@ class RayExecutor:
                         hooks.on_attempt(payload["attempt"], info, payload["device"])
 
     def _force_cancel(self, ref: Any, where: dict[str, Any]) -> None:
-        """ray.cancel(force) kills the Ray worker; then the job's process group on its node."""
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        with contextlib.suppress(Exception):
-            self._ray.cancel(ref, force=True, recursive=True)
+        kill_group = None
         if "pid" in where and "node_id" in where:
-            with contextlib.suppress(Exception):
-                kill = self._remote["kill"].options(
-                    num_cpus=0,
-                    scheduling_strategy=NodeAffinitySchedulingStrategy(where["node_id"], soft=False),
-                )
+            kill = self._remote["kill"].options(
+                num_cpus=0,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(where["node_id"], soft=False),
+            )
+
+            def kill_group() -> None:
                 self._ray.get(kill.remote(where["pid"]), timeout=30)
+
+        force_end(self._ray, ref, kill_group)
+
+
+def force_end(ray: Any, ref: Any, kill_group: Callable[[], None] | None) -> None:
+    """End a job task that ignored its stop. The job's process group on its node is killed first:
+    the task then sees its pipeline gone and returns by itself. ray.cancel(force) is the last resort,
+    for a task still running after that (wedged outside its pipeline): in Ray 2.60 a forced cancel
+    of a task whose result is already on its way aborts the driver (see ray_fanout), so it is never
+    sent to a task that has ended or is ending."""
+    if kill_group is not None:
+        with contextlib.suppress(Exception):
+            kill_group()
+        with contextlib.suppress(Exception):
+            if ray.wait([ref], timeout=KILLED_TASK_ENDS_SECONDS)[0]:
+                return
+    with contextlib.suppress(Exception):
+        if ray.wait([ref], timeout=0)[0]:
+            return
+        ray.cancel(ref, force=True, recursive=True)
+
+
+def _crashed(report: Report) -> bool:
+    return report.error is not None and report.error.code == ErrorCode.worker_crashed
 
 
 def _check_reachable(address: str) -> None:

@@ -14,6 +14,9 @@ round trip to this process. A node's worker keeps the job's photos it was sent f
 so each is undistorted once per worker, as on the job's node. The free CPUs are re-read between
 views: a cluster busy with other jobs when the stage starts joins in as they finish.
 
+The geometric-consistency pass is a second round of view tasks, which also ship the first round's
+depth files of a view and its sources (PRIOR_KEY), each put once.
+
 Stop: the stage disconnects its driver (ray.shutdown) before it raises, and Ray kills the
 outstanding view tasks of the finished driver on every node; a pipeline process that is killed
 outright takes its driver with it, with the same effect. No task is cancelled one by one: in Ray
@@ -50,6 +53,7 @@ SCRATCH_PREFIX = "scandrop-view-"  # + the task's pid: a dead one's folder is sw
 PREFETCH = 2  # view tasks in flight per free CPU: the next one waits on its node, not on a round trip
 VIEW_RETRIES = 2  # a view whose node died runs again elsewhere, at most this often
 MASK_KEY = "\0mask"  # the view's mask among its shipped files (no photo is named so)
+PRIOR_KEY = "\0prior/"  # + a depth file's name: the earlier pass's maps a view task reads
 
 
 def run_view(
@@ -63,6 +67,7 @@ def run_view(
     _sweep_scratch()
     shipped = dict(zip(names, blobs, strict=True))
     mask = shipped.pop(MASK_KEY, None)
+    priors = {key.removeprefix(PRIOR_KEY): shipped.pop(key) for key in names if key.startswith(PRIOR_KEY)}
     with tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-") as scratch:
         root = Path(scratch)
         mask_path = root / "mask.png" if mask is not None else None
@@ -73,6 +78,7 @@ def run_view(
             image_dir=_photo_copies(task.image_dir, shipped),
             mask_path=mask_path,
             out_path=root / "depth.npz",
+            **({"prior_dir": _photo_copies(task.prior_dir, priors)} if task.prior_names else {}),
         )
         view, fraction = work(local)
         out = local.out_path.read_bytes() if local.out_path.exists() else None
@@ -169,7 +175,7 @@ class _Gather:
         self.remote = ray.remote(run_view).options(
             num_cpus=fanout.cpus, max_retries=VIEW_RETRIES, retry_exceptions=False, name="scandrop-view"
         )
-        self.photos: dict[str, Any] = {}  # photo name -> object ref, each put once
+        self.photos: dict[str, Any] = {}  # photo (or PRIOR_KEY + depth file) -> object ref, put once
         self.pending: dict[Any, Any] = {}  # object ref -> its task
         self.done: list[ViewDone] = []
         self.lock = threading.Lock()  # guards the queue, which the local thread takes from too
@@ -251,6 +257,12 @@ class _Gather:
         for name in names:
             if name not in self.photos:
                 self.photos[name] = self.ray.put((task.image_dir / name).read_bytes())
+        for name in task.prior_names:  # a geometric pass's depth files of the photometric one
+            path = task.prior_dir / name
+            if path.exists():  # (a view may have got none)
+                if PRIOR_KEY + name not in self.photos:
+                    self.photos[PRIOR_KEY + name] = self.ray.put(path.read_bytes())
+                names.append(PRIOR_KEY + name)
         blobs = [self.photos[n] for n in names]
         if task.mask_path is not None:
             names.append(MASK_KEY)

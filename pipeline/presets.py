@@ -64,7 +64,8 @@ _OVERRIDES: dict[Preset, dict[str, dict[str, Any]]] = {
         # photos see well (an object's underside from the lower ring) lost their depth and the
         # relief sphere's mesh recall at 1% fell below balanced (0.975 vs 0.985; best 2: 0.985).
         # Four levels leave more coarse mistakes to rescue than balanced's three (see
-        # patchmatch_cpu.rescue): two rescue sweeps.
+        # patchmatch_cpu.rescue): two rescue sweeps. The geometric pass searches every pixel, not
+        # only those its sources' depth maps disagree with (see patchmatch_cpu.geometric_planes).
         "depth": {
             "max_image_size": 4000,
             "stereo_max_size": 1000,
@@ -73,6 +74,7 @@ _OVERRIDES: dict[Preset, dict[str, dict[str, Any]]] = {
             "pm_best_k": 2,
             "pm_iterations_fine": 2,
             "pm_rescue_sweeps": 2,
+            "pm_geometric_within": 0.0,
         },
         "fuse": {"neighbours": 12},
         "mesh": {"depth": 10, "max_triangles": 1_000_000},

@@ -35,7 +35,10 @@ def warm() -> float:
     K = np.array([[60.0, 0.0, (width - 1) / 2], [0.0, 60.0, (height - 1) / 2], [0.0, 0.0, 1.0]])
     depth = 2.0  # a fronto-parallel plane; the source camera moved along x by `shift` px of it
     R, t = np.eye(3), np.array([-shift * depth / K[0, 0], 0.0, 0.0])
-    patchmatch_cpu.patchmatch_planes(ref, K, [src], [K], [(R, t)], 1.0, 4.0, DepthConfig(pm_levels=2))
+    config = DepthConfig(pm_levels=2)
+    planes = patchmatch_cpu.patchmatch_planes(ref, K, [src], [K], [(R, t)], 1.0, 4.0, config)
+    own = (planes.depth, planes.normal, planes.cost)
+    patchmatch_cpu.geometric_planes(ref, K, [src], [K], [(R, t)], 1.0, 4.0, config, own, [planes.depth])
 
     fuse_depth.warm_kernels()
     refine_mesh.warm_kernels()

@@ -100,6 +100,21 @@ class DepthConfig(BaseModel):
     pm_max_cost: float = Field(
         0.5, gt=0, le=2, description="PatchMatch: drop pixels whose best sources' mean 1 - NCC is above."
     )
+    pm_geometric_sweeps: int = Field(
+        1,
+        ge=0,
+        le=8,
+        description="PatchMatch: sweeps of the geometric-consistency pass at full size, run once every"
+        " view has its photometric depth (0 = none): a source's cost adds how far its own depth map"
+        " disagrees.",
+    )
+    pm_geometric_within: float = Field(
+        1.0,
+        ge=0,
+        le=3,
+        description="PatchMatch: in the geometric pass, pixels that best_k sources' own depth maps"
+        " bring back within this many pixels keep their plane and are not searched (0: search all).",
+    )
 
     def sgbm(self, grid_size: tuple[int, int]) -> SgbmParams:
         """Matcher settings for a view whose depth grid has this (width, height)."""
@@ -130,6 +145,8 @@ class _Task:
     mask_path: Path | None
     out_path: Path
     config: DepthConfig
+    prior_dir: None = None  # pair stereo has one pass
+    prior_names: tuple[str, ...] = ()
 
     @property
     def photo_names(self) -> tuple[str, ...]:

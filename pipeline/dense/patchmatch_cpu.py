@@ -7,15 +7,20 @@ few pixels of the photo itself. The numba kernels use every core of the machine 
 a time; `depth_for_view` takes one small picklable task and writes that view's file, so views can
 as well be fanned out over processes or machines.
 
+Then, once every view has its depth, a geometric-consistency pass (`geometric_planes`, COLMAP's
+second pass) runs the views again at full size, from their own planes, with their sources' depth
+maps in the cost: a second round of the same per-view tasks, which read the first round's files.
+
 Output: the same per-view npz as estimate_depth (fill and fuse run unchanged); `confidence` is
 1 - cost (mean NCC of the best sources).
 """
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +45,15 @@ from scandrop.pipeline.dense.estimate_depth import (
 from scandrop.pipeline.dense.view_map import ViewMapper
 from scandrop.pipeline.dense.view_selection import mvs_sources
 
+# The kernels' geometric-consistency arguments (source depth maps, their projections into the
+# reference, weight, most error) for a photometric-only pass.
+NO_GEOMETRY = (np.zeros((0, 1, 1), np.float32), np.zeros((0, 3, 4)), 0.0, 0.0)
+# COLMAP's defaults (geom_consistency_regularizer, geom_consistency_max_cost): a source whose own
+# depth map disagrees by 3 px or more adds 0.9 to that source's 1 - NCC (which lies in 0..2).
+GEOMETRIC_WEIGHT = 0.3
+GEOMETRIC_MAX_ERROR = 3.0
+PHOTOMETRIC_SHARE = 0.6  # of the stage's progress, when a geometric pass follows
+
 
 @dataclass(frozen=True)
 class DepthTask:
@@ -52,10 +66,17 @@ class DepthTask:
     out_path: Path
     config: DepthConfig
     wide_baseline: bool = False  # its sources lie beyond config.max_angle_deg (view_selection)
+    # The photometric pass's depth files of every view: set, the task is the view's geometric pass.
+    prior_dir: Path | None = None
 
     @property
     def photo_names(self) -> tuple[str, ...]:
         return (self.ref.name, *(s.name for s in self.sources))
+
+    @property
+    def prior_names(self) -> tuple[str, ...]:
+        """The depth files (in prior_dir) the geometric pass reads: its own view's, its sources'."""
+        return () if self.prior_dir is None else tuple(f"{name}.npz" for name in self.photo_names)
 
 
 @dataclass(frozen=True)
@@ -118,14 +139,9 @@ def patchmatch_planes(
     one_px_full = _depth_per_pixel(ref_K[0, 0], rel_poses, dmin, dmax)
     for level in range(levels - 1, -1, -1):
         scale = 0.5**level
-        ref = _resize(ref_gray, scale)
-        K = scaled_intrinsics(ref_K, scale)
-        kinv = np.linalg.inv(K)
-        srcs = [_resize(g, scale) for g in src_grays]
-        stack, src_hw = source_stack(srcs)
-        A, b = plane_warps(kinv, [scaled_intrinsics(Ks, scale) for Ks in src_Ks], rel_poses)
-        ref_mean, ref_std = kernel.ref_window_stats(ref, half, step)
-        ref_std[ref_std < config.min_texture] = 0.0
+        ref, kinv, ref_mean, ref_std, stack, src_hw, A, b = _level(
+            ref_gray, ref_K, src_grays, src_Ks, rel_poses, scale, config
+        )
         h, w = ref.shape
         if depth is None:
             depth = np.zeros((h, w), np.float32)
@@ -136,11 +152,12 @@ def patchmatch_planes(
             randomise, iterations = False, config.pm_iterations_fine
         cost = np.empty((h, w), np.float32)
         selection = np.empty((h, w), np.uint16)
-        args = (ref, ref_mean, ref_std, stack, src_hw, A, b, kinv, dmin, dmax, half, step, best_k, selection)
+        sources = (stack, src_hw, A, b, *NO_GEOMETRY)
+        args = (ref, ref_mean, ref_std, *sources, kinv, dmin, dmax, half, step, best_k, selection)
         # A refining level starts from planes that are nearly right: where one already passes the
         # cost bar, the sources it matches best are the pixel's sources for the level (its best_k
         # and one spare), and the sweeps score only those.
-        keep = len(srcs) if randomise else best_k + 1
+        keep = len(src_grays) if randomise else best_k + 1
         kernel.initialise(depth, normal, cost, randomise, *args, keep, config.pm_max_cost)
         if not randomise:
             rescue(depth, normal, cost, args, config)
@@ -158,6 +175,89 @@ def patchmatch_planes(
                 kernel.sweep(colour, depth, normal, cost, *args, *schedule)
         kinv_prev = kinv
     return PlaneMaps(depth=depth, normal=normal, cost=cost)
+
+
+def _level(
+    ref_gray: np.ndarray,
+    ref_K: np.ndarray,
+    src_grays: list[np.ndarray],
+    src_Ks: list[np.ndarray],
+    rel_poses: list[tuple[np.ndarray, np.ndarray]],
+    scale: float,
+    config: DepthConfig,
+) -> tuple[np.ndarray, ...]:
+    """One pyramid level's kernel inputs: the reference, its Kinv and window statistics (no
+    texture: deviation 0), the source stack with each source's size, and the plane warps."""
+    ref = _resize(ref_gray, scale)
+    kinv = np.linalg.inv(scaled_intrinsics(ref_K, scale))
+    stack, src_hw = source_stack([_resize(g, scale) for g in src_grays])
+    A, b = plane_warps(kinv, [scaled_intrinsics(Ks, scale) for Ks in src_Ks], rel_poses)
+    ref_mean, ref_std = kernel.ref_window_stats(ref, config.pm_window_half, config.pm_window_step)
+    ref_std[ref_std < config.min_texture] = 0.0
+    return ref, kinv, ref_mean, ref_std, stack, src_hw, A, b
+
+
+def geometric_planes(
+    ref_gray: np.ndarray,
+    ref_K: np.ndarray,
+    src_grays: list[np.ndarray],
+    src_Ks: list[np.ndarray],
+    rel_poses: list[tuple[np.ndarray, np.ndarray]],
+    dmin: float,
+    dmax: float,
+    config: DepthConfig,
+    own: tuple[np.ndarray, np.ndarray, np.ndarray],
+    src_depths: list[np.ndarray],
+    seed: int = 0,
+) -> PlaneMaps:
+    """The geometric-consistency pass at full size (COLMAP's second PatchMatch pass), from the
+    view's photometric planes `own` (depth, normals, cost; depth 0 = none, a random plane there):
+    each source's cost adds GEOMETRIC_WEIGHT x its forward-backward error in reference pixels (at
+    most GEOMETRIC_MAX_ERROR), read from that source's photometric depth map (`src_depths`, on its
+    depth grid), so a pixel prefers the plane its sources' own depth maps agree with. With
+    `config.pm_geometric_within` > 0, pixels that already agree that closely with as many sources
+    as they count (best_k) keep their plane and are not searched: the pass costs what the rest
+    costs. The returned cost is photometric only: the stage's cost bar means the same with and
+    without this pass."""
+    _numba_seed(seed)
+    half, step = config.pm_window_half, config.pm_window_step
+    best_k = selected_sources(config.pm_best_k, len(src_grays))
+    ref, kinv, ref_mean, ref_std, stack, src_hw, A, b = _level(
+        ref_gray, ref_K, src_grays, src_Ks, rel_poses, 1.0, config
+    )
+    geometry = (source_stack(src_depths)[0], ref_projections(ref_K, src_Ks, rel_poses))
+    within = config.pm_geometric_within
+    settled = (kernel.agreeing_sources(own[0], A, b, *geometry, within) >= best_k) & (within > 0)
+    depth = np.array(own[0], np.float32)
+    normal = np.array(own[1], np.float32)
+    cost = np.array(own[2], np.float32)
+    searched = np.where(settled, 0.0, ref_std).astype(np.float32)  # a deviation of 0: skipped
+    selection = np.empty(depth.shape, np.uint16)
+    sources = (stack, src_hw, A, b, *geometry, GEOMETRIC_WEIGHT, GEOMETRIC_MAX_ERROR)
+    args = (ref, ref_mean, searched, *sources, kinv, dmin, dmax, half, step, best_k, selection)
+    kernel.initialise(depth, normal, cost, False, *args, best_k + 1, config.pm_max_cost + GEOMETRIC_WEIGHT)
+    depth[settled], normal[settled] = own[0][settled], own[1][settled]  # initialise cleared them
+    one_px = _depth_per_pixel(ref_K[0, 0], rel_poses, dmin, dmax)
+    for it in range(config.pm_geometric_sweeps):
+        for colour in (0, 1):
+            kernel.sweep(colour, depth, normal, cost, *args, 1, 0.5 * one_px * 0.5**it, 0.0, 1)
+    photometric = (*args[:7], *NO_GEOMETRY, *args[11:])
+    kernel.initialise(depth.copy(), normal.copy(), cost, False, *photometric, best_k + 1, config.pm_max_cost)
+    cost[settled] = own[2][settled]
+    return PlaneMaps(depth=depth, normal=normal, cost=cost)
+
+
+def ref_projections(
+    ref_K: np.ndarray, src_Ks: list[np.ndarray], rel_poses: list[tuple[np.ndarray, np.ndarray]]
+) -> np.ndarray:
+    """(S, 3, 4) per source: reference pixel ~ depth x P[:, :3] (x, y, 1) + P[:, 3] for a source
+    pixel (x, y) at that source's depth (source-from-reference poses; OpenCV pixel centres)."""
+    out = np.empty((len(src_Ks), 3, 4))
+    for i, (Ks, (R, t)) in enumerate(zip(src_Ks, rel_poses, strict=True)):
+        back = ref_K @ R.T
+        out[i, :, :3] = back @ np.linalg.inv(Ks)
+        out[i, :, 3] = -back @ t
+    return out
 
 
 def searching(config: DepthConfig, it: int) -> tuple[int, float, float, int]:
@@ -287,7 +387,14 @@ def depth_for_view(task: DepthTask) -> tuple[str, float]:
     src_grays = [grey_on_grid(src, task.image_dir) for src in task.sources]
     src_Ks = [src.K for src in task.sources]
     rel = [relative_pose(ref, src) for src in task.sources]
-    planes = patchmatch_planes(ref_gray, ref.K, src_grays, src_Ks, rel, dmin, dmax, cfg)
+    if task.prior_dir is None:
+        planes = patchmatch_planes(ref_gray, ref.K, src_grays, src_Ks, rel, dmin, dmax, cfg)
+    else:
+        own, *src_priors = [_prior(task.prior_dir / name, g.shape) for name, g in
+                            zip(task.prior_names, [ref_gray, *src_grays], strict=True)]  # fmt: skip
+        planes = geometric_planes(
+            ref_gray, ref.K, src_grays, src_Ks, rel, dmin, dmax, cfg, own, [p[0] for p in src_priors]
+        )
     depth = planes.depth.copy()
     depth[(planes.cost > cfg.pm_max_cost) | (depth < dmin) | (depth > dmax)] = 0.0
     mask = read_grid_mask(ref, task.mask_path, maps)
@@ -300,6 +407,16 @@ def depth_for_view(task: DepthTask) -> tuple[str, float]:
     rgb = cv2.cvtColor(ref.undistort(ref_photo, maps=maps), cv2.COLOR_BGR2RGB)
     write_depth_file(task.out_path, ref, depth, normals, conf, rgb, mask)
     return ref.name, float(np.mean(depth > 0))
+
+
+def _prior(path: Path, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A view's photometric depth, normals and cost (1 - confidence; where no depth: the worst);
+    none (zeros) where the view got no depth file."""
+    if not path.exists():
+        return np.zeros(shape, np.float32), np.zeros((*shape, 3), np.float32), np.full(shape, 2.0, np.float32)
+    with np.load(path) as data:
+        depth = data["depth"]
+        return depth, data["normals"], np.where(depth > 0, 1.0 - data["confidence"], 2.0).astype(np.float32)
 
 
 def plan_tasks(views: list[DenseView], config: DepthConfig, ws: Workspace) -> list[DepthTask]:
@@ -347,7 +464,27 @@ def run(
             "No view has neighbours suitable for stereo (too little overlap or too little parallax).",
             "Take photos around the object, each a small step (about 10 degrees) from the last.",
         )
-    fractions, nodes = run_views(depth_for_view, tasks, 1, progress, should_stop, map_views)
+    geometric = config.pm_geometric_sweeps > 0
+    prior_dir = ws.depth_dir / "photometric"
+    shutil.rmtree(prior_dir, ignore_errors=True)
+    if geometric:  # the photometric pass writes its maps aside; the geometric pass reads them
+        prior_dir.mkdir()
+        tasks = [replace(t, out_path=prior_dir / t.out_path.name) for t in tasks]
+    share = PHOTOMETRIC_SHARE if geometric else 1.0
+    fractions, nodes = run_views(
+        depth_for_view, tasks, 1, lambda f, m: progress(share * f, m), should_stop, map_views
+    )
+    if geometric:
+        tasks = [replace(t, out_path=ws.depth_dir / t.out_path.name, prior_dir=prior_dir) for t in tasks]
+        fractions, nodes = run_views(
+            depth_for_view,
+            tasks,
+            1,
+            lambda f, m: progress(share + (1 - share) * f, f"consistency {m}"),
+            should_stop,
+            map_views,
+        )
+        shutil.rmtree(prior_dir)
     if float(np.mean(fractions)) < 1e-3:
         raise ScandropError(
             ErrorCode.dense_failed,

@@ -10,6 +10,8 @@ The method of COLMAP, Gipuma and ACMM, reduced to what runs on a CPU:
   source does not spoil the pixel);
 - red-black (checkerboard) sweeps propagate the planes of near and far neighbours, then random
   refinement perturbs depth and normal with a shrinking range;
+- in the geometric-consistency pass (`geo` given) a source's cost also has the forward-backward
+  error of its own depth map, weighted, in reference pixels (`_reprojection_error`);
 - on a refining level a pixel's sweeps score only the few sources that matched its starting plane
   best (`selection`): the others were not among its best, and not scoring them saves 17% of the
   windows of a rendered view, 9% of a kitchen photo's (most of its pixels see only 2-3 sources).
@@ -77,6 +79,10 @@ def source_costs(
     src_hw: np.ndarray,
     A: np.ndarray,
     b: np.ndarray,
+    geo: np.ndarray,
+    geo_P: np.ndarray,
+    geo_weight: float,
+    geo_max: float,
     kinv: np.ndarray,
     half: int,
     step: int,
@@ -162,6 +168,56 @@ def source_costs(
             continue
         ncc = (sum_rs / count - ref_mean * mean_s) / (ref_std * np.sqrt(var_s))
         costs[s] = 1.0 - min(1.0, max(-1.0, ncc))
+        if geo.shape[0]:
+            costs[s] += geo_weight * _reprojection_error(geo[s], geo_P[s], pcx, pcy, u, v, geo_max)
+
+
+@njit(cache=True, fastmath=True, parallel=True, nogil=True)
+def agreeing_sources(
+    depth: np.ndarray, A: np.ndarray, b: np.ndarray, geo: np.ndarray, geo_P: np.ndarray, within: float
+) -> np.ndarray:
+    """Per reference pixel with a depth: how many sources' own depth maps bring it back within
+    `within` pixels (the forward-backward error of `_reprojection_error`)."""
+    h, w = depth.shape
+    count = np.zeros((h, w), np.uint8)
+    for v in prange(h):
+        for u in range(w):
+            d = depth[v, u]
+            if d <= 0:
+                continue
+            for s in range(A.shape[0]):
+                y0 = d * (A[s, 0, 0] * u + A[s, 0, 1] * v + A[s, 0, 2]) + b[s, 0]
+                y1 = d * (A[s, 1, 0] * u + A[s, 1, 1] * v + A[s, 1, 2]) + b[s, 1]
+                y2 = d * (A[s, 2, 0] * u + A[s, 2, 1] * v + A[s, 2, 2]) + b[s, 2]
+                if y2 <= 1e-9 or y0 < -0.5 * y2 or y1 < -0.5 * y2:
+                    continue
+                if _reprojection_error(geo[s], geo_P[s], y0 / y2, y1 / y2, u, v, 2 * within) < within:
+                    count[v, u] += 1
+    return count
+
+
+@njit(cache=True, fastmath=True)
+def _reprojection_error(
+    src_depth: np.ndarray, P: np.ndarray, x: float, y: float, u: int, v: int, most: float
+) -> float:
+    """Forward-backward error in reference pixels: the source's own depth at (x, y), back into
+    the reference through P (3 x 4: ref pixel ~ depth * P[:, :3] (x, y, 1) + P[:, 3]); `most`
+    where the source has no depth there or the error is larger."""
+    xi = int(x + 0.5)
+    yi = int(y + 0.5)
+    if yi >= src_depth.shape[0] or xi >= src_depth.shape[1]:
+        return most
+    d = src_depth[yi, xi]
+    if d <= 0:
+        return most
+    p0 = d * (P[0, 0] * xi + P[0, 1] * yi + P[0, 2]) + P[0, 3]
+    p1 = d * (P[1, 0] * xi + P[1, 1] * yi + P[1, 2]) + P[1, 3]
+    p2 = d * (P[2, 0] * xi + P[2, 1] * yi + P[2, 2]) + P[2, 3]
+    if p2 <= 1e-9:
+        return most
+    du = p0 / p2 - u
+    dv = p1 / p2 - v
+    return min(most, np.sqrt(du * du + dv * dv))
 
 
 @njit(cache=True, fastmath=True)
@@ -234,6 +290,10 @@ def initialise(
     src_hw: np.ndarray,
     A: np.ndarray,
     b: np.ndarray,
+    geo: np.ndarray,
+    geo_P: np.ndarray,
+    geo_weight: float,
+    geo_max: float,
     kinv: np.ndarray,
     dmin: float,
     dmax: float,
@@ -271,7 +331,8 @@ def initialise(
                 normal[v, u, 2] = nz
             source_costs(
                 u, v, depth[v, u], normal[v, u, 0], normal[v, u, 1], normal[v, u, 2],
-                ref, ref_mean[v, u], ref_std[v, u], srcs, src_hw, A, b, kinv, half, step, every_source, costs,
+                ref, ref_mean[v, u], ref_std[v, u], srcs, src_hw, A, b, geo, geo_P, geo_weight, geo_max, kinv,
+                half, step, every_source, costs,
             )  # fmt: skip
             best = _cheapest_sources(costs, keep)
             cost[v, u] = mean_of_best(costs, best_k)
@@ -292,6 +353,10 @@ def sweep(
     src_hw: np.ndarray,
     A: np.ndarray,
     b: np.ndarray,
+    geo: np.ndarray,
+    geo_P: np.ndarray,
+    geo_weight: float,
+    geo_max: float,
     kinv: np.ndarray,
     dmin: float,
     dmax: float,
@@ -355,8 +420,8 @@ def sweep(
                 tried[n_tried, 0], tried[n_tried, 1], tried[n_tried, 2], tried[n_tried, 3] = nx, ny, nz, c
                 n_tried += 1
                 source_costs(
-                    u, v, d, nx, ny, nz, ref, ref_mean[v, u], ref_std[v, u], srcs, src_hw, A, b, kinv,
-                    half, step, sources, costs,
+                    u, v, d, nx, ny, nz, ref, ref_mean[v, u], ref_std[v, u], srcs, src_hw, A, b,
+                    geo, geo_P, geo_weight, geo_max, kinv, half, step, sources, costs,
                 )  # fmt: skip
                 cc = mean_of_best(costs, best_k)
                 if cc < best_c:
@@ -383,8 +448,8 @@ def sweep(
                 if d < 0.5 * dmin or d > 2.0 * dmax:
                     continue
                 source_costs(
-                    u, v, d, nx, ny, nz, ref, ref_mean[v, u], ref_std[v, u], srcs, src_hw, A, b, kinv,
-                    half, step, sources, costs,
+                    u, v, d, nx, ny, nz, ref, ref_mean[v, u], ref_std[v, u], srcs, src_hw, A, b,
+                    geo, geo_P, geo_weight, geo_max, kinv, half, step, sources, costs,
                 )  # fmt: skip
                 cc = mean_of_best(costs, best_k)
                 if cc < best_c:

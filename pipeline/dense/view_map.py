@@ -26,15 +26,22 @@ class ViewDone:
 
 
 class ViewTask(Protocol):
-    """What a mapper may rely on in a depth task: the photos it reads and the file it writes."""
+    """What a mapper may rely on in a depth task: the photos (and earlier depth files) it reads
+    and the file it writes."""
 
     image_dir: Path
     mask_path: Path | None
     out_path: Path
+    prior_dir: Path | None
 
     @property
     def photo_names(self) -> tuple[str, ...]:
         """The photos (in image_dir) the task reads, its own view's first."""
+        ...
+
+    @property
+    def prior_names(self) -> tuple[str, ...]:
+        """The depth files of an earlier pass (in prior_dir) the task reads; () for none."""
         ...
 
 

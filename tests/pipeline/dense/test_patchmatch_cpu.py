@@ -17,6 +17,7 @@ from scandrop.pipeline.dense import patchmatch_cpu
 from scandrop.pipeline.dense import patchmatch_kernel as kernel
 from scandrop.pipeline.dense.dense_views import load_views
 from scandrop.pipeline.dense.estimate_depth import DepthConfig
+from scandrop.pipeline.dense.patchmatch_cpu import NO_GEOMETRY
 
 WIDTH, HEIGHT = 200, 150
 # Reference 0 and four neighbours (15 degrees apart on its ring, the two nearest above) of a
@@ -129,7 +130,23 @@ def test_a_refining_level_scores_only_the_sources_that_matched_best() -> None:
     normal[..., 2] = -1.0
     cost = np.empty((h, w), np.float32)
     selection = np.empty((h, w), np.uint16)
-    args = (ref, mean, std, srcs, np.array([[h, w]] * 3), A, b, kinv, 1.0, 4.0, 2, 1, 1, selection)
+    args = (
+        ref,
+        mean,
+        std,
+        srcs,
+        np.array([[h, w]] * 3),
+        A,
+        b,
+        *NO_GEOMETRY,
+        kinv,
+        1.0,
+        4.0,
+        2,
+        1,
+        1,
+        selection,
+    )
     kernel.initialise(plane_depth, normal, cost, False, *args, 2, 0.5)
     inside = std > 0
     assert np.all(selection[~inside] == 0b111)
@@ -205,7 +222,23 @@ def test_a_refining_level_rescues_the_pixels_a_coarse_level_got_wrong() -> None:
         normal[..., 2] = -1.0
         cost = np.empty((h, w), np.float32)
         selection = np.empty((h, w), np.uint16)
-        args = (ref, mean, std, srcs, np.array([[h, w]]), A, b, kinv, 1.0, 4.0, 2, 1, 1, selection)
+        args = (
+            ref,
+            mean,
+            std,
+            srcs,
+            np.array([[h, w]]),
+            A,
+            b,
+            *NO_GEOMETRY,
+            kinv,
+            1.0,
+            4.0,
+            2,
+            1,
+            1,
+            selection,
+        )
         kernel.initialise(plane_depth, normal, cost, False, *args, 2, config.pm_max_cost)
         assert np.mean(cost[block] > config.pm_max_cost) > 0.95  # (a few match the shift by chance)
         before = plane_depth.copy()
@@ -220,3 +253,76 @@ def test_a_refining_level_rescues_the_pixels_a_coarse_level_got_wrong() -> None:
     for rescue, least, most in ((True, 0.95, 1.0), (False, 0.0, 0.5)):
         right = np.abs(depth_after(rescue) - depth) < 0.01 * depth
         assert least <= right[block].mean() <= most, rescue
+
+
+def test_a_sources_own_depth_gives_the_forward_backward_error() -> None:
+    """The geometric term's error: a reference pixel's plane lands at (x, y) in a source; that
+    source's own depth there, back into the reference, falls this many pixels from where it began."""
+    h, w, shift, depth = 20, 30, 3, 2.0
+    _, kinv, _, b = _moved_along_x([np.zeros((h, w), np.float32)], shift, depth)
+    K = np.linalg.inv(kinv)
+    rel = [(np.eye(3), np.linalg.inv(K) @ b[0])]
+    P = patchmatch_cpu.ref_projections(K, [K], rel)[0]
+    # Reference pixel (10, 8) on the plane at `depth` lands 3 px to the left in the source.
+    u, v, x, y = 10, 8, 10.0 - shift, 8.0
+    agreeing = np.full((h, w), depth, np.float32)
+    assert kernel._reprojection_error(agreeing, P, x, y, u, v, 3.0) == pytest.approx(0.0, abs=1e-9)
+    # The source's own depth map puts that spot twice as far: back in the reference it lies
+    # 1.5 px from the start (its disparity halves); without a depth there the error is the most.
+    farther = np.full((h, w), 2 * depth, np.float32)
+    assert kernel._reprojection_error(farther, P, x, y, u, v, 3.0) == pytest.approx(1.5)
+    assert kernel._reprojection_error(farther, P, x, y, u, v, 1.0) == 1.0
+    assert kernel._reprojection_error(np.zeros((h, w), np.float32), P, x, y, u, v, 3.0) == 3.0
+
+
+def _forward_backward(views: list, maps: dict[str, np.ndarray]) -> np.ndarray:
+    """Per valid pixel of views[0]: how many other views' own depth maps bring it back within 1 px."""
+    ref, depth = views[0], maps[views[0].name]
+    vs, us = np.nonzero(depth > 0)
+    world = (
+        (np.linalg.inv(ref.K) @ np.stack([us, vs, np.ones_like(us)])).T * depth[vs, us, None] - ref.t
+    ) @ ref.R
+    agreeing = np.zeros(len(us), int)
+    for view in views[1:]:
+        p = (world @ view.R.T + view.t) @ view.K.T
+        x, y = np.rint(p[:, 0] / p[:, 2]).astype(int), np.rint(p[:, 1] / p[:, 2]).astype(int)
+        inside = (x >= 0) & (y >= 0) & (x < depth.shape[1]) & (y < depth.shape[0])
+        d = np.zeros(len(us))
+        d[inside] = maps[view.name][y[inside], x[inside]]
+        own = (np.linalg.inv(view.K) @ np.stack([x, y, np.ones_like(x)])).T * d[:, None]
+        back = ((own - view.t) @ view.R @ ref.R.T + ref.t) @ ref.K.T
+        with np.errstate(divide="ignore", invalid="ignore"):
+            err = np.hypot(back[:, 0] / back[:, 2] - us, back[:, 1] / back[:, 2] - vs)
+        agreeing += (d > 0) & (err < 1.0)
+    return agreeing
+
+
+def test_the_geometric_pass_makes_depth_maps_agree_and_more_precise(
+    tmp_path: Path, scene: synthetic.SyntheticScene
+) -> None:
+    """After every view's photometric depth, each view searches again with its sources' own depth
+    maps in the cost: more of its pixels come back within a pixel from two other views (86% ->
+    90%). Searching every pixel also makes the depth more precise (median error 0.12% -> 0.09% of
+    the depth); searching only the pixels that disagree (balanced) leaves the rest as they were."""
+    results = {}
+    for name, overrides in (
+        ("photometric", {"pm_geometric_sweeps": 0}),
+        ("disagreeing", {"pm_geometric_within": 1.0}),
+        ("every pixel", {"pm_geometric_within": 0.0}),
+    ):
+        ws = Workspace(tmp_path / name.replace(" ", "_")).create()
+        workspace_from_scene(scene, ws)
+        config = DepthConfig(pm_levels=2, pm_sources=4, **overrides)
+        patchmatch_cpu.run(config, ws, lambda f, m: None, lambda: False)
+        assert not (ws.depth_dir / "photometric").exists()  # the first pass's maps are gone
+        views = load_views(ws.sparse_dir, config.max_image_size)
+        maps = {v.name: np.load(ws.depth_dir / f"{v.name}.npz")["depth"] for v in views}
+        depth, truth = maps[views[0].name], _true_depth(scene, views[0].K)
+        ok = (depth > 0) & np.isfinite(truth)
+        assert ok.mean() > 0.4
+        median = np.median(np.abs(depth[ok] - truth[ok]) / truth[ok])
+        results[name] = median, np.mean(_forward_backward(views, maps) >= 2)
+    assert results["disagreeing"][1] > results["photometric"][1] + 0.02
+    assert results["every pixel"][1] > results["photometric"][1] + 0.02
+    assert results["disagreeing"][0] < 1.05 * results["photometric"][0]
+    assert results["every pixel"][0] < 0.85 * results["photometric"][0]

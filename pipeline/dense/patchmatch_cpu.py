@@ -227,7 +227,9 @@ def geometric_planes(
     )
     geometry = (source_stack(src_depths)[0], ref_projections(ref_K, src_Ks, rel_poses))
     within = config.pm_geometric_within
-    settled = (kernel.agreeing_sources(own[0], A, b, *geometry, within) >= best_k) & (within > 0)
+    settled = np.zeros(own[0].shape, bool)
+    if within > 0:
+        settled = kernel.agreeing_sources(own[0], A, b, *geometry, within) >= best_k
     depth = np.array(own[0], np.float32)
     normal = np.array(own[1], np.float32)
     cost = np.array(own[2], np.float32)
@@ -412,11 +414,13 @@ def depth_for_view(task: DepthTask) -> tuple[str, float]:
 def _prior(path: Path, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A view's photometric depth, normals and cost (1 - confidence; where no depth: the worst);
     none (zeros) where the view got no depth file."""
+    worst = kernel.INVALID_COST
     if not path.exists():
-        return np.zeros(shape, np.float32), np.zeros((*shape, 3), np.float32), np.full(shape, 2.0, np.float32)
+        none = np.zeros(shape, np.float32)
+        return none, np.zeros((*shape, 3), np.float32), np.full(shape, worst, np.float32)
     with np.load(path) as data:
         depth = data["depth"]
-        return depth, data["normals"], np.where(depth > 0, 1.0 - data["confidence"], 2.0).astype(np.float32)
+        return depth, data["normals"], np.where(depth > 0, 1.0 - data["confidence"], worst).astype(np.float32)
 
 
 def plan_tasks(views: list[DenseView], config: DepthConfig, ws: Workspace) -> list[DepthTask]:

@@ -242,6 +242,8 @@ class Task:
     mask_path: Path | None
     out_path: Path
     photo_names: tuple[str, ...] = ("a.png",)
+    prior_dir: Path | None = None
+    prior_names: tuple[str, ...] = ()
 
 
 def twelve_views(work):  # fan 12 views out; print [view, node] in the order they finished

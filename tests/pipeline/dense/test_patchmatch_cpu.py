@@ -115,6 +115,21 @@ def _moved_along_x(
     return srcs, kinv, np.stack([K @ kinv] * len(images)), np.stack([K @ t] * len(images))
 
 
+def _fronto_parallel(
+    ref: np.ndarray, srcs: np.ndarray, kinv: np.ndarray, A: np.ndarray, b: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple]:
+    """Normals of fronto-parallel planes, the cost and selection buffers, and the kernels' other
+    arguments (5x5 windows, depths 1-4, each pixel's best source) for `_moved_along_x`'s inputs."""
+    h, w = ref.shape
+    mean, std = kernel.ref_window_stats(ref, 2, 1)
+    normal = np.zeros((h, w, 3), np.float32)
+    normal[..., 2] = -1.0
+    cost = np.empty((h, w), np.float32)
+    selection = np.empty((h, w), np.uint16)
+    sources = (srcs, np.array([[h, w]] * len(srcs)), A, b, *NO_GEOMETRY)
+    return normal, cost, selection, (ref, mean, std, *sources, kinv, 1.0, 4.0, 2, 1, 1, selection)
+
+
 def test_a_refining_level_scores_only_the_sources_that_matched_best() -> None:
     """A pixel whose starting plane passes the cost bar keeps its best sources (best_k and a spare)
     for the level's sweeps; a pixel whose plane fails keeps every source."""
@@ -124,29 +139,9 @@ def test_a_refining_level_scores_only_the_sources_that_matched_best() -> None:
     good = np.roll(ref, -shift, axis=1)  # the plane below, seen from a camera moved along x
     # A negative of the matching source (NCC -1), the matching source, one 2 px off the plane.
     srcs, kinv, A, b = _moved_along_x([255.0 - good, good, np.roll(ref, -shift - 2, axis=1)], shift, depth)
-    mean, std = kernel.ref_window_stats(ref, 2, 1)
     plane_depth = np.full((h, w), depth, np.float32)
-    normal = np.zeros((h, w, 3), np.float32)
-    normal[..., 2] = -1.0
-    cost = np.empty((h, w), np.float32)
-    selection = np.empty((h, w), np.uint16)
-    args = (
-        ref,
-        mean,
-        std,
-        srcs,
-        np.array([[h, w]] * 3),
-        A,
-        b,
-        *NO_GEOMETRY,
-        kinv,
-        1.0,
-        4.0,
-        2,
-        1,
-        1,
-        selection,
-    )
+    normal, cost, selection, args = _fronto_parallel(ref, srcs, kinv, A, b)
+    std = args[2]
     kernel.initialise(plane_depth, normal, cost, False, *args, 2, 0.5)
     inside = std > 0
     assert np.all(selection[~inside] == 0b111)
@@ -211,40 +206,19 @@ def test_a_refining_level_rescues_the_pixels_a_coarse_level_got_wrong() -> None:
     h, w, shift, depth = 40, 60, 3, 2.0
     ref = cv2.GaussianBlur(rng.uniform(0, 255, (h, w)).astype(np.float32), (0, 0), 1.0)
     srcs, kinv, A, b = _moved_along_x([np.roll(ref, -shift, axis=1)], shift, depth)  # the plane below
-    mean, std = kernel.ref_window_stats(ref, 2, 1)
     block = np.zeros((h, w), bool)
     block[12:28, 20:40] = True  # a coarse level's wrong plane, 3 px of disparity off
     config = DepthConfig(pm_rescue_sweeps=2)
 
     def depth_after(rescue: bool) -> np.ndarray:
         plane_depth = np.where(block, depth / 2, depth).astype(np.float32)
-        normal = np.zeros((h, w, 3), np.float32)
-        normal[..., 2] = -1.0
-        cost = np.empty((h, w), np.float32)
-        selection = np.empty((h, w), np.uint16)
-        args = (
-            ref,
-            mean,
-            std,
-            srcs,
-            np.array([[h, w]]),
-            A,
-            b,
-            *NO_GEOMETRY,
-            kinv,
-            1.0,
-            4.0,
-            2,
-            1,
-            1,
-            selection,
-        )
+        normal, cost, _, args = _fronto_parallel(ref, srcs, kinv, A, b)
         kernel.initialise(plane_depth, normal, cost, False, *args, 2, config.pm_max_cost)
         assert np.mean(cost[block] > config.pm_max_cost) > 0.95  # (a few match the shift by chance)
         before = plane_depth.copy()
         if rescue:
             patchmatch_cpu.rescue(plane_depth, normal, cost, args, config)
-            passed = (std > 0) & ~block
+            passed = (args[2] > 0) & ~block
             assert np.array_equal(plane_depth[passed], before[passed])  # only failing pixels search
         for colour in (0, 1):  # the level's own refining sweep: half a pixel of disparity
             kernel.sweep(colour, plane_depth, normal, cost, *args, 1, 0.5 / shift, 0.0, 1)

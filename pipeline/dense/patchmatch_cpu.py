@@ -225,7 +225,7 @@ def geometric_planes(
     ref, kinv, ref_mean, ref_std, stack, src_hw, A, b = _level(
         ref_gray, ref_K, src_grays, src_Ks, rel_poses, 1.0, config
     )
-    geometry = (source_stack(src_depths)[0], ref_projections(ref_K, src_Ks, rel_poses))
+    geometry = (source_stack(src_depths)[0], ref_projections(A, b))
     within = config.pm_geometric_within
     settled = np.zeros(own[0].shape, bool)
     if within > 0:
@@ -249,17 +249,12 @@ def geometric_planes(
     return PlaneMaps(depth=depth, normal=normal, cost=cost)
 
 
-def ref_projections(
-    ref_K: np.ndarray, src_Ks: list[np.ndarray], rel_poses: list[tuple[np.ndarray, np.ndarray]]
-) -> np.ndarray:
+def ref_projections(A: np.ndarray, b: np.ndarray) -> np.ndarray:
     """(S, 3, 4) per source: reference pixel ~ depth x P[:, :3] (x, y, 1) + P[:, 3] for a source
-    pixel (x, y) at that source's depth (source-from-reference poses; OpenCV pixel centres)."""
-    out = np.empty((len(src_Ks), 3, 4))
-    for i, (Ks, (R, t)) in enumerate(zip(src_Ks, rel_poses, strict=True)):
-        back = ref_K @ R.T
-        out[i, :, :3] = back @ np.linalg.inv(Ks)
-        out[i, :, 3] = -back @ t
-    return out
+    pixel (x, y) at that source's depth. The plane warps (plane_warps, at full size) map the other
+    way, source pixel ~ depth x A (u, v, 1) + b, so P = [A^-1, -A^-1 b]."""
+    inverse = np.linalg.inv(A)
+    return np.concatenate([inverse, -(inverse @ b[:, :, None])], axis=2)
 
 
 def searching(config: DepthConfig, it: int) -> tuple[int, float, float, int]:

@@ -233,10 +233,8 @@ def test_a_sources_own_depth_gives_the_forward_backward_error() -> None:
     """The geometric term's error: a reference pixel's plane lands at (x, y) in a source; that
     source's own depth there, back into the reference, falls this many pixels from where it began."""
     h, w, shift, depth = 20, 30, 3, 2.0
-    _, kinv, _, b = _moved_along_x([np.zeros((h, w), np.float32)], shift, depth)
-    K = np.linalg.inv(kinv)
-    rel = [(np.eye(3), np.linalg.inv(K) @ b[0])]
-    P = patchmatch_cpu.ref_projections(K, [K], rel)[0]
+    _, _, A, b = _moved_along_x([np.zeros((h, w), np.float32)], shift, depth)
+    P = patchmatch_cpu.ref_projections(A, b)[0]
     # Reference pixel (10, 8) on the plane at `depth` lands 3 px to the left in the source.
     u, v, x, y = 10, 8, 10.0 - shift, 8.0
     agreeing = np.full((h, w), depth, np.float32)

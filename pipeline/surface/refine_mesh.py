@@ -35,7 +35,13 @@ from scandrop.pipeline.core.pointcloud import farthest_points, vertex_normals
 from scandrop.pipeline.core.stage import Progress, StopCheck, check_stop
 from scandrop.pipeline.dense import patchmatch_kernel as kernel
 from scandrop.pipeline.dense.dense_views import DenseView, load_views
-from scandrop.pipeline.dense.patchmatch_cpu import grey_on_grid, plane_warps, relative_pose, source_stack
+from scandrop.pipeline.dense.patchmatch_cpu import (
+    NO_GEOMETRY,
+    grey_on_grid,
+    plane_warps,
+    relative_pose,
+    source_stack,
+)
 from scandrop.pipeline.dense.view_selection import mvs_sources
 
 _SOURCES = 5  # multi-view stereo sources of each reference photo (balanced's pm_sources)
@@ -100,8 +106,9 @@ def _best_shifts(
 ) -> None:
     """Per vertex: the depth change at its reference pixel (along the plane's normal) whose plane
     matches the sources best, within +-steps * step_z, and that position's cost (INVALID_COST: none).
-    `warp` is (source stack, source (h, w), A, b, Kinv) as patchmatch_kernel.source_costs takes them."""
-    srcs, src_hw, A, b, kinv = warp
+    `warp` is (source stack, source (h, w), A, b, NO_GEOMETRY's four, Kinv) as
+    patchmatch_kernel.source_costs takes them: the photometric cost alone."""
+    srcs, src_hw, A, b, geo, geo_P, geo_weight, geo_max, kinv = warp
     for i in prange(pixels.shape[0]):
         u, v = pixels[i, 0], pixels[i, 1]
         mean, std = kernel.window_stats(ref, u, v, _HALF, _STEP)
@@ -118,7 +125,7 @@ def _best_shifts(
             if z > 0.0:
                 kernel.source_costs(
                     u, v, z, normal[i, 0], normal[i, 1], normal[i, 2], ref, mean, std, srcs, src_hw, A, b,
-                    kinv, _HALF, _STEP, masks[i], costs,
+                    geo, geo_P, geo_weight, geo_max, kinv, _HALF, _STEP, masks[i], costs,
                 )  # fmt: skip
                 curve[k] = kernel.mean_of_best(costs, best_k)
             if curve[k] < curve[best]:
@@ -203,7 +210,7 @@ def _measure(
         cost = np.empty(len(idx))
         step_z = px_depth * half_range_px / _STEPS
         _best_shifts(
-            uv, plane_depth, n_cam, masks, step_z, _STEPS, ref, (stack, src_hw, A, b, kinv),
+            uv, plane_depth, n_cam, masks, step_z, _STEPS, ref, (stack, src_hw, A, b, *NO_GEOMETRY, kinv),
             min(_BEST_K, len(srcs_of)), _MIN_TEXTURE, shift, cost,
         )  # fmt: skip
         good = cost < _MAX_COST
@@ -282,6 +289,6 @@ def warm_kernels() -> None:
     one = np.ones(1)
     _best_shifts(
         np.array([[8, 8]], np.int64), 2.0 * one, np.array([[0.0, 0.0, -1.0]]), np.ones(1, np.uint16),
-        0.1 * one, _STEPS, ref, (stack, np.array([[h, w]], np.int64), A, b, kinv), 1, _MIN_TEXTURE,
+        0.1 * one, _STEPS, ref, (stack, np.array([[h, w]], np.int64), A, b, *NO_GEOMETRY, kinv), 1, _MIN_TEXTURE,
         np.empty(1), np.empty(1),
     )  # fmt: skip

@@ -6,3 +6,7 @@ ingest -> sparse -> dense -> surface -> export, all built on core.
 `plan` (which backend runs each stage) and `report` (what happened) sit beside it. Phases import
 core and earlier phases, never `scandrop.daemon`.
 """
+
+from scandrop.pipeline.kernel_cache import point_numba_cache
+
+point_numba_cache()  # before any kernel module is imported (see kernel_cache)

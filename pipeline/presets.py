@@ -44,7 +44,7 @@ class PipelineConfig(BaseModel):
 _OVERRIDES: dict[Preset, dict[str, dict[str, Any]]] = {
     Preset.fast: {
         "frames": {"max_frames": 60, "min_frames": 24},
-        "export": {"texture_size": 2048},
+        "export": {"texture_size": 2048, "texture_jpeg_quality": 90},
         "ingest": {"max_image_size": 1024},
         "sparse": {"max_num_features": 2048, "small_set_features": 4096},
         "depth": {"method": "sgbm", "partners": 3, "stereo_max_size": 320},
@@ -56,7 +56,7 @@ _OVERRIDES: dict[Preset, dict[str, dict[str, Any]]] = {
     Preset.balanced: {},
     Preset.quality: {
         "frames": {"max_frames": 240},
-        "export": {"texture_size": 8192, "texture_jpeg_quality": 95},
+        "export": {"texture_size": 8192},
         "ingest": {"max_image_size": 2400},
         "sparse": {"max_num_features": 8192},
         # PatchMatch on the full working resolution (the grid never exceeds the photo). A pixel

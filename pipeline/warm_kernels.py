@@ -1,7 +1,7 @@
 """Compile the pipeline's numba kernels before a job needs them.
 
-numba compiles a kernel at its first call and keeps the machine code on disk (`cache=True`: the
-package's __pycache__, or NUMBA_CACHE_DIR). Without a warm-up the first job after an install pays
+numba compiles a kernel at its first call and keeps the machine code on disk (`cache=True`, in
+the folder of pipeline/kernel_cache.py). Without a warm-up the first job after an install pays
 for it inside its depth stage (28.5 s on an idle 2-core machine, PatchMatch above all).
 `warm()` calls every kernel once on a tiny textured plane, through the functions and array types
 a job uses, so that later jobs only load them; the daemon runs it at start in a child process at

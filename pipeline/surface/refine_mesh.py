@@ -289,6 +289,6 @@ def warm_kernels() -> None:
     one = np.ones(1)
     _best_shifts(
         np.array([[8, 8]], np.int64), 2.0 * one, np.array([[0.0, 0.0, -1.0]]), np.ones(1, np.uint16),
-        0.1 * one, _STEPS, ref, (stack, np.array([[h, w]], np.int64), A, b, *NO_GEOMETRY, kinv), 1, _MIN_TEXTURE,
-        np.empty(1), np.empty(1),
+        0.1 * one, _STEPS, ref, (stack, np.array([[h, w]], np.int64), A, b, *NO_GEOMETRY, kinv), 1,
+        _MIN_TEXTURE, np.empty(1), np.empty(1),
     )  # fmt: skip

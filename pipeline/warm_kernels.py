@@ -36,9 +36,10 @@ def warm() -> float:
     depth = 2.0  # a fronto-parallel plane; the source camera moved along x by `shift` px of it
     R, t = np.eye(3), np.array([-shift * depth / K[0, 0], 0.0, 0.0])
     config = DepthConfig(pm_levels=2)
-    planes = patchmatch_cpu.patchmatch_planes(ref, K, [src], [K], [(R, t)], 1.0, 4.0, config)
+    images = patchmatch_cpu.ViewImages(ref, K, [src], [K], [(R, t)])
+    planes = patchmatch_cpu.patchmatch_planes(images, 1.0, 4.0, config)
     own = (planes.depth, planes.normal, planes.cost)
-    patchmatch_cpu.geometric_planes(ref, K, [src], [K], [(R, t)], 1.0, 4.0, config, own, [planes.depth])
+    patchmatch_cpu.geometric_planes(images, 1.0, 4.0, config, own, [planes.depth])
 
     fuse_depth.warm_kernels()
     refine_mesh.warm_kernels()

@@ -80,6 +80,18 @@ class DepthTask:
 
 
 @dataclass(frozen=True)
+class ViewImages:
+    """A reference photo and its sources as PatchMatch reads them: grey levels (0-255) on their
+    depth grids, intrinsics with OpenCV pixel centres, poses source-from-reference (R, t)."""
+
+    ref_gray: np.ndarray
+    ref_K: np.ndarray
+    src_grays: list[np.ndarray]
+    src_Ks: list[np.ndarray]
+    rel_poses: list[tuple[np.ndarray, np.ndarray]]
+
+
+@dataclass(frozen=True)
 class PlaneMaps:
     depth: np.ndarray  # (H, W) float32 camera z, 0 = none
     normal: np.ndarray  # (H, W, 3) float32 camera frame, facing the camera
@@ -118,30 +130,19 @@ def selected_sources(best_k: int, sources: int) -> int:
 
 
 def patchmatch_planes(
-    ref_gray: np.ndarray,
-    ref_K: np.ndarray,
-    src_grays: list[np.ndarray],
-    src_Ks: list[np.ndarray],
-    rel_poses: list[tuple[np.ndarray, np.ndarray]],
-    dmin: float,
-    dmax: float,
-    config: DepthConfig,
-    seed: int = 0,
+    images: ViewImages, dmin: float, dmax: float, config: DepthConfig, seed: int = 0
 ) -> PlaneMaps:
-    """Depth and normal of every reference pixel: images in grey levels (0-255), poses source-from-
-    reference (R, t), all intrinsics with OpenCV pixel centres."""
+    """Depth and normal of every reference pixel, coarse to fine."""
     _numba_seed(seed)  # numba keeps its own random state: seeded, a run is repeatable
     levels = config.pm_levels
     half, step = config.pm_window_half, config.pm_window_step
-    best_k = selected_sources(config.pm_best_k, len(src_grays))
+    best_k = selected_sources(config.pm_best_k, len(images.src_grays))
     depth = normal = cost = kinv_prev = None
     # One pixel of disparity in relative depth at full size; a level's pixel is 1 / scale of those.
-    one_px_full = _depth_per_pixel(ref_K[0, 0], rel_poses, dmin, dmax)
+    one_px_full = _depth_per_pixel(images.ref_K[0, 0], images.rel_poses, dmin, dmax)
     for level in range(levels - 1, -1, -1):
         scale = 0.5**level
-        ref, kinv, ref_mean, ref_std, stack, src_hw, A, b = _level(
-            ref_gray, ref_K, src_grays, src_Ks, rel_poses, scale, config
-        )
+        ref, kinv, ref_mean, ref_std, stack, src_hw, A, b = _level(images, scale, config)
         h, w = ref.shape
         if depth is None:
             depth = np.zeros((h, w), np.float32)
@@ -157,7 +158,7 @@ def patchmatch_planes(
         # A refining level starts from planes that are nearly right: where one already passes the
         # cost bar, the sources it matches best are the pixel's sources for the level (its best_k
         # and one spare), and the sweeps score only those.
-        keep = len(src_grays) if randomise else best_k + 1
+        keep = len(images.src_grays) if randomise else best_k + 1
         kernel.initialise(depth, normal, cost, randomise, *args, keep, config.pm_max_cost)
         if not randomise:
             rescue(depth, normal, cost, args, config)
@@ -177,32 +178,20 @@ def patchmatch_planes(
     return PlaneMaps(depth=depth, normal=normal, cost=cost)
 
 
-def _level(
-    ref_gray: np.ndarray,
-    ref_K: np.ndarray,
-    src_grays: list[np.ndarray],
-    src_Ks: list[np.ndarray],
-    rel_poses: list[tuple[np.ndarray, np.ndarray]],
-    scale: float,
-    config: DepthConfig,
-) -> tuple[np.ndarray, ...]:
+def _level(images: ViewImages, scale: float, config: DepthConfig) -> tuple[np.ndarray, ...]:
     """One pyramid level's kernel inputs: the reference, its Kinv and window statistics (no
     texture: deviation 0), the source stack with each source's size, and the plane warps."""
-    ref = _resize(ref_gray, scale)
-    kinv = np.linalg.inv(scaled_intrinsics(ref_K, scale))
-    stack, src_hw = source_stack([_resize(g, scale) for g in src_grays])
-    A, b = plane_warps(kinv, [scaled_intrinsics(Ks, scale) for Ks in src_Ks], rel_poses)
+    ref = _resize(images.ref_gray, scale)
+    kinv = np.linalg.inv(scaled_intrinsics(images.ref_K, scale))
+    stack, src_hw = source_stack([_resize(g, scale) for g in images.src_grays])
+    A, b = plane_warps(kinv, [scaled_intrinsics(Ks, scale) for Ks in images.src_Ks], images.rel_poses)
     ref_mean, ref_std = kernel.ref_window_stats(ref, config.pm_window_half, config.pm_window_step)
     ref_std[ref_std < config.min_texture] = 0.0
     return ref, kinv, ref_mean, ref_std, stack, src_hw, A, b
 
 
 def geometric_planes(
-    ref_gray: np.ndarray,
-    ref_K: np.ndarray,
-    src_grays: list[np.ndarray],
-    src_Ks: list[np.ndarray],
-    rel_poses: list[tuple[np.ndarray, np.ndarray]],
+    images: ViewImages,
     dmin: float,
     dmax: float,
     config: DepthConfig,
@@ -221,10 +210,8 @@ def geometric_planes(
     without this pass."""
     _numba_seed(seed)
     half, step = config.pm_window_half, config.pm_window_step
-    best_k = selected_sources(config.pm_best_k, len(src_grays))
-    ref, kinv, ref_mean, ref_std, stack, src_hw, A, b = _level(
-        ref_gray, ref_K, src_grays, src_Ks, rel_poses, 1.0, config
-    )
+    best_k = selected_sources(config.pm_best_k, len(images.src_grays))
+    ref, kinv, ref_mean, ref_std, stack, src_hw, A, b = _level(images, 1.0, config)
     geometry = (source_stack(src_depths)[0], ref_projections(A, b))
     within = config.pm_geometric_within
     settled = np.zeros(own[0].shape, bool)
@@ -239,7 +226,7 @@ def geometric_planes(
     args = (ref, ref_mean, searched, *sources, kinv, dmin, dmax, half, step, best_k, selection)
     kernel.initialise(depth, normal, cost, False, *args, best_k + 1, config.pm_max_cost + GEOMETRIC_WEIGHT)
     depth[settled], normal[settled] = own[0][settled], own[1][settled]  # initialise cleared them
-    one_px = _depth_per_pixel(ref_K[0, 0], rel_poses, dmin, dmax)
+    one_px = _depth_per_pixel(images.ref_K[0, 0], images.rel_poses, dmin, dmax)
     for it in range(config.pm_geometric_sweeps):
         for colour in (0, 1):
             kernel.sweep(colour, depth, normal, cost, *args, 1, 0.5 * one_px * 0.5**it, 0.0, 1)
@@ -382,16 +369,14 @@ def depth_for_view(task: DepthTask) -> tuple[str, float]:
     maps = ref.grid_map()
     ref_gray = grey_on_grid(ref, task.image_dir, ref_photo, maps)
     src_grays = [grey_on_grid(src, task.image_dir) for src in task.sources]
-    src_Ks = [src.K for src in task.sources]
     rel = [relative_pose(ref, src) for src in task.sources]
+    images = ViewImages(ref_gray, ref.K, src_grays, [src.K for src in task.sources], rel)
     if task.prior_dir is None:
-        planes = patchmatch_planes(ref_gray, ref.K, src_grays, src_Ks, rel, dmin, dmax, cfg)
+        planes = patchmatch_planes(images, dmin, dmax, cfg)
     else:
         own, *src_priors = [_prior(task.prior_dir / name, g.shape) for name, g in
                             zip(task.prior_names, [ref_gray, *src_grays], strict=True)]  # fmt: skip
-        planes = geometric_planes(
-            ref_gray, ref.K, src_grays, src_Ks, rel, dmin, dmax, cfg, own, [p[0] for p in src_priors]
-        )
+        planes = geometric_planes(images, dmin, dmax, cfg, own, [p[0] for p in src_priors])
     depth = planes.depth.copy()
     depth[(planes.cost > cfg.pm_max_cost) | (depth < dmin) | (depth > dmax)] = 0.0
     mask = read_grid_mask(ref, task.mask_path, maps)

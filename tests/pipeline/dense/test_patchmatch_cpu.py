@@ -69,7 +69,8 @@ def test_patchmatch_depth_matches_ground_truth_across_exposures(scene: synthetic
     gains = (1.0, 0.55, 1.4, 0.8, 1.2)
     grey = [np.clip(g * gain + 12.0 * k, 0, 255) for k, (g, gain) in enumerate(zip(grey, gains, strict=True))]
     config = DepthConfig(pm_levels=2, pm_best_k=2)
-    planes = patchmatch_cpu.patchmatch_planes(grey[0], K, grey[1:], [K] * 4, rel, 1.5, 4.5, config)
+    images = patchmatch_cpu.ViewImages(grey[0], K, grey[1:], [K] * 4, rel)
+    planes = patchmatch_cpu.patchmatch_planes(images, 1.5, 4.5, config)
     truth = _true_depth(scene, K)
     valid = (planes.depth > 0) & (planes.cost < config.pm_max_cost) & np.isfinite(truth)
     assert valid.sum() > 0.6 * np.isfinite(truth).sum()
@@ -92,7 +93,8 @@ def test_two_sources_a_pixel_needs_only_one(scene: synthetic.SyntheticScene) -> 
     blind[:, : WIDTH // 2] = 0.0  # this source sees nothing of its left half
     config = DepthConfig(pm_levels=2, pm_best_k=2)
     assert patchmatch_cpu.selected_sources(config.pm_best_k, 2) == 1
-    planes = patchmatch_cpu.patchmatch_planes(grey[0], K, [grey[1], blind], [K] * 2, rel, 1.5, 4.5, config)
+    images = patchmatch_cpu.ViewImages(grey[0], K, [grey[1], blind], [K] * 2, rel)
+    planes = patchmatch_cpu.patchmatch_planes(images, 1.5, 4.5, config)
     truth = _true_depth(scene, K)
     valid = (planes.depth > 0) & (planes.cost < config.pm_max_cost) & np.isfinite(truth)
     assert valid.sum() > 0.6 * np.isfinite(truth).sum()

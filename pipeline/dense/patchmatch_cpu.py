@@ -222,15 +222,20 @@ def geometric_planes(
     cost = np.array(own[2], np.float32)
     searched = np.where(settled, 0.0, ref_std).astype(np.float32)  # a deviation of 0: skipped
     selection = np.empty(depth.shape, np.uint16)
-    sources = (stack, src_hw, A, b, *geometry, GEOMETRIC_WEIGHT, GEOMETRIC_MAX_ERROR)
-    args = (ref, ref_mean, searched, *sources, kinv, dmin, dmax, half, step, best_k, selection)
+
+    def kernel_args(geo: tuple) -> tuple:
+        """The kernels' arguments with these geometric-consistency ones (NO_GEOMETRY: none)."""
+        sources = (stack, src_hw, A, b, *geo)
+        return (ref, ref_mean, searched, *sources, kinv, dmin, dmax, half, step, best_k, selection)
+
+    args = kernel_args((*geometry, GEOMETRIC_WEIGHT, GEOMETRIC_MAX_ERROR))
     kernel.initialise(depth, normal, cost, False, *args, best_k + 1, config.pm_max_cost + GEOMETRIC_WEIGHT)
     depth[settled], normal[settled] = own[0][settled], own[1][settled]  # initialise cleared them
     one_px = _depth_per_pixel(images.ref_K[0, 0], images.rel_poses, dmin, dmax)
     for it in range(config.pm_geometric_sweeps):
         for colour in (0, 1):
             kernel.sweep(colour, depth, normal, cost, *args, 1, 0.5 * one_px * 0.5**it, 0.0, 1)
-    photometric = (*args[:7], *NO_GEOMETRY, *args[11:])
+    photometric = kernel_args(NO_GEOMETRY)
     kernel.initialise(depth.copy(), normal.copy(), cost, False, *photometric, best_k + 1, config.pm_max_cost)
     cost[settled] = own[2][settled]
     return PlaneMaps(depth=depth, normal=normal, cost=cost)

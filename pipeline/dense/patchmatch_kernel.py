@@ -189,7 +189,7 @@ def agreeing_sources(
                 y0 = d * (A[s, 0, 0] * u + A[s, 0, 1] * v + A[s, 0, 2]) + b[s, 0]
                 y1 = d * (A[s, 1, 0] * u + A[s, 1, 1] * v + A[s, 1, 2]) + b[s, 1]
                 y2 = d * (A[s, 2, 0] * u + A[s, 2, 1] * v + A[s, 2, 2]) + b[s, 2]
-                if y2 <= 1e-9 or y0 < -0.5 * y2 or y1 < -0.5 * y2:
+                if y2 <= 1e-9:
                     continue
                 if _reprojection_error(geo[s], geo_P[s], y0 / y2, y1 / y2, u, v, 2 * within) < within:
                     count[v, u] += 1
@@ -202,7 +202,9 @@ def _reprojection_error(
 ) -> float:
     """Forward-backward error in reference pixels: the source's own depth at (x, y), back into
     the reference through P (3 x 4: ref pixel ~ depth * P[:, :3] (x, y, 1) + P[:, 3]); `most`
-    where the source has no depth there or the error is larger."""
+    where (x, y) is outside the source, the source has no depth there or the error is larger."""
+    if x < -0.5 or y < -0.5:
+        return most
     xi = int(x + 0.5)
     yi = int(y + 0.5)
     if yi >= src_depth.shape[0] or xi >= src_depth.shape[1]:

@@ -17,16 +17,17 @@ Output: the same per-view npz as estimate_depth (fill and fuse run unchanged); `
 
 from __future__ import annotations
 
+import itertools
 import shutil
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
-from numba import njit
 
 from scandrop.pipeline.core.errors import ErrorCode, ScandropError
 from scandrop.pipeline.core.stage import Progress, StopCheck, check_stop
@@ -133,7 +134,7 @@ def patchmatch_planes(
     images: ViewImages, dmin: float, dmax: float, config: DepthConfig, seed: int = 0
 ) -> PlaneMaps:
     """Depth and normal of every reference pixel, coarse to fine."""
-    _numba_seed(seed)  # numba keeps its own random state: seeded, a run is repeatable
+    salts = kernel_salts(seed)
     levels = config.pm_levels
     half, step = config.pm_window_half, config.pm_window_step
     best_k = selected_sources(config.pm_best_k, len(images.src_grays))
@@ -159,9 +160,9 @@ def patchmatch_planes(
         # cost bar, the sources it matches best are the pixel's sources for the level (its best_k
         # and one spare), and the sweeps score only those.
         keep = len(images.src_grays) if randomise else best_k + 1
-        kernel.initialise(depth, normal, cost, randomise, *args, keep, config.pm_max_cost)
+        kernel.initialise(depth, normal, cost, randomise, *args, keep, config.pm_max_cost, next(salts))
         if not randomise:
-            rescue(depth, normal, cost, args, config)
+            rescue(depth, normal, cost, args, config, salts)
         for it in range(iterations):
             # Perturbations shrink with the iterations. Refining levels start from planes good to
             # about a pixel of the level below: their neighbours' planes and one depth perturbation
@@ -173,7 +174,7 @@ def patchmatch_planes(
             else:
                 schedule = (1, 0.5 * one_px_full / scale * 0.5**it, 0.0, 1)
             for colour in (0, 1):
-                kernel.sweep(colour, depth, normal, cost, *args, *schedule)
+                kernel.sweep(colour, depth, normal, cost, *args, *schedule, next(salts))
         kinv_prev = kinv
     return PlaneMaps(depth=depth, normal=normal, cost=cost)
 
@@ -208,7 +209,7 @@ def geometric_planes(
     as they count (best_k) keep their plane and are not searched: the pass costs what the rest
     costs. The returned cost is photometric only: the stage's cost bar means the same with and
     without this pass."""
-    _numba_seed(seed)
+    salts = kernel_salts(seed)
     half, step = config.pm_window_half, config.pm_window_step
     best_k = selected_sources(config.pm_best_k, len(images.src_grays))
     ref, kinv, ref_mean, ref_std, stack, src_hw, A, b = _level(images, 1.0, config)
@@ -229,14 +230,17 @@ def geometric_planes(
         return (ref, ref_mean, searched, *sources, kinv, dmin, dmax, half, step, best_k, selection)
 
     args = kernel_args((*geometry, GEOMETRIC_WEIGHT, GEOMETRIC_MAX_ERROR))
-    kernel.initialise(depth, normal, cost, False, *args, best_k + 1, config.pm_max_cost + GEOMETRIC_WEIGHT)
+    trusted = config.pm_max_cost + GEOMETRIC_WEIGHT
+    kernel.initialise(depth, normal, cost, False, *args, best_k + 1, trusted, next(salts))
     depth[settled], normal[settled] = own[0][settled], own[1][settled]  # initialise cleared them
     one_px = _depth_per_pixel(images.ref_K[0, 0], images.rel_poses, dmin, dmax)
     for it in range(config.pm_geometric_sweeps):
         for colour in (0, 1):
-            kernel.sweep(colour, depth, normal, cost, *args, 1, 0.5 * one_px * 0.5**it, 0.0, 1)
+            kernel.sweep(colour, depth, normal, cost, *args, 1, 0.5 * one_px * 0.5**it, 0.0, 1, next(salts))
     photometric = kernel_args(NO_GEOMETRY)
-    kernel.initialise(depth.copy(), normal.copy(), cost, False, *photometric, best_k + 1, config.pm_max_cost)
+    kernel.initialise(
+        depth.copy(), normal.copy(), cost, False, *photometric, best_k + 1, config.pm_max_cost, next(salts)
+    )
     cost[settled] = own[2][settled]
     return PlaneMaps(depth=depth, normal=normal, cost=cost)
 
@@ -256,7 +260,12 @@ def searching(config: DepthConfig, it: int) -> tuple[int, float, float, int]:
 
 
 def rescue(
-    depth: np.ndarray, normal: np.ndarray, cost: np.ndarray, args: tuple[Any, ...], config: DepthConfig
+    depth: np.ndarray,
+    normal: np.ndarray,
+    cost: np.ndarray,
+    args: tuple[Any, ...],
+    config: DepthConfig,
+    salts: Iterator[int],
 ) -> None:
     """On a refining level, the pixels whose upsampled plane fails the cost bar search again as on
     the coarsest level (far neighbours, large perturbations). `args` are the level's kernel
@@ -274,7 +283,7 @@ def rescue(
     lost_args = (ref, ref_mean, lost_std, *args[3:])
     for it in range(config.pm_rescue_sweeps):
         for colour in (0, 1):
-            kernel.sweep(colour, depth, normal, cost, *lost_args, *searching(config, it))
+            kernel.sweep(colour, depth, normal, cost, *lost_args, *searching(config, it), next(salts))
 
 
 def source_stack(grays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -316,9 +325,10 @@ def _depth_per_pixel(
     return float(np.sqrt(dmin * dmax)) / (focal * baseline)
 
 
-@njit(cache=True)
-def _numba_seed(seed: int) -> None:
-    np.random.seed(seed)
+def kernel_salts(seed: int) -> Iterator[int]:
+    """A salt for each kernel call of a run, from which the call draws its random planes and
+    perturbations (patchmatch_kernel): a run's result depends on the seed, not on the threads."""
+    return ((seed * 1_000_003 + n) % 2**63 for n in itertools.count())
 
 
 def _resize(gray: np.ndarray, scale: float) -> np.ndarray:

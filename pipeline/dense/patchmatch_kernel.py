@@ -259,13 +259,47 @@ def _cheapest_sources(costs: np.ndarray, keep: int) -> int:
     return chosen
 
 
+# Counter-based random numbers: a pixel's draws in one kernel call are a hash of the call's salt,
+# the pixel and the draw's index, so they do not depend on which thread ran the pixel or what it
+# ran before. np.random in a parallel kernel draws from one state per thread, and which rows a
+# thread gets varies from run to run: PatchMatch was not repeatable, even seeded.
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+@njit(cache=True, inline="always")
+def _mix(x: np.uint64) -> np.uint64:
+    """splitmix64's finaliser: every input bit flips about half of the output bits."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+@njit(cache=True, inline="always")
+def _pixel_stream(salt: int, v: int, u: int) -> np.uint64:
+    return _mix(np.uint64(salt) ^ _mix(np.uint64(v) * _GOLDEN + np.uint64(u)))
+
+
+@njit(cache=True, inline="always")
+def _uniform(stream: np.uint64, k: int) -> float:
+    """The k-th draw of a pixel's stream, uniform in (0, 1)."""
+    x = _mix(stream + np.uint64(k + 1) * _GOLDEN)
+    return (float(x >> np.uint64(11)) + 0.5) * (1.0 / 9007199254740992.0)
+
+
+@njit(cache=True, inline="always")
+def _normal(stream: np.uint64, k: int) -> float:
+    """A standard normal from draws k and k + 1 (Box-Muller)."""
+    return np.sqrt(-2.0 * np.log(_uniform(stream, k))) * np.cos(2.0 * np.pi * _uniform(stream, k + 1))
+
+
 @njit(cache=True, fastmath=True)
-def _random_normal(rx: float, ry: float) -> tuple[float, float, float]:
-    """A random unit normal facing the camera along ray (rx, ry, 1), not grazing."""
+def _random_normal(rx: float, ry: float, stream: np.uint64, k: int) -> tuple[float, float, float]:
+    """A random unit normal facing the camera along ray (rx, ry, 1), not grazing (draws k, k + 1, ...)."""
     while True:
-        nx = np.random.standard_normal()
-        ny = np.random.standard_normal()
-        nz = np.random.standard_normal()
+        nx = _normal(stream, k)
+        ny = _normal(stream, k + 2)
+        nz = _normal(stream, k + 4)
+        k += 6
         norm = np.sqrt(nx * nx + ny * ny + nz * nz)
         if norm < 1e-6:
             continue
@@ -305,10 +339,12 @@ def initialise(
     selection: np.ndarray,
     keep: int,
     trusted_cost: float,
+    salt: int,
 ) -> None:
-    """Random planes (when `randomise`, or where the given depth is 0) and their costs over all
-    sources. A pixel's `selection` (bit mask of the sources its sweeps score) becomes the `keep`
-    sources that match its plane best where that plane costs at most `trusted_cost`, else all."""
+    """Random planes (when `randomise`, or where the given depth is 0; drawn from `salt`) and their
+    costs over all sources. A pixel's `selection` (bit mask of the sources its sweeps score)
+    becomes the `keep` sources that match its plane best where that plane costs at most
+    `trusted_cost`, else all."""
     h, w = ref.shape
     span = half * step
     n_src = srcs.shape[0]
@@ -326,8 +362,9 @@ def initialise(
             rx = kinv[0, 0] * u + kinv[0, 1] * v + kinv[0, 2]
             ry = kinv[1, 1] * v + kinv[1, 2]
             if randomise or depth[v, u] <= 0:
-                depth[v, u] = 1.0 / (inv_lo + np.random.random() * (inv_hi - inv_lo))
-                nx, ny, nz = _random_normal(rx, ry)
+                stream = _pixel_stream(salt, v, u)
+                depth[v, u] = 1.0 / (inv_lo + _uniform(stream, 0) * (inv_hi - inv_lo))
+                nx, ny, nz = _random_normal(rx, ry, stream, 1)
                 normal[v, u, 0] = nx
                 normal[v, u, 1] = ny
                 normal[v, u, 2] = nz
@@ -370,10 +407,11 @@ def sweep(
     depth_range: float,
     normal_range: float,
     trials: int,
+    salt: int,
 ) -> None:
     """One red-black half sweep: every pixel of `colour` tries its neighbours' planes (at distance
     1, and at `far` when far > 1), then `trials` random refinements (a perturbed depth, a perturbed
-    normal, both); keeps the cheapest."""
+    normal, both; drawn from `salt`); keeps the cheapest."""
     h, w = ref.shape
     n_src = srcs.shape[0]
     offsets = np.array(
@@ -431,10 +469,11 @@ def sweep(
             if best_d <= 0:
                 continue
             # Random refinement: perturbed depth, perturbed normal, both.
-            pd = best_d * (1.0 + depth_range * (2.0 * np.random.random() - 1.0))
-            pnx = best_nx + normal_range * np.random.standard_normal()
-            pny = best_ny + normal_range * np.random.standard_normal()
-            pnz = best_nz + normal_range * np.random.standard_normal()
+            stream = _pixel_stream(salt, v, u)
+            pd = best_d * (1.0 + depth_range * (2.0 * _uniform(stream, 0) - 1.0))
+            pnx = best_nx + normal_range * _normal(stream, 1)
+            pny = best_ny + normal_range * _normal(stream, 3)
+            pnz = best_nz + normal_range * _normal(stream, 5)
             norm = np.sqrt(pnx * pnx + pny * pny + pnz * pnz)
             pnx /= norm
             pny /= norm

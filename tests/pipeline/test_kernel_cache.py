@@ -96,5 +96,5 @@ def test_the_pipelines_kernels_cache_under_their_sources_digest() -> None:
     assert str(folder) == numba.config.CACHE_DIR
     assert Path(patchmatch_kernel.source_costs._cache.cache_path).is_relative_to(folder)
     names = {p.name for p in kernel_cache.kernel_sources()}
-    kernels = {"patchmatch_kernel.py", "patchmatch_cpu.py", "fuse_depth.py", "raster.py", "refine_mesh.py"}
+    kernels = {"patchmatch_kernel.py", "fuse_depth.py", "raster.py", "refine_mesh.py"}
     assert kernels <= names

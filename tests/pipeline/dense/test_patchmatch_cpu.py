@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import cv2
+import numba
 import numpy as np
 import pytest
 
@@ -84,6 +85,27 @@ def test_patchmatch_depth_matches_ground_truth_across_exposures(scene: synthetic
     assert np.allclose(np.linalg.norm(n, axis=1), 1.0, atol=1e-3)
 
 
+def test_a_run_is_repeatable_on_any_number_of_threads(scene: synthetic.SyntheticScene) -> None:
+    """The kernels draw their random planes and perturbations from a hash of the run's seed, the
+    call and the pixel: with np.random, each of numba's threads drew from its own state, and the
+    rows each thread got varied from run to run, so two runs differed."""
+    K, grey, rel = _inputs(scene, 4)
+    images = patchmatch_cpu.ViewImages(grey[0], K, grey[1:], [K] * 4, rel)
+    config = DepthConfig(pm_levels=2, pm_best_k=2)
+    threads = numba.get_num_threads()
+    runs = []
+    try:
+        for n, seed in ((1, 0), (max(2, threads), 0), (max(2, threads), 1)):
+            numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+            runs.append(patchmatch_cpu.patchmatch_planes(images, 1.5, 4.5, config, seed))
+    finally:
+        numba.set_num_threads(threads)
+    one, many, other_seed = runs
+    for field in ("depth", "normal", "cost"):
+        assert np.array_equal(getattr(one, field), getattr(many, field)), field
+    assert not np.array_equal(one.depth, other_seed.depth)  # the seed is what they depend on
+
+
 def test_two_sources_a_pixel_needs_only_one(scene: synthetic.SyntheticScene) -> None:
     """A view with two sources (each view of a 3-photo set): where one source does not see the
     surface, the other's match must be enough (fusion cross-checks it later), as it was not when a
@@ -144,7 +166,7 @@ def test_a_refining_level_scores_only_the_sources_that_matched_best() -> None:
     plane_depth = np.full((h, w), depth, np.float32)
     normal, cost, selection, args = _fronto_parallel(ref, srcs, kinv, A, b)
     std = args[2]
-    kernel.initialise(plane_depth, normal, cost, False, *args, 2, 0.5)
+    kernel.initialise(plane_depth, normal, cost, False, *args, 2, 0.5, 0)
     inside = std > 0
     assert np.all(selection[~inside] == 0b111)
     # Where the plane is right the two sources that match it best are kept, not the negative.
@@ -215,15 +237,16 @@ def test_a_refining_level_rescues_the_pixels_a_coarse_level_got_wrong() -> None:
     def depth_after(rescue: bool) -> np.ndarray:
         plane_depth = np.where(block, depth / 2, depth).astype(np.float32)
         normal, cost, _, args = _fronto_parallel(ref, srcs, kinv, A, b)
-        kernel.initialise(plane_depth, normal, cost, False, *args, 2, config.pm_max_cost)
+        salts = patchmatch_cpu.kernel_salts(0)
+        kernel.initialise(plane_depth, normal, cost, False, *args, 2, config.pm_max_cost, next(salts))
         assert np.mean(cost[block] > config.pm_max_cost) > 0.95  # (a few match the shift by chance)
         before = plane_depth.copy()
         if rescue:
-            patchmatch_cpu.rescue(plane_depth, normal, cost, args, config)
+            patchmatch_cpu.rescue(plane_depth, normal, cost, args, config, salts)
             passed = (args[2] > 0) & ~block
             assert np.array_equal(plane_depth[passed], before[passed])  # only failing pixels search
         for colour in (0, 1):  # the level's own refining sweep: half a pixel of disparity
-            kernel.sweep(colour, plane_depth, normal, cost, *args, 1, 0.5 / shift, 0.0, 1)
+            kernel.sweep(colour, plane_depth, normal, cost, *args, 1, 0.5 / shift, 0.0, 1, next(salts))
         return plane_depth
 
     for rescue, least, most in ((True, 0.95, 1.0), (False, 0.0, 0.5)):

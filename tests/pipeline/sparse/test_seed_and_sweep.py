@@ -89,9 +89,10 @@ def test_streaming_the_live_model_changes_nothing(tmp_path: Path) -> None:
         tmp_path / "photos", tmp_path / "streamed", config, lambda f, _m, _s: snapshots.append(f)
     )
     assert snapshots
-    assert _poses(quiet).keys() == _poses(streamed).keys()
-    for name, pose in _poses(quiet).items():
-        np.testing.assert_allclose(pose, _poses(streamed)[name], rtol=0, atol=1e-9)
+    poses, streamed_poses = _poses(quiet), _poses(streamed)
+    assert poses.keys() == streamed_poses.keys()
+    for name, pose in poses.items():
+        np.testing.assert_allclose(pose, streamed_poses[name], rtol=0, atol=1e-9)
     assert quiet.num_points3D() == streamed.num_points3D()
     assert quiet.compute_num_observations() == streamed.compute_num_observations()
 

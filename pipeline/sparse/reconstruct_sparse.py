@@ -255,6 +255,18 @@ def _run_watched(call: Callable[[], None], tick: Callable[[], None], every: floa
         raise failure[0]
 
 
+def matching_options(config: SparseConfig) -> pycolmap.FeatureMatchingOptions:
+    """On the CPU, one thread, as mapping: with two, COLMAP's CPU matcher gave a rendered orbit's
+    pair 16 raw matches in one run and none in another (more often when the job process was busy
+    streaming the live model), and the poses moved with it. It costs matching time on two cores:
+    the kitchen's 9.4 -> 15.6 s, the relief photos' 7.2 -> 10.5 s (balanced). On CUDA the GPU
+    matches and the threads verify: COLMAP's default (all cores) stays; that path was not run."""
+    options = pycolmap.FeatureMatchingOptions()
+    if config.device == "cpu":
+        options.num_threads = 1
+    return options
+
+
 def _match(
     config: SparseConfig,
     strategy: Matching,
@@ -263,12 +275,7 @@ def _match(
     progress: Progress,
     should_stop: StopCheck,
 ) -> None:
-    matching = pycolmap.FeatureMatchingOptions()
-    # One thread, as mapping: with two, COLMAP's CPU matcher gave a rendered orbit's pair 16 raw
-    # matches in one run and none in another (more often when the job process was busy streaming
-    # the live model), and the poses moved with it. It costs matching time on two cores: the
-    # kitchen's 9.4 -> 15.6 s, the relief photos' 7.2 -> 10.5 s (balanced).
-    matching.num_threads = 1
+    matching = matching_options(config)
     verification = pycolmap.TwoViewGeometryOptions()
     verification.ransac.random_seed = config.seed
     pairs = _pairs(config, strategy, ws, num_images)

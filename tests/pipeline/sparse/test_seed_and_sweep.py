@@ -97,6 +97,12 @@ def test_streaming_the_live_model_changes_nothing(tmp_path: Path) -> None:
     assert quiet.compute_num_observations() == streamed.compute_num_observations()
 
 
+def test_the_cpu_matcher_runs_on_one_thread_and_the_gpu_one_keeps_colmaps_threads() -> None:
+    assert reconstruct_sparse.matching_options(SparseConfig(device="cpu")).num_threads == 1
+    default = pycolmap.FeatureMatchingOptions().num_threads
+    assert reconstruct_sparse.matching_options(SparseConfig(device="cuda")).num_threads == default
+
+
 @pytest.fixture(scope="module")
 def sweep() -> synthetic.SyntheticScene:
     # 8 views across 0.25 units at 2.7 away: at most about 5 degrees between any two views

@@ -18,7 +18,7 @@ import pycolmap
 from pydantic import BaseModel, Field
 
 from scandrop.pipeline.core.stage import Progress, StopCheck, check_stop
-from scandrop.pipeline.sparse import learned_features
+from scandrop.pipeline.sparse import learned_features, parallel_matching
 from scandrop.pipeline.sparse.learned_features import Features
 
 MIN_MATCHES = 15  # fewer LightGlue matches than this: the pair is not written
@@ -172,9 +172,7 @@ def _write(
 def verify(database: Path, pairs: list[tuple[str, str]], pairs_file: Path, seed: int) -> None:
     """COLMAP's geometric verification of the merged matches of `pairs` (the SIFT path's own step)."""
     pairs_file.write_text("".join(f"{a} {b}\n" for a, b in pairs))
-    options = pycolmap.TwoViewGeometryOptions()
-    options.ransac.random_seed = seed
-    pycolmap.verify_matches(database, pairs_file, options=options)
+    pycolmap.verify_matches(database, pairs_file, options=parallel_matching.verification_options(seed))
 
 
 def tie_points_by_matcher(rec: pycolmap.Reconstruction, offsets: dict[str, int]) -> dict[str, dict[str, int]]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import shutil
 import sqlite3
 import threading
@@ -31,7 +30,14 @@ from scandrop.pipeline.core.errors import ErrorCode, ScandropError
 from scandrop.pipeline.core.live_model import LiveSink, Throttle
 from scandrop.pipeline.core.stage import Progress, StopCheck, atomic_dir, check_stop, write_json_atomic
 from scandrop.pipeline.core.workspace import Workspace
-from scandrop.pipeline.sparse import colmap_log, learned_matching, mapping, model_snapshot, world_frame
+from scandrop.pipeline.sparse import (
+    colmap_log,
+    learned_matching,
+    mapping,
+    model_snapshot,
+    parallel_matching,
+    world_frame,
+)
 from scandrop.pipeline.sparse.mapping import MappingAttempt
 
 
@@ -65,6 +71,12 @@ class SparseConfig(BaseModel):
     min_registered: int = Field(3, ge=2, description="A model with fewer registered images fails the job.")
     device: Literal["cpu", "cuda"] = Field(
         "cpu", description="Where SIFT extraction and matching run (set by the device plan)."
+    )
+    match_workers: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="Matching processes on the CPU, each on one thread (repeatable); 0 = one per core.",
     )
     seed: int = Field(
         0, ge=0, description="Seed of every random choice (RANSAC, mapping): same photos, same model."
@@ -232,7 +244,6 @@ def _pairs(config: SparseConfig, strategy: Matching, ws: Workspace, num_images: 
 # 6-photo blocks took 39.7 s.
 MATCH_BLOCK_PAIRS = 60
 HEARTBEAT_SECONDS = 2.0
-_BLOCK = re.compile(r"Processing block \[(\d+)/(\d+)\]")
 
 
 def _run_watched(call: Callable[[], None], tick: Callable[[], None], every: float) -> None:
@@ -258,9 +269,9 @@ def _run_watched(call: Callable[[], None], tick: Callable[[], None], every: floa
 def matching_options(config: SparseConfig) -> pycolmap.FeatureMatchingOptions:
     """On the CPU, one thread, as mapping: with two, COLMAP's CPU matcher gave a rendered orbit's
     pair 16 raw matches in one run and none in another (more often when the job process was busy
-    streaming the live model), and the poses moved with it. It costs matching time on two cores:
-    the kitchen's 9.4 -> 15.6 s, the relief photos' 7.2 -> 10.5 s (balanced). On CUDA the GPU
-    matches and the threads verify: COLMAP's default (all cores) stays; that path was not run."""
+    streaming the live model), and the poses moved with it. The other cores match other pairs in
+    processes of their own (parallel_matching). On CUDA the GPU matches and the threads verify:
+    COLMAP's default (all cores) stays; that path was not run."""
     options = pycolmap.FeatureMatchingOptions()
     if config.device == "cpu":
         options.num_threads = 1
@@ -275,20 +286,32 @@ def _match(
     progress: Progress,
     should_stop: StopCheck,
 ) -> None:
-    matching = matching_options(config)
-    verification = pycolmap.TwoViewGeometryOptions()
-    verification.ransac.random_seed = config.seed
     pairs = _pairs(config, strategy, ws, num_images)
     pairs_file = ws.root / "match_pairs.txt"
     pairs_file.write_text("".join(f"{a} {b}\n" for a, b in pairs))
-    pairing = pycolmap.ImportedPairingOptions()
-    pairing.match_list_path = pairs_file
-    pairing.block_size = MATCH_BLOCK_PAIRS
+    parts = parallel_matching.processes_for(len(pairs), config.match_workers) if config.device == "cpu" else 1
+    if parts > 1:
+        progress(0.0, f"matching ({strategy.value}): {len(pairs)} pairs in {parts} processes")
+        parallel_matching.match(
+            ws.database,
+            pairs,
+            parts,
+            config.seed,
+            MATCH_BLOCK_PAIRS,
+            ws.root,
+            lambda done: progress(
+                done / max(1, len(pairs)),
+                f"matching ({strategy.value}): {done} of {len(pairs)} pairs in {parts} processes",
+            ),
+            should_stop,
+            HEARTBEAT_SECONDS,
+        )
+        return
     blocks = max(1, math.ceil(len(pairs) / MATCH_BLOCK_PAIRS))
     block = {"index": 0, "since": time.monotonic()}  # the block COLMAP works on (0-based)
 
     def heard(line: str) -> None:
-        if found := _BLOCK.search(line):
+        if found := parallel_matching.BLOCK_LINE.search(line):
             block["index"], block["since"] = int(found.group(1)) - 1, time.monotonic()
 
     def tick() -> None:
@@ -304,9 +327,9 @@ def _match(
         _run_watched(
             lambda: pycolmap.match_image_pairs(
                 ws.database,
-                matching_options=matching,
-                pairing_options=pairing,
-                verification_options=verification,
+                matching_options=matching_options(config),
+                pairing_options=parallel_matching.pairing_options(pairs_file, MATCH_BLOCK_PAIRS),
+                verification_options=parallel_matching.verification_options(config.seed),
                 device=pycolmap.Device(config.device),
                 cancellation_token=token,
             ),

@@ -45,8 +45,10 @@ def photos(tmp_path_factory: pytest.TempPathFactory) -> tuple[synthetic.Syntheti
 @pytest.mark.parametrize(
     "config",
     [
-        SparseConfig(ordered=True, sequential_overlap=4),
-        SparseConfig(matching=Matching.retrieval, retrieval_neighbors=8),
+        # One matching process: its progress is COLMAP's block lines (parallel_matching's own
+        # progress is tested with it).
+        SparseConfig(ordered=True, sequential_overlap=4, match_workers=1),
+        SparseConfig(matching=Matching.retrieval, retrieval_neighbors=8, match_workers=1),
     ],
     ids=["sequential-with-loop-closure", "retrieval"],
 )

@@ -1,0 +1,124 @@
+"""Matching split over single-thread processes: the same tables as one process, and it stops clean."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import itertools
+import shutil
+import sqlite3
+import time
+from pathlib import Path
+
+import psutil
+import pycolmap
+import pytest
+
+from scandrop.pipeline.bench import synthetic
+from scandrop.pipeline.core.errors import ErrorCode, ScandropError
+from scandrop.pipeline.core.stage import StopCheck, never_stop
+from scandrop.pipeline.sparse import parallel_matching
+
+
+@pytest.fixture(scope="module")
+def features(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[tuple[str, str]]]:
+    """A database with SIFT features of a rendered orbit (12 photos), and all its pairs."""
+    root = tmp_path_factory.mktemp("features")
+    scene = synthetic.render_scene(n_views=12, width=320, height=240, seed=3)
+    synthetic.write_scene(scene, root / "photos")
+    database = root / "features.db"
+    pycolmap.extract_features(database, root / "photos", camera_mode=pycolmap.CameraMode.SINGLE)
+    return database, list(itertools.combinations(sorted(scene.names), 2))
+
+
+def _tables(database: Path) -> dict[str, str]:
+    """A digest of each result table, and its row count."""
+    out = {}
+    with contextlib.closing(sqlite3.connect(database)) as db:
+        for table in ("matches", "two_view_geometries"):
+            digest = hashlib.sha256()
+            rows = db.execute(f"SELECT pair_id, rows, cols, data FROM {table} ORDER BY pair_id").fetchall()
+            for pair_id, n, cols, data in rows:
+                digest.update(repr((pair_id, n, cols)).encode() + (bytes(data) if data else b""))
+            out[table] = f"{len(rows)} rows {digest.hexdigest()}"
+    return out
+
+
+def _match(
+    features: tuple[Path, list[tuple[str, str]]],
+    folder: Path,
+    parts: int,
+    ticks: list[int] | None = None,
+    should_stop: StopCheck = never_stop,
+) -> Path:
+    """Match every pair in `parts` processes (seed 7, blocks of 10 pairs) into a copy of the database."""
+    source, pairs = features
+    folder.mkdir()
+    database = folder / "database.db"
+    shutil.copy(source, database)
+    heard = [] if ticks is None else ticks
+    parallel_matching.match(database, pairs, parts, 7, 10, folder, heard.append, should_stop, 0.0)
+    return database
+
+
+def test_matching_in_processes_gives_what_one_thread_gives(
+    features: tuple[Path, list[tuple[str, str]]], tmp_path: Path
+) -> None:
+    """A pair's matches and geometry depend on its two photos and the seed only, not on which
+    process matched it: one process and three (pairs cut 22 / 22 / 22) write the same rows, also
+    when some pairs are listed twice (a video's sequential pairs and loop closures overlap)."""
+    one = _tables(_match(features, tmp_path / "one", 1))
+    ticks: list[int] = []
+    source, pairs = features
+    again = [(b, a) for a, b in pairs[::3]]  # listed twice, the other way round: matched once
+    three = _tables(_match((source, pairs + again), tmp_path / "three", 3, ticks=ticks))
+    assert one == three
+    assert one["matches"].startswith("66 rows") and one["two_view_geometries"].startswith("66 rows")
+    with contextlib.closing(sqlite3.connect(tmp_path / "three" / "database.db")) as db:
+        verified = db.execute("SELECT COUNT(*) FROM two_view_geometries WHERE rows >= 15").fetchone()[0]
+    assert verified >= 24  # each photo with its two neighbours on either side: real matches
+    assert ticks == sorted(ticks) and 0 < ticks[-1] <= 66
+    assert not list((tmp_path / "three").glob("match_part_*"))  # copies, pair lists and logs removed
+
+
+def test_how_many_processes() -> None:
+    assert parallel_matching.processes_for(29, 8) == 1  # too few pairs to pay for a second process
+    assert parallel_matching.processes_for(100, 8) == 3
+    assert parallel_matching.processes_for(1000, 2) == 2
+    pairs = [(f"{i}", f"{i + 1}") for i in range(7)]
+    assert [len(run) for run in parallel_matching.split_pairs(pairs, 3)] == [3, 2, 2]
+    # Listed twice, either way round (sequential pairs and loop closures overlap): matched once.
+    assert parallel_matching.split_pairs([("a", "b"), ("b", "c"), ("b", "a"), ("a", "b")], 2) == [
+        [("a", "b")],
+        [("b", "c")],
+    ]
+
+
+def _children() -> set[int]:
+    return {child.pid for child in psutil.Process().children(recursive=True)}
+
+
+def test_a_stop_kills_the_matching_processes(
+    features: tuple[Path, list[tuple[str, str]]], tmp_path: Path
+) -> None:
+    before = _children()
+    start = time.monotonic()
+
+    def stop() -> bool:
+        return time.monotonic() - start > 0.3
+
+    with pytest.raises(ScandropError) as caught:
+        _match(features, tmp_path / "stopped", 2, should_stop=stop)
+    assert caught.value.code == ErrorCode.cancelled
+    assert _children() <= before
+    assert not list((tmp_path / "stopped").glob("match_part_*"))
+
+
+def test_a_failed_matching_process_fails_the_job_with_a_reason(
+    features: tuple[Path, list[tuple[str, str]]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(parallel_matching.sys, "executable", shutil.which("false") or "/bin/false")
+    with pytest.raises(ScandropError) as caught:
+        _match(features, tmp_path / "failed", 2)
+    assert caught.value.code == ErrorCode.worker_crashed
+    assert "matching process" in caught.value.message and "failed (1)" in caught.value.message

@@ -76,7 +76,8 @@ class SparseConfig(BaseModel):
         0,
         ge=0,
         le=64,
-        description="Matching processes on the CPU, each on one thread (repeatable); 0 = one per core.",
+        description="Matching processes on the CPU, each on one thread (repeatable); 0 = one per core,"
+        " at most 8.",
     )
     seed: int = Field(
         0, ge=0, description="Seed of every random choice (RANSAC, mapping): same photos, same model."

@@ -176,15 +176,25 @@ def main(parent: int) -> None:
     die_with_parent(parent)
     database, pair_list, seed, block_size = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
     pycolmap.logging.minloglevel = 0  # the block lines are the parent's progress
-    matching = pycolmap.FeatureMatchingOptions()
-    matching.num_threads = 1
     pycolmap.match_image_pairs(
         database,
-        matching_options=matching,
+        matching_options=matching_options("cpu"),
         pairing_options=pairing_options(Path(pair_list), block_size),
         verification_options=verification_options(seed),
         device=pycolmap.Device.cpu,
     )
+
+
+def matching_options(device: str) -> pycolmap.FeatureMatchingOptions:
+    """On the CPU, one thread, as mapping: with two, COLMAP's CPU matcher gave a rendered orbit's
+    pair 16 raw matches in one run and none in another (more often when the job process was busy
+    streaming the live model), and the poses moved with it. The other cores match other pairs in
+    processes of their own (`match`). On CUDA the GPU matches and the threads verify: COLMAP's
+    default (all cores) stays; that path was not run."""
+    options = pycolmap.FeatureMatchingOptions()
+    if device == "cpu":
+        options.num_threads = 1
+    return options
 
 
 def pairing_options(pair_list: Path, block_size: int) -> pycolmap.ImportedPairingOptions:

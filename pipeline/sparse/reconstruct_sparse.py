@@ -268,15 +268,8 @@ def _run_watched(call: Callable[[], None], tick: Callable[[], None], every: floa
 
 
 def matching_options(config: SparseConfig) -> pycolmap.FeatureMatchingOptions:
-    """On the CPU, one thread, as mapping: with two, COLMAP's CPU matcher gave a rendered orbit's
-    pair 16 raw matches in one run and none in another (more often when the job process was busy
-    streaming the live model), and the poses moved with it. The other cores match other pairs in
-    processes of their own (parallel_matching). On CUDA the GPU matches and the threads verify:
-    COLMAP's default (all cores) stays; that path was not run."""
-    options = pycolmap.FeatureMatchingOptions()
-    if config.device == "cpu":
-        options.num_threads = 1
-    return options
+    """The matcher's options for the config's device (the rule: parallel_matching.matching_options)."""
+    return parallel_matching.matching_options(config.device)
 
 
 def _match(

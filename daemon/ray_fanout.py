@@ -42,6 +42,7 @@ from typing import Any
 import psutil
 import structlog
 
+from scandrop.pipeline.core.cpu_budget import limit_threads
 from scandrop.pipeline.core.errors import ErrorCode, ScandropError
 from scandrop.pipeline.core.stage import Progress, StopCheck, atomic_path, check_stop
 from scandrop.pipeline.dense.view_map import ViewDone, ViewWork
@@ -63,7 +64,7 @@ def run_view(
     Returns (name, valid share, node id, the depth file's bytes or None when none was written)."""
     import ray
 
-    _limit_threads(ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0))
+    limit_threads(ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0))
     _sweep_scratch()
     shipped = dict(zip(names, blobs, strict=True))
     mask = shipped.pop(MASK_KEY, None)
@@ -105,16 +106,6 @@ def _sweep_scratch() -> None:
         pid = folder.name.removeprefix(SCRATCH_PREFIX).split("-")[0]
         if pid.isdigit() and not psutil.pid_exists(int(pid)):
             shutil.rmtree(folder, ignore_errors=True)
-
-
-def _limit_threads(cpus: float) -> None:
-    """Use the CPUs the task reserved, not every core of its node (numba, OpenCV)."""
-    import cv2
-    import numba
-
-    n = max(1, int(cpus))
-    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
-    cv2.setNumThreads(n)
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,9 @@ class Report(BaseModel):
     cpu_seconds: float | None = Field(
         None, description="CPU time of the job's process and the workers it started (user + system)."
     )
+    cpus: int | None = Field(
+        None, description="CPUs the job sized its workers and threads to (affinity and cgroup quota)."
+    )
     images: ImagesReport = Field(default_factory=ImagesReport)
     plan: list[dict[str, str]] = Field(
         default_factory=list, description="The device plan: each stage's backend and why (pipeline/plan.py)."

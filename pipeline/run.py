@@ -21,6 +21,7 @@ from typing import Any
 import pycolmap
 from pydantic import BaseModel
 
+from scandrop.pipeline.core.cpu_budget import limit_threads, usable_cpus
 from scandrop.pipeline.core.errors import ErrorCode, ErrorInfo, ScandropError, disk_full, disk_nearly_full
 from scandrop.pipeline.core.live_model import LiveModel
 from scandrop.pipeline.core.resources import Meter
@@ -98,6 +99,8 @@ def run_pipeline(
     `map_views` runs the CPU depth stage's per-view tasks elsewhere (e.g. on a cluster)."""
     pycolmap.logging.minloglevel = 2  # COLMAP's own INFO lines would drown the job log
     cpu0 = os.times()
+    cpus = usable_cpus()
+    limit_threads(cpus)
     events: OnEvent = on_event or (lambda event: None)
     out_dir.mkdir(parents=True, exist_ok=True)
     report = new_report(
@@ -108,6 +111,7 @@ def run_pipeline(
         device or {"name": "cpu"},
         datetime.now(UTC),
     )
+    report.cpus = cpus
 
     kind = input_kind(input_dir)
     report.kind = job_kind(kind)

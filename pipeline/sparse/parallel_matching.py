@@ -29,6 +29,7 @@ import pycolmap
 import structlog
 
 from scandrop.pipeline.core.child_process import die_with_parent
+from scandrop.pipeline.core.cpu_budget import usable_cpus
 from scandrop.pipeline.core.errors import ErrorCode, ScandropError
 from scandrop.pipeline.core.stage import StopCheck, check_stop
 
@@ -43,8 +44,8 @@ _RESULT_TABLES = ("matches", "two_view_geometries")
 
 
 def processes_for(num_pairs: int, workers: int) -> int:
-    """How many processes match `num_pairs` pairs; `workers` 0 means one per core (at most 8)."""
-    cores = workers or min(len(os.sched_getaffinity(0)), MAX_PROCESSES)
+    """How many processes match `num_pairs` pairs; `workers` 0 means one per usable core (at most 8)."""
+    cores = workers or min(usable_cpus(), MAX_PROCESSES)
     return max(1, min(cores, num_pairs // MIN_PAIRS_PER_PROCESS))
 
 

@@ -10,7 +10,6 @@ frame and viewers show the object upright.
 from __future__ import annotations
 
 import math
-import os
 import shutil
 import sqlite3
 import threading
@@ -26,6 +25,7 @@ import pycolmap
 import structlog
 from pydantic import BaseModel, ConfigDict, Field
 
+from scandrop.pipeline.core.cpu_budget import usable_cpus
 from scandrop.pipeline.core.errors import ErrorCode, ScandropError
 from scandrop.pipeline.core.live_model import LiveSink, Throttle
 from scandrop.pipeline.core.stage import Progress, StopCheck, atomic_dir, check_stop, write_json_atomic
@@ -345,7 +345,7 @@ def _extract(
     """SIFT in chunks of a few photos (one per core), so progress moves photo by photo; each
     camera group's later chunks reuse the camera its first chunk created."""
     n = sum(len(group) for group in camera_groups)
-    chunk = max(2, os.cpu_count() or 2)
+    chunk = max(2, extraction.num_threads)
     done = 0
     for group in camera_groups:
         reader.existing_camera_id = -1
@@ -503,6 +503,7 @@ def run(
     progress(0.0, f"extracting features from {n} photos")
     extraction = pycolmap.FeatureExtractionOptions()
     extraction.sift.max_num_features = features_per_image(config, n)
+    extraction.num_threads = usable_cpus()  # COLMAP's -1 would start a thread per host core
     reader = pycolmap.ImageReaderOptions()
     reader.camera_model = config.camera_model
     if ws.masks_dir.exists():

@@ -33,6 +33,7 @@ from scipy import sparse
 from scipy.spatial import cKDTree
 
 from scandrop.pipeline.core import plyio
+from scandrop.pipeline.core.cpu_budget import usable_cpus
 from scandrop.pipeline.core.errors import ErrorCode, ScandropError
 from scandrop.pipeline.core.pointcloud import PointCloud, load_points
 from scandrop.pipeline.core.stage import Progress, StopCheck, check_stop
@@ -87,7 +88,7 @@ class MeshConfig(BaseModel):
         " (see refine_mesh), after decimation.",
     )
     max_triangles: int = Field(300_000, ge=100, description="Decimate the mesh to at most this many faces.")
-    num_threads: int = Field(-1, description="Threads for Poisson (-1: all cores).")
+    num_threads: int = Field(-1, description="Threads for Poisson (-1: every usable core).")
     child_timeout_s: float = Field(1800.0, gt=0, description="Give up on one pycolmap call after this long.")
 
 
@@ -300,7 +301,7 @@ def run(config: MeshConfig, ws: Workspace, progress: Progress, should_stop: Stop
             "trim": min(config.trim, max(0.0, depth - 2.0)),
             "color": True,
             "point_weight": config.point_weight,
-            "num_threads": config.num_threads,
+            "num_threads": config.num_threads if config.num_threads > 0 else usable_cpus(),
         }
         said = f"Poisson surface (depth {depth}) from {len(sparse_cloud)} points"
         _run_child(

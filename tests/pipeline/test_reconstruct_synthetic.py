@@ -17,6 +17,7 @@ import trimesh
 from scandrop.daemon.worker import run_job
 from scandrop.pipeline.bench import metrics, synthetic
 from scandrop.pipeline.bench.run import estimated_cameras, score_geometry, score_held_out, score_poses
+from scandrop.pipeline.core.cpu_budget import usable_cpus
 from scandrop.pipeline.job_spec import JobSpec
 from scandrop.pipeline.report import Report
 
@@ -64,6 +65,7 @@ def test_job_succeeds_with_every_output(job: tuple[Report, Path]) -> None:
     saved = json.loads((out / "report.json").read_text())
     assert saved["ok"] is True
     assert saved["cpu_seconds"] > 0  # the job process's own, its workers' included
+    assert saved["cpus"] == usable_cpus()  # what its workers and threads were sized to
     assert [s["name"] for s in saved["stages"]] == [
         "ingest",
         "sparse",

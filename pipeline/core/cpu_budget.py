@@ -1,0 +1,92 @@
+"""How many CPUs a job may use: its affinity mask, capped by its cgroup's CPU quota.
+
+`os.cpu_count()` counts the host's cores. Under systemd's `CPUQuota=`, a container's `--cpus` or a
+Kubernetes CPU limit the kernel lets the job run only `quota / period` CPUs' worth of time, so a
+worker per host core (the depth stage, the matching processes, Poisson, numba's threads) means more
+processes, more memory and threads throttled in turn. Every stage sizes its parallelism from
+`usable_cpus()` instead.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+PROC_CGROUP = Path("/proc/self/cgroup")
+CGROUP_MOUNT = Path("/sys/fs/cgroup")
+
+
+def _v2_quota(folder: Path) -> float | None:
+    """cpu.max holds "max 100000" (no quota) or "<quota> <period>" in microseconds."""
+    try:
+        quota, period = (folder / "cpu.max").read_text().split()[:2]
+    except (OSError, ValueError):
+        return None
+    return None if quota == "max" else int(quota) / int(period)
+
+
+def _v1_quota(folder: Path) -> float | None:
+    """cpu.cfs_quota_us is -1 when the group has no quota."""
+    try:
+        quota = int((folder / "cpu.cfs_quota_us").read_text())
+        period = int((folder / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return quota / period if quota > 0 and period > 0 else None
+
+
+def _ancestors(root: Path, path: str) -> list[Path]:
+    """The process's group and every group above it, up to the mount's root (the effective quota is
+    the smallest). Inside a container the mount's root may be the container's own group while
+    /proc/self/cgroup still names the host's path: then only the root is read."""
+    folder = root / path.lstrip("/")
+    if not folder.is_dir():
+        return [root]
+    found = [folder]
+    while folder != root and root in folder.parents:
+        folder = folder.parent
+        found.append(folder)
+    return found
+
+
+def cgroup_cpu_limit(proc_cgroup: Path = PROC_CGROUP, mount: Path = CGROUP_MOUNT) -> float | None:
+    """The CPU quota of this process's cgroup (v2 or v1), in CPUs; None when there is none."""
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return None
+    quotas: list[float | None] = []
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        if controllers == "":
+            quotas += [_v2_quota(folder) for folder in _ancestors(mount, path)]
+        elif "cpu" in controllers.split(","):
+            root = mount / controllers if (mount / controllers).is_dir() else mount / "cpu"
+            quotas += [_v1_quota(folder) for folder in _ancestors(root, path)]
+    found = [q for q in quotas if q is not None]
+    return min(found) if found else None
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on, at least 1. A fractional quota rounds up (1.5 CPUs: 2 workers
+    that the kernel slows to 75% each use all of it; one would leave a third unused)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    quota = cgroup_cpu_limit()
+    if quota is not None:
+        cpus = min(cpus, math.ceil(quota))
+    return max(1, cpus)
+
+
+def limit_threads(cpus: float) -> None:
+    """Hold this process's numba and OpenCV thread pools to `cpus` (both default to every core of
+    the host)."""
+    import cv2
+    import numba
+
+    n = max(1, int(cpus))
+    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    cv2.setNumThreads(n)

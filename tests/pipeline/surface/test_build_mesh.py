@@ -95,7 +95,7 @@ def test_far_faces_and_floaters_are_removed(tmp_path: Path) -> None:
     keep = cloud.xyz[:, 1] > 0.0
     cap = PointCloud(cloud.xyz[keep], cloud.normals[keep], cloud.rgb[keep])
     ws = _workspace(tmp_path, cap)
-    config = build_mesh.MeshConfig(depth=7, trim=0.0, max_triangles=3000, refine=False)
+    config = build_mesh.MeshConfig(depth=7, trim=0.0, max_triangles=3000, refine=False, border_rings=0)
     result = build_mesh.run(config, ws, no_progress, never_stop)
     ply = plyio.read_ply(ws.mesh)
     vertices = plyio.xyz_of(ply.vertex)
@@ -106,6 +106,51 @@ def test_far_faces_and_floaters_are_removed(tmp_path: Path) -> None:
     rim = np.unique(mesh.edges_sorted[trimesh.grouping.group_rows(mesh.edges_sorted, require_count=1)])
     assert len(rim) > 20 and np.abs(vertices[rim, 1]).max() < 0.1
     assert result.triangles <= 3000 and np.abs(np.linalg.norm(vertices, axis=1) - 1).max() < 0.05
+
+
+def test_border_erosion_removes_poissons_extrapolated_rim(tmp_path: Path) -> None:
+    """The cap's points end at y = 0; Poisson's surface goes on past them (the far-face cut leaves
+    it down to y = -0.05) and bends away from the sphere there. Two rings of border faces take
+    that rim off and leave the cap."""
+    cloud = sphere_and_box(n_sphere=30_000, n_box=0)
+    keep = cloud.xyz[:, 1] > 0.0
+    cap = PointCloud(cloud.xyz[keep], cloud.normals[keep], cloud.rgb[keep])
+    errors, lowest = {}, {}
+    for rings in (0, 2):
+        ws = _workspace(tmp_path / str(rings), cap)
+        config = build_mesh.MeshConfig(
+            depth=7, trim=0.0, max_triangles=3000, refine=False, border_rings=rings
+        )
+        result = build_mesh.run(config, ws, no_progress, never_stop)
+        vertices = plyio.xyz_of(plyio.read_ply(ws.mesh).vertex)
+        assert result.triangles + result.removed_border_triangles == 3000
+        assert (result.removed_border_triangles > 0) == (rings > 0)
+        errors[rings] = np.abs(np.linalg.norm(vertices, axis=1) - 1.0).max()
+        lowest[rings] = vertices[:, 1].min()
+    assert lowest[0] < -0.02 < -0.01 < lowest[2] < 0.1  # it ends where the points end, not far inside
+    assert errors[2] < 0.6 * errors[0]
+
+
+def test_erode_borders_counts_rings_from_the_open_border() -> None:
+    n = 24  # a triangulated n x n grid: vertex (i, j) lies min(i, j, n-1-i, n-1-j) edges from the border
+    ij = np.stack(np.meshgrid(np.arange(n), np.arange(n), indexing="ij"), -1).reshape(-1, 2)
+    vertices = np.column_stack([ij, np.zeros(len(ij))]).astype(float)
+    quads = np.array(
+        [
+            [i * n + j, (i + 1) * n + j, (i + 1) * n + j + 1, i * n + j + 1]
+            for i in range(n - 1)
+            for j in range(n - 1)
+        ]
+    )
+    faces = np.concatenate([quads[:, [0, 1, 2]], quads[:, [0, 2, 3]]])
+    kept_v, kept_f, removed = build_mesh.erode_borders(vertices, faces, 2)
+    assert removed == len(faces) - 2 * (n - 5) ** 2 and len(kept_f) == 2 * (n - 5) ** 2
+    assert kept_v[:, :2].min() == 2 and kept_v[:, :2].max() == n - 3
+    assert build_mesh.erode_borders(vertices, faces, 0)[2] == 0
+    sphere = trimesh.creation.icosphere(2)  # closed: no border, nothing removed
+    assert build_mesh.erode_borders(sphere.vertices, sphere.faces, 2)[2] == 0
+    strip = faces[: 2 * 3]  # narrower than two rings on each side: left whole, not erased
+    assert build_mesh.erode_borders(vertices, strip, 2)[2] == 0
 
 
 def test_empty_cloud_is_mesh_failed_without_poisson(tmp_path: Path) -> None:

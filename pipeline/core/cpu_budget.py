@@ -82,8 +82,8 @@ def usable_cpus() -> int:
 
 
 def limit_threads(cpus: float) -> None:
-    """Hold this process's numba and OpenCV thread pools to `cpus` (both default to every core of
-    the host)."""
+    """Hold this process's numba and OpenCV thread pools to `cpus` (numba's defaults to every core
+    of the host)."""
     import cv2
     import numba
 

@@ -15,6 +15,9 @@ from pathlib import Path
 
 PROC_CGROUP = Path("/proc/self/cgroup")
 CGROUP_MOUNT = Path("/sys/fs/cgroup")
+# Worker processes of a stage (depth maps, matching): each holds its own photos and libraries (a
+# matching process peaked at 231 MB on the kitchen), and a NAS box must not run out of memory.
+MAX_WORKER_PROCESSES = 8
 
 
 def _v2_quota(folder: Path) -> float | None:
@@ -79,6 +82,11 @@ def usable_cpus() -> int:
     if quota is not None:
         cpus = min(cpus, math.ceil(quota))
     return max(1, cpus)
+
+
+def worker_processes() -> int:
+    """How many worker processes a stage starts by default: one per usable CPU, at most 8."""
+    return min(usable_cpus(), MAX_WORKER_PROCESSES)
 
 
 def limit_threads(cpus: float) -> None:

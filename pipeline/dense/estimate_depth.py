@@ -32,7 +32,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from scandrop.pipeline.core.child_process import die_with_parent
-from scandrop.pipeline.core.cpu_budget import usable_cpus
+from scandrop.pipeline.core.cpu_budget import worker_processes
 from scandrop.pipeline.core.errors import ErrorCode, ScandropError
 from scandrop.pipeline.core.stage import Progress, StopCheck, atomic_path, check_stop
 from scandrop.pipeline.core.workspace import Workspace
@@ -317,7 +317,7 @@ def write_depth_file(
 
 
 def _worker_count(config: DepthConfig) -> int:
-    return config.workers or min(usable_cpus(), 8)
+    return config.workers or worker_processes()
 
 
 def run(

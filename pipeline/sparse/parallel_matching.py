@@ -29,23 +29,21 @@ import pycolmap
 import structlog
 
 from scandrop.pipeline.core.child_process import die_with_parent
-from scandrop.pipeline.core.cpu_budget import usable_cpus
+from scandrop.pipeline.core.cpu_budget import worker_processes
 from scandrop.pipeline.core.errors import ErrorCode, ScandropError
 from scandrop.pipeline.core.stage import StopCheck, check_stop
 
 # A process costs a start, an import and reading its photos' descriptors (the kitchen, balanced:
 # 60 pairs 5.1 s in one process, 3.8 s in two; 120 pairs 7.9 / 5.5 s; all 300 16.5-16.9 / 10.9 s).
 MIN_PAIRS_PER_PROCESS = 30
-# One process per core, at most 8, as the depth stage's workers: each holds pycolmap and its
-# photos' descriptors (231 MB peak on the kitchen's 300 pairs), and a NAS box must not run out.
-MAX_PROCESSES = 8
 BLOCK_LINE = re.compile(r"Processing block \[(\d+)/(\d+)\]")  # COLMAP's log line per block of pairs
 _RESULT_TABLES = ("matches", "two_view_geometries")
 
 
 def processes_for(num_pairs: int, workers: int) -> int:
-    """How many processes match `num_pairs` pairs; `workers` 0 means one per usable core (at most 8)."""
-    cores = workers or min(usable_cpus(), MAX_PROCESSES)
+    """How many processes match `num_pairs` pairs; `workers` 0 means one per usable core (at most 8,
+    as the depth stage's workers: `cpu_budget.worker_processes`)."""
+    cores = workers or worker_processes()
     return max(1, min(cores, num_pairs // MIN_PAIRS_PER_PROCESS))
 
 

@@ -58,12 +58,10 @@ def test_usable_cpus_is_affinity_capped_by_the_quota(
 
 def test_workers_follow_the_budget(monkeypatch: pytest.MonkeyPatch) -> None:
     """A host with 64 cores and a quota of 3 CPUs gets 3 depth workers and 3 matching processes."""
-    for module in (estimate_depth, parallel_matching):
-        monkeypatch.setattr(module, "usable_cpus", lambda: 3)
+    monkeypatch.setattr(cpu_budget, "usable_cpus", lambda: 3)
     assert estimate_depth._worker_count(estimate_depth.DepthConfig()) == 3
     assert estimate_depth._worker_count(estimate_depth.DepthConfig(workers=5)) == 5  # a setting wins
     assert parallel_matching.processes_for(10_000, 0) == 3
-    for module in (estimate_depth, parallel_matching):
-        monkeypatch.setattr(module, "usable_cpus", lambda: 64)
+    monkeypatch.setattr(cpu_budget, "usable_cpus", lambda: 64)
     assert estimate_depth._worker_count(estimate_depth.DepthConfig()) == 8  # memory: 8 at most
-    assert parallel_matching.processes_for(10_000, 0) == parallel_matching.MAX_PROCESSES
+    assert parallel_matching.processes_for(10_000, 0) == cpu_budget.MAX_WORKER_PROCESSES

@@ -15,6 +15,7 @@ import pycolmap
 import pytest
 
 from scandrop.pipeline.bench import synthetic
+from scandrop.pipeline.core import cpu_budget
 from scandrop.pipeline.core.errors import ErrorCode, ScandropError
 from scandrop.pipeline.core.stage import StopCheck, never_stop
 from scandrop.pipeline.sparse import parallel_matching
@@ -85,7 +86,7 @@ def test_how_many_processes() -> None:
     assert parallel_matching.processes_for(29, 8) == 1  # too few pairs to pay for a second process
     assert parallel_matching.processes_for(100, 8) == 3
     assert parallel_matching.processes_for(1000, 2) == 2
-    assert 1 <= parallel_matching.processes_for(10_000, 0) <= parallel_matching.MAX_PROCESSES
+    assert 1 <= parallel_matching.processes_for(10_000, 0) <= cpu_budget.MAX_WORKER_PROCESSES
     pairs = [(f"{i}", f"{i + 1}") for i in range(7)]
     assert [len(run) for run in parallel_matching.split_pairs(pairs, 3)] == [3, 2, 2]
     # Listed twice, either way round (sequential pairs and loop closures overlap): matched once.

@@ -156,6 +156,7 @@ def run_on_node(
             should_stop=should_stop,
             timeout=timeout,
             on_start=lambda pid: channel.put.remote("pid", pid),
+            cpus=context.get_assigned_resources().get("CPU"),
             map_views=None
             if fanout is None
             else RayViewFanout(

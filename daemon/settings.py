@@ -123,7 +123,9 @@ class Settings(BaseSettings):
         description="auto: probe whether the nodes see the inbox and outbox (shared) or ship the data; "
         "shared or shipped to decide it.",
     )
-    ray_job_cpus: float = Field(1.0, gt=0, description="CPUs a job reserves on a Ray node.")
+    ray_job_cpus: float = Field(
+        1.0, gt=0, description="CPUs a job reserves on a Ray node, and uses (its pools are sized to them)."
+    )
     ray_fanout_min_views: int = Field(
         40,
         ge=0,

@@ -23,6 +23,7 @@ from typing import Any
 import psutil
 
 from scandrop.pipeline.core.child_process import die_with
+from scandrop.pipeline.core.cpu_budget import JOB_CPUS_ENV
 from scandrop.pipeline.core.errors import ErrorCode, ErrorInfo, ScandropError, disk_full, disk_nearly_full
 from scandrop.pipeline.core.stage import (
     CANCELLED_HINT,
@@ -60,9 +61,12 @@ def _child(
     stop: Event,
     lifeline: Connection,
     map_views: ViewMapper | None = None,
+    cpus: float | None = None,
 ) -> None:
     os.setpgid(0, 0)  # the job and every process it starts form one group, killed as one
     die_with(lifeline)  # a killed daemon takes its job with it
+    if cpus is not None:  # the stages size their pools to it (cpu_budget); the job's processes inherit it
+        os.environ[JOB_CPUS_ENV] = str(cpus)
     from scandrop.pipeline.presets import resolve  # only job processes load the stages
     from scandrop.pipeline.run import run_pipeline
 
@@ -191,12 +195,14 @@ def run_job(
     timeout: float | None = None,
     on_start: Callable[[int], None] | None = None,
     map_views: ViewMapper | None = None,
+    cpus: float | None = None,
 ) -> Report:
     """Run the pipeline in its own process; returns its Report even when the process dies.
 
     The process dies with this one (its lifeline closes), and a thread that leaves early kills it on
     its way out. `on_start` receives the job's pid (= its process group id).
     `map_views` (picklable: it crosses into the job process) runs the depth stage's views elsewhere.
+    `cpus`: what the executor reserved for the job (a Ray task's CPUs); None: the machine's budget.
     """
     ctx = _job_context()
     lifeline, held = ctx.Pipe(duplex=False)  # the job holds one end, only this process the other
@@ -217,6 +223,7 @@ def run_job(
             stop,
             lifeline,
             map_views,
+            cpus,
         ),
     )
     proc.start()

@@ -4,7 +4,9 @@
 Kubernetes CPU limit the kernel lets the job run only `quota / period` CPUs' worth of time, so a
 worker per host core (the depth stage, the matching processes, Poisson, numba's threads) means more
 processes, more memory and threads throttled in turn. Every stage sizes its parallelism from
-`usable_cpus()` instead.
+`usable_cpus()` instead. An executor that reserved a share of a machine for the job (a Ray task's
+CPUs) says so in `JOB_CPUS_ENV`, which caps it too: Ray schedules as many jobs on a node as their
+reservations allow, and each one sizing itself to the whole node would run them all on every core.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ CGROUP_MOUNT = Path("/sys/fs/cgroup")
 # Worker processes of a stage (depth maps, matching): each holds its own photos and libraries (a
 # matching process peaked at 231 MB on the kitchen), and a NAS box must not run out of memory.
 MAX_WORKER_PROCESSES = 8
+# CPUs reserved for this job by its executor (or set by hand in the daemon's environment).
+JOB_CPUS_ENV = "SCANDROP_JOB_CPUS"
 
 
 def _v2_quota(folder: Path) -> float | None:
@@ -74,13 +78,23 @@ def cgroup_cpu_limit(proc_cgroup: Path = PROC_CGROUP, mount: Path = CGROUP_MOUNT
     return min(found) if found else None
 
 
+def reserved_cpus() -> float | None:
+    """The job's reservation from `JOB_CPUS_ENV`, when it holds a positive number."""
+    try:
+        value = float(os.environ.get(JOB_CPUS_ENV, ""))
+    except ValueError:
+        return None
+    return value if value > 0 else None
+
+
 def usable_cpus() -> int:
-    """CPUs this process may run on, at least 1. A fractional quota rounds up (1.5 CPUs: 2 workers
-    that the kernel slows to 75% each use all of it; one would leave a third unused)."""
+    """CPUs this process may run on, at least 1: its affinity mask, capped by its cgroup's quota and
+    by the job's reservation. A fractional limit rounds up (1.5 CPUs: 2 workers that the kernel
+    slows to 75% each use all of it; one would leave a third unused)."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    quota = cgroup_cpu_limit()
-    if quota is not None:
-        cpus = min(cpus, math.ceil(quota))
+    for limit in (cgroup_cpu_limit(), reserved_cpus()):
+        if limit is not None:
+            cpus = min(cpus, math.ceil(limit))
     return max(1, cpus)
 
 

@@ -123,6 +123,8 @@ def test_jobs_wait_for_an_unreachable_cluster_then_run_on_it_fanning_out_their_d
     # One big job across machines: its views' depth maps were computed on both nodes.
     out = Path(job["outbox"])
     report = json.loads((out / "report.json").read_text())
+    # The job sized its pools to the one CPU it reserved on its node, not to the machine's cores.
+    assert report["cpus"] == 1
     (depth,) = [s for s in report["stages"] if s["name"] == "depth"]
     nodes = depth["result"]["nodes"]
     assert len(nodes) == depth["result"]["views"] == 24

@@ -47,12 +47,29 @@ def test_no_cgroup_information_means_no_quota(tmp_path: Path) -> None:
     assert cpu_budget.cgroup_cpu_limit(tmp_path / "cgroup", tmp_path / "fs") is None
 
 
-@pytest.mark.parametrize(("quota", "expected"), [(None, 4), (1.5, 2), (0.2, 1), (16.0, 4)])
-def test_usable_cpus_is_affinity_capped_by_the_quota(
-    monkeypatch: pytest.MonkeyPatch, quota: float | None, expected: int
+@pytest.mark.parametrize(
+    ("quota", "reserved", "expected"),
+    [
+        (None, None, 4),
+        (1.5, None, 2),
+        (0.2, None, 1),
+        (16.0, None, 4),
+        (None, "1", 1),  # a Ray task that reserved one CPU of the node
+        (None, "2.5", 3),
+        (1.5, "3", 2),  # the stricter of quota and reservation
+        (None, "0", 4),  # not a reservation
+        (None, "many", 4),
+    ],
+)
+def test_usable_cpus_is_affinity_capped_by_the_quota_and_the_reservation(
+    monkeypatch: pytest.MonkeyPatch, quota: float | None, reserved: str | None, expected: int
 ) -> None:
     monkeypatch.setattr(cpu_budget.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
     monkeypatch.setattr(cpu_budget, "cgroup_cpu_limit", lambda: quota)
+    if reserved is None:
+        monkeypatch.delenv(cpu_budget.JOB_CPUS_ENV, raising=False)
+    else:
+        monkeypatch.setenv(cpu_budget.JOB_CPUS_ENV, reserved)
     assert cpu_budget.usable_cpus() == expected
 
 

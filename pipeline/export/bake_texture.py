@@ -51,6 +51,13 @@ from scandrop.pipeline.core.stage import Progress, StopCheck, check_stop
 _MAX_CANDIDATES = 6  # best photos kept per face before labelling
 _MIN_COS = 0.1  # faces seen more grazing than ~84 degrees are not textured from that photo
 _BORDER = 0.01  # share of the image size kept clear at the borders (lens distortion is worst there)
+# A photo that sees a face right beside a nearer surface's outline is a last resort for that face:
+# a pixel of error in the mesh or the pose there samples the occluder's colour (on the relief
+# sphere, 45% of the held-out pixels more than 60 grey levels off where the mesh was right had the
+# colour of a photo in which the true point is hidden).
+_EDGE_PX = 3  # visibility z-buffer pixels (about 5 photo pixels at 1600 px) searched around the face
+_EDGE_DEPTH = 0.01  # how much nearer (share of the face's depth) a surface must be to count
+_EDGE_PENALTY = 0.01  # factor on the quality (projected area) of that photo for that face
 _OUTLIER_RGB = 40.0  # a candidate this far (0..255, Euclidean) from the median colour is dropped
 _POTTS = 0.4  # cost of a neighbour textured from another photo, against a data cost in [0, 1]
 _ICM_ROUNDS = 6
@@ -214,6 +221,12 @@ def _candidates(
             (p[:, 1, 0] - p[:, 0, 0]) * (p[:, 2, 1] - p[:, 0, 1])
             - (p[:, 2, 0] - p[:, 0, 0]) * (p[:, 1, 1] - p[:, 0, 1])
         )
+        if _EDGE_PX > 0:
+            side = 2 * _EDGE_PX + 1
+            nearest = cv2.erode(
+                zb.depth.reshape(size[1], size[0]).astype(np.float32), np.ones((side, side), np.uint8)
+            ).ravel()
+            quality[nearest[cy[idx] * size[0] + cx[idx]] < cz[idx] * (1 - _EDGE_DEPTH)] *= _EDGE_PENALTY
         small = cv2.resize(_read_rgb(view.image), size, interpolation=cv2.INTER_AREA)
         small = cv2.GaussianBlur(small, (3, 3), 0)
         colour = small[cy[idx], cx[idx]].astype(np.float32)

@@ -158,3 +158,50 @@ def test_many_views_are_thinned_evenly_over_the_path() -> None:
     steps = np.diff(sorted(int(v.name) for v in kept))
     assert steps.max() <= 2 * steps.min() + 1  # evenly around the ring, not bunched
     assert bake_texture.spread_views(views[:5], 20) == views[:5]
+
+
+def test_a_photo_that_sees_a_face_beside_an_occluding_edge_is_a_last_resort(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A wall at z = 0 with a board in front of its left half (z = 0.5). Photo A, straight in front
+    and close, sees the wall just right of the board's edge largest, but 1-2 px from that edge; photo
+    B, farther and to the side, sees it 18 px from the board's outline. Away from the edge, A stays
+    the best photo."""
+    grid = np.linspace(-1.0, 1.0, 41)
+    gx, gy = np.meshgrid(grid, grid)
+    wall = np.stack([gx.ravel(), gy.ravel(), np.zeros(gx.size)], axis=1)
+    quads = np.array([(r * 41 + c, r * 41 + c + 1, (r + 1) * 41 + c) for r in range(40) for c in range(40)])
+    quads = np.concatenate(
+        [
+            quads,
+            np.array(
+                [
+                    (r * 41 + c + 1, (r + 1) * 41 + c + 1, (r + 1) * 41 + c)
+                    for r in range(40)
+                    for c in range(40)
+                ]
+            ),
+        ]
+    )
+    board = np.array([[-1.0, -1.0, 0.5], [0.0, -1.0, 0.5], [0.0, 1.0, 0.5], [-1.0, 1.0, 0.5]])
+    vertices = np.concatenate([wall, board])
+    faces = np.concatenate([quads, np.array([[0, 1, 2], [0, 2, 3]]) + len(wall)])
+    cv2.imwrite(str(tmp_path / "grey.png"), np.full((H, W, 3), 128, np.uint8))
+    camera = pycolmap.Camera(model="PINHOLE", width=W, height=H, params=[F, F, W / 2, H / 2], camera_id=1)
+
+    def view(name: str, centre: np.ndarray) -> bake_texture.View:
+        rot, t = look_at(centre)  # looks at the origin
+        return bake_texture.View(name, tmp_path / "grey.png", None, camera, rot, t)
+
+    views = [view("A", np.array([0.0, 0.0, 3.0])), view("B", np.array([2.0, 0.0, 4.0]))]
+    centroids = vertices[faces].mean(axis=1)
+    beside = int(np.argmin(np.linalg.norm(centroids - [0.015, 0.0, 0.0], axis=1)))  # 1-2 px from the edge
+    away = int(np.argmin(np.linalg.norm(centroids - [0.6, 0.0, 0.0], axis=1)))
+
+    def best(face: int) -> str:
+        view_index, quality, _ = bake_texture._candidates(vertices, faces, views, W, no_progress, never_stop)
+        return views[view_index[face, quality[face].argmax()]].name
+
+    assert best(beside) == "B" and best(away) == "A"
+    monkeypatch.setattr(bake_texture, "_EDGE_PX", 0)  # without the margin, the largest view wins
+    assert best(beside) == "A" and best(away) == "A"

@@ -64,6 +64,8 @@ _ICM_ROUNDS = 6
 _GAIN_PAIRS = 300_000  # most (face, photo, photo) samples the gain fit uses
 _GAIN_PRIOR = 0.05  # weight pulling per-photo log gains towards 0 (fixes the free global scale)
 _SEAM_SPREAD_ROUNDS = 30  # Jacobi rounds spreading seam corrections into each patch
+_SEAM_SMOOTH_ROUNDS = 30  # Jacobi rounds averaging seam corrections along each seam (see _smooth_along_seams)
+_SEAM_BLUR_PX = 3.0  # Gaussian sigma (photo pixels) of the colours compared at seam vertices
 _PAD_PX = 2  # photo pixels around each patch's rectangle
 _GAP = 1  # texels between packed rectangles
 _FILL = 0.8  # share of the atlas that shelf packing is expected to fill
@@ -311,6 +313,19 @@ def _photo_gains(view: np.ndarray, rgb: np.ndarray, n_views: int) -> np.ndarray:
     return gains
 
 
+def _smooth_along_seams(offset: np.ndarray, adjacency: scipy.sparse.csr_matrix, rounds: int) -> np.ndarray:
+    """Each seam corner's correction averaged with its neighbours along the seam (same photo), `rounds`
+    times: what two photos disagree on at one vertex is mostly misregistered detail, what they disagree
+    on along a whole seam is exposure."""
+    if rounds <= 0 or len(offset) == 0:
+        return offset
+    with_self = adjacency + scipy.sparse.identity(len(offset), format="csr")
+    degree = np.asarray(with_self.sum(axis=1)).ravel()[:, None]
+    for _ in range(rounds):
+        offset = (with_self @ offset) / degree
+    return offset
+
+
 def _seam_offsets(
     vertices: np.ndarray,
     faces: np.ndarray,
@@ -331,7 +346,7 @@ def _seam_offsets(
         if len(sel) == 0:
             continue
         check_stop(should_stop)
-        image = cv2.GaussianBlur(_read_rgb(view.image), (0, 0), 3.0)
+        image = cv2.GaussianBlur(_read_rgb(view.image), (0, 0), _SEAM_BLUR_PX)
         px, _ = view.project(vertices[keys[sel, 0]])
         colour[sel] = raster.sample_bilinear(image, px) * gains[i]
     textured = keys[:, 1] >= 0
@@ -352,6 +367,7 @@ def _seam_offsets(
         (np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(len(keys), len(keys))
     )
     degree = np.maximum(np.asarray(adj.sum(axis=1)).ravel(), 1.0)
+    offset[seam] = _smooth_along_seams(offset[seam], adj[seam][:, seam], _SEAM_SMOOTH_ROUNDS)
     free = ~seam & textured
     for _ in range(_SEAM_SPREAD_ROUNDS):
         spread = (adj @ offset) / degree[:, None]

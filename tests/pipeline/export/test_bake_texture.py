@@ -171,18 +171,10 @@ def test_a_photo_that_sees_a_face_beside_an_occluding_edge_is_a_last_resort(
     grid = np.linspace(-1.0, 1.0, 41)
     gx, gy = np.meshgrid(grid, grid)
     wall = np.stack([gx.ravel(), gy.ravel(), np.zeros(gx.size)], axis=1)
-    quads = np.array([(r * 41 + c, r * 41 + c + 1, (r + 1) * 41 + c) for r in range(40) for c in range(40)])
+    row, col = np.divmod(np.arange(40 * 40), 40)
+    corner = row * 41 + col  # each grid cell's lower-left vertex: two triangles per cell
     quads = np.concatenate(
-        [
-            quads,
-            np.array(
-                [
-                    (r * 41 + c + 1, (r + 1) * 41 + c + 1, (r + 1) * 41 + c)
-                    for r in range(40)
-                    for c in range(40)
-                ]
-            ),
-        ]
+        [np.stack([corner, corner + 1, corner + 41], 1), np.stack([corner + 1, corner + 42, corner + 41], 1)]
     )
     board = np.array([[-1.0, -1.0, 0.5], [0.0, -1.0, 0.5], [0.0, 1.0, 0.5], [-1.0, 1.0, 0.5]])
     vertices = np.concatenate([wall, board])

@@ -47,7 +47,7 @@ _OVERRIDES: dict[Preset, dict[str, dict[str, Any]]] = {
         "export": {"texture_size": 2048, "texture_jpeg_quality": 90},
         "ingest": {"max_image_size": 1024},
         "sparse": {"max_num_features": 2048, "small_set_features": 4096},
-        "depth": {"method": "sgbm", "partners": 3, "stereo_max_size": 320},
+        "depth": {"method": "sgbm", "partners": 3, "stereo_max_size": 320, "max_image_size": 1000},
         "fuse": {"neighbours": 6},
         # Refining a mesh of depth 7 from 320 px stereo against the photos would cost a job that
         # promised speed more than it gains there.
@@ -58,7 +58,7 @@ _OVERRIDES: dict[Preset, dict[str, dict[str, Any]]] = {
     Preset.balanced: {},
     Preset.quality: {
         "frames": {"max_frames": 240},
-        "export": {"texture_size": 8192},
+        "export": {"texture_size": 8192, "texture_jpeg_quality": 100},
         "ingest": {"max_image_size": 2400},
         "sparse": {"max_num_features": 8192},
         # PatchMatch on the full working resolution (the grid never exceeds the photo). A pixel

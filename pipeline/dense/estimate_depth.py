@@ -47,7 +47,9 @@ class DepthConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    max_image_size: int = Field(1000, ge=160, le=4000, description="Longest side of the depth grid (px).")
+    max_image_size: int = Field(
+        1280, ge=160, le=4000, description="Longest side of the depth grid (px; fast 1000, quality 4000)."
+    )
     partners: int = Field(4, ge=1, le=4, description="Stereo partners per view (more: fewer holes, slower).")
     min_angle_deg: float = Field(3.0, gt=0, lt=45, description="Smallest triangulation angle of a partner.")
     max_angle_deg: float = Field(40.0, gt=0, le=60, description="Largest triangulation angle of a partner.")

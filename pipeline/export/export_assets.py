@@ -61,7 +61,7 @@ class ExportConfig(BaseModel):
         description="Side of the square texture atlas, pixels (fast 2048, quality 8192).",
     )
     texture_jpeg_quality: int = Field(
-        95, ge=50, le=100, description="JPEG quality of the embedded atlas (4:4:4 colour; fast 90)."
+        98, ge=50, le=100, description="JPEG quality of the atlas (4:4:4 colour; fast 90, quality 100)."
     )
 
 
@@ -136,6 +136,7 @@ def textured_glb(mesh: bake_texture.TexturedMesh, normals: np.ndarray, jpeg_qual
     # detail is made of (relief sphere: held-out PSNR 26.5 -> 27.5 dB, model.glb 12.0 -> 12.8 MB).
     params = [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality]
     params += [cv2.IMWRITE_JPEG_SAMPLING_FACTOR, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444]
+    params += [cv2.IMWRITE_JPEG_OPTIMIZE, 1]  # optimal Huffman tables: the same pixels, 7-18% fewer bytes
     ok, jpeg = cv2.imencode(".jpg", cv2.cvtColor(mesh.atlas, cv2.COLOR_RGB2BGR), params)
     if not ok:
         raise ScandropError(ErrorCode.export_failed, "Could not encode the texture atlas.", "")

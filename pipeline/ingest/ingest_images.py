@@ -188,7 +188,9 @@ def run(
             if loaded.pristine:
                 shutil.copyfile(path, out)
             elif suffix == ".jpg":
-                Image.fromarray(loaded.rgb).save(out, quality=95, exif=loaded.exif)
+                # Full colour resolution (4:4:4): the texture atlas copies these pixels, and
+                # Pillow's default 4:2:0 halves their colour detail (see README, "Texture").
+                Image.fromarray(loaded.rgb).save(out, quality=95, subsampling=0, exif=loaded.exif)
             else:
                 Image.fromarray(loaded.rgb).save(out, compress_level=1)
             if mask is not None:

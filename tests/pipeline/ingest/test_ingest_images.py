@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageFilter
+from PIL import Image, ImageFilter, JpegImagePlugin
 
 from scandrop.pipeline.core.errors import ErrorCode, ScandropError
 from scandrop.pipeline.core.stage import never_stop, no_progress
@@ -87,7 +87,9 @@ def test_large_images_are_bounded(tmp_path: Path) -> None:
         ingest_images.IngestConfig(max_image_size=1000), src, ws, no_progress, never_stop
     )
     assert result.resized == 3
-    assert Image.open(ws.images_dir / "big_0.jpg").size == (1000, 750)
+    with Image.open(ws.images_dir / "big_0.jpg") as written:
+        assert written.size == (1000, 750)
+        assert JpegImagePlugin.get_sampling(written) == 0  # 4:4:4: the texture keeps the colour detail
 
 
 def test_fully_transparent_photo_is_rejected(tmp_path: Path) -> None:

@@ -65,13 +65,12 @@ _OVERRIDES: dict[Preset, dict[str, dict[str, Any]]] = {
         # counts its best 2 of 8 sources, as balanced: with the best 3, surfaces that only two
         # photos see well (an object's underside from the lower ring) lost their depth and the
         # relief sphere's mesh recall at 1% fell below balanced (0.975 vs 0.985; best 2: 0.985).
-        # Four levels leave more coarse mistakes to rescue than balanced's three (see
-        # patchmatch_cpu.rescue): two rescue sweeps. The geometric pass searches every pixel, not
-        # only those its sources' depth maps disagree with (see patchmatch_cpu.geometric_planes).
+        # Four levels, as balanced, over the full resolution leave more coarse mistakes to rescue
+        # (see patchmatch_cpu.rescue): two rescue sweeps. The geometric pass searches every pixel,
+        # not only those its sources' depth maps disagree with (see patchmatch_cpu.geometric_planes).
         "depth": {
             "max_image_size": 4000,
             "stereo_max_size": 1000,
-            "pm_levels": 4,
             "pm_sources": 8,
             "pm_best_k": 2,
             "pm_iterations_fine": 2,

@@ -87,7 +87,7 @@ class DepthConfig(BaseModel):
     pm_best_k: int = Field(
         2, ge=1, le=16, description="PatchMatch: a pixel's cost is the mean of its best k."
     )
-    pm_levels: int = Field(3, ge=1, le=5, description="PatchMatch: pyramid levels (each halves the size).")
+    pm_levels: int = Field(4, ge=1, le=5, description="PatchMatch: pyramid levels (each halves the size).")
     pm_iterations_coarse: int = Field(4, ge=1, le=12, description="PatchMatch: sweeps at the coarsest level.")
     pm_iterations_fine: int = Field(1, ge=1, le=12, description="PatchMatch: sweeps at each finer level.")
     pm_window_half: int = Field(2, ge=1, le=7, description="PatchMatch: window samples each side of a pixel.")

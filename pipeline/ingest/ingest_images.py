@@ -189,7 +189,7 @@ def run(
                 shutil.copyfile(path, out)
             elif suffix == ".jpg":
                 # Full colour resolution (4:4:4): the texture atlas copies these pixels, and
-                # Pillow's default 4:2:0 halves their colour detail (see README, "Texture").
+                # Pillow's default 4:2:0 halves their colour detail (see README, "How it works").
                 Image.fromarray(loaded.rgb).save(out, quality=95, subsampling=0, exif=loaded.exif)
             else:
                 Image.fromarray(loaded.rgb).save(out, compress_level=1)

@@ -200,14 +200,25 @@ def textured_glb(mesh: bake_texture.TexturedMesh, normals: np.ndarray, jpeg_qual
     return _glb_bytes(gltf, chunks)
 
 
-def _write_textured_glb(
-    config: ExportConfig, ws: Workspace, out: Path, progress: Progress, should_stop: StopCheck
+def registered_views(ws: Workspace) -> list[bake_texture.View]:
+    """The registered photos of the workspace's model: those the atlas may be baked from."""
+    if not (ws.sparse_dir / "images.bin").exists():
+        return []
+    return bake_texture.views_from_model(ws.sparse_dir, ws.images_dir, ws.masks_dir)
+
+
+def write_textured_glb(
+    config: ExportConfig,
+    ws: Workspace,
+    views: list[bake_texture.View],
+    out: Path,
+    progress: Progress,
+    should_stop: StopCheck,
 ) -> tuple[int, dict]:
-    """Bake the atlas and write model.glb; vertex colours (and why) where no photo is registered."""
-    views = []
-    if (ws.sparse_dir / "images.bin").exists():
-        views = bake_texture.views_from_model(ws.sparse_dir, ws.images_dir, ws.masks_dir)
-        views = bake_texture.spread_views(views, _MAX_TEXTURE_VIEWS)
+    """Bake the atlas from `views` and write model.glb; vertex colours (and why) where there are
+    none. The views are a parameter so that the benchmark can leave photos out and judge the
+    texture at them (bench.texture_held_out)."""
+    views = bake_texture.spread_views(views, _MAX_TEXTURE_VIEWS)
     if not views:
         return _write_glb(ws.mesh, out), {
             "texture": "vertex",
@@ -358,8 +369,13 @@ def run(
         if ws.mesh.exists():
             progress(0.1, "Writing model.glb")
             if config.texture == "atlas":
-                triangles, texture = _write_textured_glb(
-                    config, ws, out_dir / "model.glb", lambda f, m: progress(0.1 + 0.5 * f, m), should_stop
+                triangles, texture = write_textured_glb(
+                    config,
+                    ws,
+                    registered_views(ws),
+                    out_dir / "model.glb",
+                    lambda f, m: progress(0.1 + 0.5 * f, m),
+                    should_stop,
                 )
             else:
                 triangles = _write_glb(ws.mesh, out_dir / "model.glb")

@@ -57,11 +57,20 @@ def render(
     return image.reshape(height, width, 3), covered.reshape(height, width)
 
 
+def mse(rendered: np.ndarray, truth: np.ndarray, mask: np.ndarray) -> float:
+    """Mean squared error over the mask's pixels and channels (inf where the mask is empty)."""
+    diff = rendered[mask].astype(np.float64) - truth[mask].astype(np.float64)
+    return float(np.mean(diff**2)) if diff.size else math.inf
+
+
+def db(mean_squared: float) -> float:
+    """PSNR in dB of a mean squared error (8-bit peak)."""
+    return math.inf if mean_squared == 0 else 10.0 * math.log10(255.0**2 / mean_squared)
+
+
 def psnr(rendered: np.ndarray, truth: np.ndarray, mask: np.ndarray) -> float:
     """Peak signal-to-noise ratio in dB over the mask's pixels (8-bit peak)."""
-    diff = rendered[mask].astype(np.float64) - truth[mask].astype(np.float64)
-    mse = float(np.mean(diff**2)) if diff.size else math.inf
-    return math.inf if mse == 0 else 10.0 * math.log10(255.0**2 / mse)
+    return db(mse(rendered, truth, mask))
 
 
 def score_views(

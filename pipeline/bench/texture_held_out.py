@@ -9,7 +9,6 @@ novel-view geometry; a level to compare texture choices by, not an absolute scor
 
 from __future__ import annotations
 
-import math
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -61,20 +60,20 @@ def score(work: Path, config: export_assets.ExportConfig, n_held: int = 3) -> di
         glb = Path(tmp) / "model.glb"
         export_assets.write_textured_glb(config, ws, kept, glb, no_progress, never_stop)
         model = model_glb.load_model(glb)
-    squared, pixels, per_view = 0.0, 0, []
+    errors, counts = [], []
     for view in held:
         photo, k = pinhole_photo(view)
         h, w = photo.shape[:2]
         rendered, covered = appearance.render(model, k, view.rotation, view.translation, (w, h))
         covered[:_BORDER_PX] = covered[-_BORDER_PX:] = False
         covered[:, :_BORDER_PX] = covered[:, -_BORDER_PX:] = False
-        per_view.append(round(appearance.psnr(rendered, photo, covered), 3))
-        squared += float(((rendered[covered] - photo[covered]) ** 2).sum()) / 3.0
-        pixels += int(covered.sum())
-    db = 10.0 * math.log10(255.0**2 * pixels / squared) if squared else math.inf
+        errors.append(appearance.mse(rendered, photo, covered))
+        counts.append(int(covered.sum()))
+    pixels = sum(counts)
+    pooled = sum(e * n for e, n in zip(errors, counts, strict=True)) / pixels if pixels else 0.0
     return {
-        "texture_held_out_db": round(db, 3),
-        "texture_held_out_per_view_db": per_view,
+        "texture_held_out_db": round(appearance.db(pooled), 3),
+        "texture_held_out_per_view_db": [round(appearance.db(e), 3) for e in errors],
         "texture_held_out_photos": [v.name for v in held],
         "texture_held_out_pixels": pixels,
     }

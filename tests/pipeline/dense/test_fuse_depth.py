@@ -118,3 +118,50 @@ def test_fusion_fails_on_empty_depth(tmp_path: Path, scene: SyntheticScene) -> N
         fuse_depth.run(fuse_depth.FuseConfig(), ws, no_progress, never_stop)
     assert err.value.code == ErrorCode.dense_failed
     assert not ws.fused.exists()
+
+
+def _three_views_of_a_plane(third_depth: float, third_width: int = 8) -> fuse_depth._DepthMaps:
+    """Views 0, 1, 2 side by side (centres x = 0, 0.25, -0.25) over the plane z = 2, 8x8 pixels:
+    views 0 and 1 see the plane (rays meet at 7.1 degrees); the third has `third_depth` everywhere
+    on a grid `third_width` wide. Pixel column u of view 0 is column u - 1 in view 1, u + 1 in the
+    third."""
+    h, w = 8, 8
+    K = np.array([[8.0, 0.0, 3.5], [0.0, 8.0, 3.5], [0.0, 0.0, 1.0]])
+    depth = np.full((3, h, w), 2.0, np.float32)
+    depth[2] = 0.0
+    depth[2, :, :third_width] = third_depth
+    normals = np.zeros((3, h, w, 3), np.float32)
+    normals[..., 2] = -1.0
+    return fuse_depth._DepthMaps(
+        depth=depth,
+        sizes=np.array([[h, w], [h, w], [h, third_width]], np.int64),
+        normals=normals,
+        rgb=np.zeros((3, h, w, 3), np.uint8),
+        K=np.stack([K, K, K]),
+        R=np.stack([np.eye(3)] * 3),
+        t=np.array([[0.0, 0.0, 0.0], [-0.25, 0.0, 0.0], [0.25, 0.0, 0.0]]),
+        used=np.zeros((3, h, w), bool),
+    )
+
+
+@pytest.mark.parametrize(
+    ("third_depth", "third_width", "angle", "columns"),
+    [
+        (0.0, 8, 5.0, [7]),  # the third photo has the spot and found nothing there: only u = 7,
+        (3.0, 8, 5.0, [7]),  # or a surface behind it: contradicted (u = 7 is outside the third)
+        (1.0, 8, 5.0, [1, 2, 3, 4, 5, 6, 7]),  # something nearer hides it: kept (u = 0 has no witness)
+        (0.0, 6, 5.0, [5, 6, 7]),  # outside the third photo's own grid (padded to 8 on the stack)
+        (1.0, 8, 10.0, []),  # the rays meet at 7.1 degrees, narrower than asked
+        (1.0, 8, None, []),  # the rule off: two other views must agree
+    ],
+)
+def test_one_witness_is_kept_only_when_no_other_view_contradicts_it(
+    third_depth: float, third_width: int, angle: float | None, columns: list[int]
+) -> None:
+    maps = _three_views_of_a_plane(third_depth, third_width)
+    config = fuse_depth.FuseConfig(sole_witness_angle_deg=angle)
+    points, _, _ = fuse_depth._fuse_view(maps, 0, np.array([1, 2], np.int64), config)
+    u = np.rint(points[:, 0] / 2.0 * 8.0 + 3.5).astype(int)
+    assert sorted(set(u.tolist())) == columns
+    assert len(points) == 8 * len(columns)
+    np.testing.assert_allclose(points[:, 2], 2.0, atol=1e-6)

@@ -198,7 +198,7 @@ def _agree(
                 np.sqrt((ax * ax + ay * ay + az * az) * (bx * bx + by * by + bz * bz)), 1e-300
             )
             f = dj / z
-            px, py, pz = ox + (wx - ox) * f, oy + (wy - oy) * f, oz + (wz - oz) * f
+            px, py, pz = ox + ax * f, oy + ay * f, oz + az * f
             ds += Rr[2, 0] * px + Rr[2, 1] * py + Rr[2, 2] * pz + tr[2]
             sx += mx
             sy += my

@@ -169,10 +169,13 @@ def _write(
     return offsets
 
 
-def verify(database: Path, pairs: list[tuple[str, str]], pairs_file: Path, seed: int) -> None:
+def verify(
+    database: Path, pairs: list[tuple[str, str]], pairs_file: Path, seed: int, thorough: bool = False
+) -> None:
     """COLMAP's geometric verification of the merged matches of `pairs` (the SIFT path's own step)."""
     pairs_file.write_text("".join(f"{a} {b}\n" for a, b in pairs))
-    pycolmap.verify_matches(database, pairs_file, options=parallel_matching.verification_options(seed))
+    options = parallel_matching.verification_options(seed, thorough)
+    pycolmap.verify_matches(database, pairs_file, options=options)
 
 
 def tie_points_by_matcher(rec: pycolmap.Reconstruction, offsets: dict[str, int]) -> dict[str, dict[str, int]]:

@@ -55,7 +55,10 @@ class SparseConfig(BaseModel):
         3072, ge=256, description="SIFT features per image; exhaustive matching cost grows with it."
     )
     small_set_max_images: int = Field(
-        12, ge=0, description="Sets this small match few pairs: they get small_set_features instead."
+        12,
+        ge=0,
+        description="Sets this small match few pairs: they get small_set_features instead, and a longer"
+        " RANSAC in verification (parallel_matching.verification_options).",
     )
     small_set_features: int = Field(8192, ge=256, description="SIFT features per image for small sets.")
     matching: Matching = Field(Matching.auto, description="Pairing strategy; auto picks by input.")
@@ -284,6 +287,7 @@ def _match(
     pairs_file = ws.root / "match_pairs.txt"
     pairs_file.write_text("".join(f"{a} {b}\n" for a, b in pairs))
     parts = parallel_matching.processes_for(len(pairs), config.match_workers) if config.device == "cpu" else 1
+    thorough = num_images <= config.small_set_max_images
     if parts > 1:
         progress(0.0, f"matching ({strategy.value}): {len(pairs)} pairs in {parts} processes")
         parallel_matching.match(
@@ -299,6 +303,7 @@ def _match(
             ),
             should_stop,
             HEARTBEAT_SECONDS,
+            thorough,
         )
         return
     blocks = max(1, math.ceil(len(pairs) / MATCH_BLOCK_PAIRS))
@@ -323,7 +328,7 @@ def _match(
                 ws.database,
                 matching_options=matching_options(config),
                 pairing_options=parallel_matching.pairing_options(pairs_file, MATCH_BLOCK_PAIRS),
-                verification_options=parallel_matching.verification_options(config.seed),
+                verification_options=parallel_matching.verification_options(config.seed, thorough),
                 device=pycolmap.Device(config.device),
                 cancellation_token=token,
             ),
@@ -470,7 +475,8 @@ def _with_learned(
     )
     t0 = time.perf_counter()
     if pairs:
-        learned_matching.verify(ws.database, pairs, ws.root / "learned_pairs.txt", config.seed)
+        thorough = len(names) <= config.small_set_max_images
+        learned_matching.verify(ws.database, pairs, ws.root / "learned_pairs.txt", config.seed, thorough)
     stats.seconds["verify"] = round(time.perf_counter() - t0, 3)
     return {"used": True, "why": why, "device": config.learned_device, **stats.model_dump()}
 

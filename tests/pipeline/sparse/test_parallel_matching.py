@@ -51,6 +51,7 @@ def _match(
     parts: int,
     ticks: list[int] | None = None,
     should_stop: StopCheck = never_stop,
+    thorough: bool = False,
 ) -> Path:
     """Match every pair in `parts` processes (seed 7, blocks of 10 pairs) into a copy of the database."""
     source, pairs = features
@@ -58,7 +59,7 @@ def _match(
     database = folder / "database.db"
     shutil.copy(source, database)
     heard = [] if ticks is None else ticks
-    parallel_matching.match(database, pairs, parts, 7, 10, folder, heard.append, should_stop, 0.0)
+    parallel_matching.match(database, pairs, parts, 7, 10, folder, heard.append, should_stop, 0.0, thorough)
     return database
 
 
@@ -124,3 +125,36 @@ def test_a_failed_matching_process_fails_the_job_with_a_reason(
         _match(features, tmp_path / "failed", 2)
     assert caught.value.code == ErrorCode.worker_crashed
     assert "matching process" in caught.value.message and "failed (1)" in caught.value.message
+
+
+def test_a_thorough_verification_reaches_the_matching_processes(
+    features: tuple[Path, list[tuple[str, str]]], tmp_path: Path
+) -> None:
+    """Small sets verify with a longer RANSAC. A matching process is told so on its command line,
+    and writes what one in-process pass with those options writes (on this clean rendered orbit
+    the default verification happens to find the same geometries)."""
+    argv = parallel_matching.child_argv(Path("a.db"), Path("pairs.txt"), 7, 10, True)
+    assert parallel_matching.read_child_argv(argv) == ("a.db", "pairs.txt", 7, 10, True)
+    plain = parallel_matching.child_argv(Path("a.db"), Path("pairs.txt"), 3, 5, False)
+    assert parallel_matching.read_child_argv(plain) == ("a.db", "pairs.txt", 3, 5, False)
+    options = parallel_matching.verification_options(7, thorough=True).ransac
+    default = pycolmap.TwoViewGeometryOptions().ransac
+    assert options.random_seed == 7
+    assert options.confidence > default.confidence and options.min_num_trials > default.min_num_trials
+    assert parallel_matching.verification_options(7).ransac.confidence == default.confidence
+
+    source, pairs = features
+    thorough = _tables(_match(features, tmp_path / "thorough", 2, thorough=True))
+    in_process = tmp_path / "in_process"
+    in_process.mkdir()
+    shutil.copy(source, in_process / "database.db")
+    listed = in_process / "pairs.txt"
+    listed.write_text("".join(f"{a} {b}\n" for a, b in pairs))
+    pycolmap.match_image_pairs(
+        in_process / "database.db",
+        matching_options=parallel_matching.matching_options("cpu"),
+        pairing_options=parallel_matching.pairing_options(listed, 10),
+        verification_options=parallel_matching.verification_options(7, thorough=True),
+        device=pycolmap.Device.cpu,
+    )
+    assert thorough == _tables(in_process / "database.db")

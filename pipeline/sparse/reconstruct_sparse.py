@@ -133,9 +133,14 @@ class SparseResult(BaseModel):
     )
 
 
+def small_set(config: SparseConfig, num_images: int) -> bool:
+    """Few pairs to match: more features and a longer verification buy accuracy cheaply."""
+    return num_images <= config.small_set_max_images
+
+
 def features_per_image(config: SparseConfig, num_images: int) -> int:
     """More features where there are few pairs to match: accuracy for small sets, speed for larger."""
-    if num_images <= config.small_set_max_images:
+    if small_set(config, num_images):
         return max(config.max_num_features, config.small_set_features)
     return config.max_num_features
 
@@ -287,7 +292,7 @@ def _match(
     pairs_file = ws.root / "match_pairs.txt"
     pairs_file.write_text("".join(f"{a} {b}\n" for a, b in pairs))
     parts = parallel_matching.processes_for(len(pairs), config.match_workers) if config.device == "cpu" else 1
-    thorough = num_images <= config.small_set_max_images
+    thorough = small_set(config, num_images)
     if parts > 1:
         progress(0.0, f"matching ({strategy.value}): {len(pairs)} pairs in {parts} processes")
         parallel_matching.match(
@@ -475,7 +480,7 @@ def _with_learned(
     )
     t0 = time.perf_counter()
     if pairs:
-        thorough = len(names) <= config.small_set_max_images
+        thorough = small_set(config, len(names))
         learned_matching.verify(ws.database, pairs, ws.root / "learned_pairs.txt", config.seed, thorough)
     stats.seconds["verify"] = round(time.perf_counter() - t0, 3)
     return {"used": True, "why": why, "device": config.learned_device, **stats.model_dump()}

@@ -103,6 +103,17 @@ class DepthConfig(BaseModel):
     pm_max_cost: float = Field(
         0.5, gt=0, le=2, description="PatchMatch: drop pixels whose best sources' mean 1 - NCC is above."
     )
+    few_views: int = Field(
+        12, ge=0, description="PatchMatch: sets of at most this many photos keep depth to pm_max_cost_few."
+    )
+    pm_max_cost_few: float = Field(
+        0.7,
+        gt=0,
+        le=2,
+        description="PatchMatch: the cost bar of the depth written for few photos, which see each"
+        " surface from far apart (a true match's NCC is lower there; fusion's cross-check keeps the"
+        " precision). The search keeps pm_max_cost.",
+    )
     pm_geometric_sweeps: int = Field(
         1,
         ge=0,
@@ -138,6 +149,7 @@ class DepthResult(BaseModel):
         default_factory=list,
         description="Views whose sources all lie beyond max_angle_deg (see lone_max_angle_deg).",
     )
+    max_cost: float | None = Field(None, description="PatchMatch: the cost bar of the depth written.")
 
 
 @dataclass(frozen=True)

@@ -323,3 +323,26 @@ def test_the_geometric_pass_makes_depth_maps_agree_and_more_precise(
     assert results["every pixel"][1] > results["photometric"][1] + 0.02
     assert results["disagreeing"][0] < 1.05 * results["photometric"][0]
     assert results["every pixel"][0] < 0.85 * results["photometric"][0]
+
+
+def test_few_photos_write_depth_to_a_looser_cost_bar(tmp_path: Path, scene: synthetic.SyntheticScene) -> None:
+    """Sets of at most few_views photos write depth up to pm_max_cost_few (see kept_cost). The
+    photometric search is the same (its rescue keeps pm_max_cost), so they keep every pixel the
+    usual bar keeps, with the same depth, and more. (The geometric pass then reads those maps.)"""
+    config = DepthConfig(pm_levels=2, pm_sources=4, pm_geometric_sweeps=0)
+    assert patchmatch_cpu.kept_cost(config, 12) == config.pm_max_cost_few == 0.7
+    assert patchmatch_cpu.kept_cost(config, 13) == config.pm_max_cost == 0.5
+    runs = {}
+    for few_views in (len(VIEWS), len(VIEWS) - 1):
+        ws = Workspace(tmp_path / str(few_views)).create()
+        workspace_from_scene(scene, ws)
+        result = patchmatch_cpu.run(config.model_copy(update={"few_views": few_views}), ws, lambda f, m: None,
+                                    lambda: False)  # fmt: skip
+        runs[result.max_cost] = {
+            v.name: np.load(ws.depth_dir / f"{v.name}.npz")["depth"] for v in load_views(ws.sparse_dir, 64)
+        }
+    assert set(runs) == {0.7, 0.5}
+    for name, usual in runs[0.5].items():
+        looser = runs[0.7][name]
+        assert np.array_equal(looser[usual > 0], usual[usual > 0])
+        assert (looser > 0).sum() > (usual > 0).sum()

@@ -336,8 +336,8 @@ def test_few_photos_write_depth_to_a_looser_cost_bar(tmp_path: Path, scene: synt
     for few_views in (len(VIEWS), len(VIEWS) - 1):
         ws = Workspace(tmp_path / str(few_views)).create()
         workspace_from_scene(scene, ws)
-        result = patchmatch_cpu.run(config.model_copy(update={"few_views": few_views}), ws, lambda f, m: None,
-                                    lambda: False)  # fmt: skip
+        limited = config.model_copy(update={"few_views": few_views})
+        result = patchmatch_cpu.run(limited, ws, lambda f, m: None, lambda: False)
         runs[result.max_cost] = {
             v.name: np.load(ws.depth_dir / f"{v.name}.npz")["depth"] for v in load_views(ws.sparse_dir, 64)
         }

@@ -33,16 +33,60 @@ from numba import njit, prange
 
 INVALID_COST = 2.0  # cost of a source the window does not land in (worst possible 1 - NCC)
 SKIPPED = 3.0  # a source left out of a pixel's selection: sorts after every evaluated one
+# numba splits a prange into one contiguous block of slots per thread. A photo's work is not spread
+# evenly over its rows (sky and plain walls are skipped, and a rescue or geometric sweep searches
+# only some pixels), so one thread often waited for the other. The kernels walk the rows through
+# `spread_row`: the image is cut into bands of rows and each band into pieces of about ROW_PIECE
+# rows, and the slots take the bands' first pieces in turn, then their second pieces, and so on, so
+# that every contiguous block of slots (a thread's) takes its share of every band.
+ROW_PIECE = 16
+ROW_BANDS = 8
 
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, inline="always")
+def _row_layout(h: int) -> tuple[int, int, int]:
+    """(bands, pieces per band, slots per piece) of h rows; a band has at least 4 pieces."""
+    bands = max(1, min(ROW_BANDS, h // (4 * ROW_PIECE)))
+    per_band = max(1, _ceil_div(h, bands * ROW_PIECE))
+    return bands, per_band, _ceil_div(_ceil_div(h, bands), per_band)
+
+
+@njit(cache=True, inline="always")
+def _ceil_div(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+@njit(cache=True, inline="always")
+def row_slots(h: int) -> int:
+    """The prange length that `spread_row` maps onto h rows."""
+    bands, per_band, slots = _row_layout(h)
+    return bands * per_band * slots
+
+
+@njit(cache=True, inline="always")
+def spread_row(i: int, h: int) -> int:
+    """Row of prange slot i, or -1 (a slot of a shorter piece)."""
+    bands, per_band, slots = _row_layout(h)
+    q = i // slots
+    band = q % bands
+    piece = q // bands
+    start = band * h // bands
+    size = (band + 1) * h // bands - start
+    row = start + piece * size // per_band + i % slots
+    return row if row < start + (piece + 1) * size // per_band else -1
+
+
+@njit(cache=True, fastmath=True, parallel=True, nogil=True)
 def ref_window_stats(ref: np.ndarray, half: int, step: int) -> tuple[np.ndarray, np.ndarray]:
     """Mean and standard deviation of each pixel's sampled matching window in the reference."""
     h, w = ref.shape
     mean = np.zeros((h, w), np.float32)
     std = np.zeros((h, w), np.float32)
     span = half * step
-    for v in prange(span, h - span):
+    for i in prange(row_slots(h)):
+        v = spread_row(i, h)
+        if v < span or v >= h - span:  # -1 included
+            continue
         for u in range(span, w - span):
             mean[v, u], std[v, u] = window_stats(ref, u, v, half, step)
     return mean, std
@@ -180,7 +224,10 @@ def agreeing_sources(
     `within` pixels (the forward-backward error of `_reprojection_error`)."""
     h, w = depth.shape
     count = np.zeros((h, w), np.uint8)
-    for v in prange(h):
+    for i in prange(row_slots(h)):
+        v = spread_row(i, h)
+        if v < 0:
+            continue
         for u in range(w):
             d = depth[v, u]
             if d <= 0:
@@ -351,7 +398,10 @@ def initialise(
     every_source = (1 << n_src) - 1
     inv_lo = 1.0 / dmax
     inv_hi = 1.0 / dmin
-    for v in prange(h):
+    for i in prange(row_slots(h)):
+        v = spread_row(i, h)
+        if v < 0:
+            continue
         costs = np.empty(n_src)
         for u in range(w):
             selection[v, u] = every_source
@@ -418,7 +468,10 @@ def sweep(
         [[0, -1], [0, 1], [-1, 0], [1, 0], [0, -far], [0, far], [-far, 0], [far, 0]], dtype=np.int64
     )
     n_off = 8 if far > 1 else 4
-    for v in prange(h):
+    for i in prange(row_slots(h)):
+        v = spread_row(i, h)
+        if v < 0:
+            continue
         costs = np.empty(n_src)
         tried = np.empty((n_off + 1, 4))  # planes already scored at this pixel: nx, ny, nz, c
         for u in range((v + colour) % 2, w, 2):
@@ -526,7 +579,10 @@ def upsample_planes(
     out_n = np.zeros((h, w, 3), np.float32)
     sy = hc / h
     sx = wc / w
-    for v in prange(h):
+    for i in prange(row_slots(h)):
+        v = spread_row(i, h)
+        if v < 0:
+            continue
         for u in range(w):
             cv_ = min(hc - 1, int((v + 0.5) * sy))
             cu = min(wc - 1, int((u + 0.5) * sx))

@@ -106,6 +106,29 @@ def test_a_run_is_repeatable_on_any_number_of_threads(scene: synthetic.Synthetic
     assert not np.array_equal(one.depth, other_seed.depth)  # the seed is what they depend on
 
 
+@numba.njit
+def _rows_in_slot_order(h: int) -> np.ndarray:
+    rows = np.full(kernel.row_slots(h), -1, np.int64)
+    for i in range(len(rows)):
+        rows[i] = kernel.spread_row(i, h)
+    return rows
+
+
+@pytest.mark.parametrize("h", [1, 7, 64, 65, 130, 260, 520, 599, 1063, 1200, 2401])
+def test_the_kernels_rows_are_dealt_so_that_each_thread_gets_every_band(h: int) -> None:
+    """Each row once; and whichever half of the slots a thread gets (numba gives each thread one
+    contiguous block), it holds about half of every eighth of the image (sky at the top of a photo
+    left one of two threads idle for a quarter of a view's time)."""
+    rows = _rows_in_slot_order(h)
+    assert np.array_equal(np.sort(rows[rows >= 0]), np.arange(h))
+    assert len(rows) <= 1.1 * h + kernel.ROW_PIECE
+    if h >= 8 * 4 * kernel.ROW_PIECE:  # eight bands of at least four pieces
+        first = rows[: len(rows) // 2]
+        first = first[first >= 0]
+        share = np.bincount(first * 8 // h, minlength=8) / np.bincount(np.arange(h) * 8 // h)
+        assert np.all(np.abs(share - 0.5) < 0.15), share
+
+
 def test_two_sources_a_pixel_needs_only_one(scene: synthetic.SyntheticScene) -> None:
     """A view with two sources (each view of a 3-photo set): where one source does not see the
     surface, the other's match must be enough (fusion cross-checks it later), as it was not when a

@@ -44,16 +44,17 @@ ROW_BANDS = 8
 
 
 @njit(cache=True, inline="always")
-def _row_layout(h: int) -> tuple[int, int, int]:
-    """(bands, pieces per band, slots per piece) of h rows; a band has at least 4 pieces."""
-    bands = max(1, min(ROW_BANDS, h // (4 * ROW_PIECE)))
-    per_band = max(1, _ceil_div(h, bands * ROW_PIECE))
-    return bands, per_band, _ceil_div(_ceil_div(h, bands), per_band)
+def _ceil_div(a: int, b: int) -> int:
+    return (a + b - 1) // b
 
 
 @njit(cache=True, inline="always")
-def _ceil_div(a: int, b: int) -> int:
-    return (a + b - 1) // b
+def _row_layout(h: int) -> tuple[int, int, int]:
+    """(bands, pieces per band, slots per piece) of h rows: as many bands (up to ROW_BANDS) as
+    hold 4 pieces each; an image of fewer than 4 pieces' rows is one band."""
+    bands = max(1, min(ROW_BANDS, h // (4 * ROW_PIECE)))
+    per_band = max(1, _ceil_div(h, bands * ROW_PIECE))
+    return bands, per_band, _ceil_div(_ceil_div(h, bands), per_band)
 
 
 @njit(cache=True, inline="always")

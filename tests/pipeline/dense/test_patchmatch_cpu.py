@@ -126,7 +126,7 @@ def test_the_kernels_rows_are_dealt_so_that_each_thread_gets_every_band(h: int) 
         first = rows[: len(rows) // 2]
         first = first[first >= 0]
         share = np.bincount(first * 8 // h, minlength=8) / np.bincount(np.arange(h) * 8 // h)
-        assert np.all(np.abs(share - 0.5) < 0.15), share
+        assert np.all(np.abs(share - 0.5) < 0.125), share  # 0.121 at most for 512-4000 rows
 
 
 def test_two_sources_a_pixel_needs_only_one(scene: synthetic.SyntheticScene) -> None:

@@ -38,7 +38,7 @@ from scandrop.pipeline.core.stage import Progress, StopCheck, atomic_path, check
 from scandrop.pipeline.core.workspace import Workspace
 from scandrop.pipeline.dense.dense_views import DenseView, stereo_views
 from scandrop.pipeline.dense.pair_stereo import SgbmParams, pair_depth
-from scandrop.pipeline.dense.view_map import ViewMapper, ViewWork
+from scandrop.pipeline.dense.view_map import LocalRun, ViewMapper, ViewWork
 from scandrop.pipeline.dense.view_selection import stereo_partners
 
 
@@ -392,11 +392,15 @@ def run_views(
     progress: Progress,
     should_stop: StopCheck,
     map_views: ViewMapper | None,
+    local: LocalRun | None = None,
 ) -> tuple[list[float], dict[str, str]]:
     """The views' valid shares and where each ran: through `map_views` when there is one and the job
-    has at least its `min_views` views, else here (run_tasks; no placement to report)."""
+    has at least its `min_views` views, else here (`local`, by default run_tasks; no placement to
+    report)."""
     progress(0.0, f"depth 0/{len(tasks)}: views and their sources chosen")
     if map_views is None or len(tasks) < map_views.min_views:
+        if local is not None:
+            return local(tasks, progress, should_stop), {}
         return run_tasks(work, tasks, workers, progress, should_stop), {}
     done = map_views.map(work, tasks, progress, should_stop)
     return [d.valid_fraction for d in done], {d.name: d.node for d in done}

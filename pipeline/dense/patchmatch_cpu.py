@@ -22,6 +22,7 @@ import shutil
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -373,38 +374,100 @@ def grey_on_grid(
     return grey
 
 
-def depth_for_view(task: DepthTask) -> tuple[str, float]:
-    """PatchMatch depth of one view, written to task.out_path. Returns (name, valid share)."""
-    cfg = task.config
+@dataclass(frozen=True)
+class ViewInputs:
+    """What one view's kernels read from disk: its depth range, photo, undistortion maps, the grey
+    photos, and in the geometric pass the first pass's planes of the view and its sources."""
+
+    bounds: tuple[float, float]
+    photo: np.ndarray
+    maps: tuple[np.ndarray, np.ndarray]
+    images: ViewImages
+    priors: list[tuple[np.ndarray, np.ndarray, np.ndarray]] | None
+
+
+def read_view(task: DepthTask) -> ViewInputs | None:
+    """The view's inputs; None when too few sparse points bound its search (no depth map then)."""
     ref = task.ref
     bounds = depth_range(ref)
-    if bounds is None:  # too few sparse points to bound the search: no depth map for this view
-        return ref.name, 0.0
-    dmin, dmax = bounds
-    ref_photo = read_photo(task.image_dir / ref.name)
+    if bounds is None:
+        return None
+    photo = read_photo(task.image_dir / ref.name)
     maps = ref.grid_map()
-    ref_gray = grey_on_grid(ref, task.image_dir, ref_photo, maps)
+    ref_gray = grey_on_grid(ref, task.image_dir, photo, maps)
     src_grays = [grey_on_grid(src, task.image_dir) for src in task.sources]
     rel = [relative_pose(ref, src) for src in task.sources]
     images = ViewImages(ref_gray, ref.K, src_grays, [src.K for src in task.sources], rel)
-    if task.prior_dir is None:
-        planes = patchmatch_planes(images, dmin, dmax, cfg)
-    else:
-        own, *src_priors = [_prior(task.prior_dir / name, g.shape) for name, g in
-                            zip(task.prior_names, [ref_gray, *src_grays], strict=True)]  # fmt: skip
-        planes = geometric_planes(images, dmin, dmax, cfg, own, [p[0] for p in src_priors])
+    priors = None
+    if task.prior_dir is not None:
+        priors = [_prior(task.prior_dir / name, g.shape) for name, g in
+                  zip(task.prior_names, [ref_gray, *src_grays], strict=True)]  # fmt: skip
+    return ViewInputs(bounds, photo, maps, images, priors)
+
+
+def view_planes(task: DepthTask, inputs: ViewInputs) -> PlaneMaps:
+    """The view's planes: the photometric pass, or the geometric one where the task has priors."""
+    dmin, dmax = inputs.bounds
+    if inputs.priors is None:
+        return patchmatch_planes(inputs.images, dmin, dmax, task.config)
+    own, *sources = inputs.priors
+    return geometric_planes(inputs.images, dmin, dmax, task.config, own, [p[0] for p in sources])
+
+
+def write_view(task: DepthTask, inputs: ViewInputs | None, planes: PlaneMaps | None) -> tuple[str, float]:
+    """The view's depth file from its planes, to task.out_path. Returns (name, valid share)."""
+    ref = task.ref
+    if inputs is None or planes is None:
+        return ref.name, 0.0
+    dmin, dmax = inputs.bounds
     depth = planes.depth.copy()
     depth[(planes.cost > task.max_cost) | (depth < dmin) | (depth > dmax)] = 0.0
-    mask = read_grid_mask(ref, task.mask_path, maps)
+    mask = read_grid_mask(ref, task.mask_path, inputs.maps)
     if mask is not None:
         depth[~mask] = 0.0
     normals = planes.normal.copy()
-    depth = view_normal_filter(depth, normals, ref, cfg.max_grazing_deg)
+    depth = view_normal_filter(depth, normals, ref, task.config.max_grazing_deg)
     normals[depth <= 0] = 0.0
     conf = np.where(depth > 0, 1.0 - planes.cost, 0.0).astype(np.float32)
-    rgb = cv2.cvtColor(ref.undistort(ref_photo, maps=maps), cv2.COLOR_BGR2RGB)
+    rgb = cv2.cvtColor(ref.undistort(inputs.photo, maps=inputs.maps), cv2.COLOR_BGR2RGB)
     write_depth_file(task.out_path, ref, depth, normals, conf, rgb, mask)
     return ref.name, float(np.mean(depth > 0))
+
+
+def depth_for_view(task: DepthTask) -> tuple[str, float]:
+    """PatchMatch depth of one view, written to task.out_path. Returns (name, valid share)."""
+    inputs = read_view(task)
+    return write_view(task, inputs, view_planes(task, inputs) if inputs is not None else None)
+
+
+def run_overlapped(tasks: list[DepthTask], progress: Progress, should_stop: StopCheck) -> list[float]:
+    """The views one after another, each on all cores, while a helper thread reads the next view
+    and writes the last one: the kernels release the GIL, and reading, undistorting and writing
+    were a tenth of the kitchen's depth stage, with a core idle. Same files as depth_for_view."""
+    shares: list[float] = []
+    if not tasks:
+        return shares
+    with ThreadPoolExecutor(1, thread_name_prefix="depth-io") as helper:
+        ahead = helper.submit(read_view, tasks[0])
+        writing: Future | None = None
+        for k, task in enumerate(tasks):
+            check_stop(should_stop)
+            inputs = ahead.result()
+            if k + 1 < len(tasks):
+                ahead = helper.submit(read_view, tasks[k + 1])
+            planes = view_planes(task, inputs) if inputs is not None else None
+            if writing is not None:
+                shares.append(_written(writing, len(shares), len(tasks), progress))
+            writing = helper.submit(write_view, task, inputs, planes)
+        if writing is not None:
+            shares.append(_written(writing, len(shares), len(tasks), progress))
+    return shares
+
+
+def _written(writing: Future, done: int, total: int, progress: Progress) -> float:
+    name, share = writing.result()
+    progress((done + 1) / total, f"depth {done + 1}/{total}: {name}")
+    return share
 
 
 def _prior(path: Path, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -486,7 +549,7 @@ def run(
         tasks = [replace(t, out_path=prior_dir / t.out_path.name) for t in tasks]
     share = PHOTOMETRIC_SHARE if geometric else 1.0
     fractions, nodes = run_views(
-        depth_for_view, tasks, 1, lambda f, m: progress(share * f, m), should_stop, map_views
+        depth_for_view, tasks, 1, lambda f, m: progress(share * f, m), should_stop, map_views, run_overlapped
     )
     if geometric:
         tasks = [replace(t, out_path=ws.depth_dir / t.out_path.name, prior_dir=prior_dir) for t in tasks]
@@ -497,6 +560,7 @@ def run(
             lambda f, m: progress(share + (1 - share) * f, f"consistency {m}"),
             should_stop,
             map_views,
+            run_overlapped,
         )
         shutil.rmtree(prior_dir)
     if float(np.mean(fractions)) < 1e-3:

@@ -16,6 +16,8 @@ from typing import Any, Protocol
 from scandrop.pipeline.core.stage import Progress, StopCheck
 
 ViewWork = Callable[[Any], tuple[str, float]]  # task -> (view name, valid share); writes task.out_path
+# tasks -> their valid shares in order, on this host: a stage's own way of running its tasks here
+LocalRun = Callable[[list[Any], Progress, StopCheck], list[float]]
 
 
 @dataclass(frozen=True)

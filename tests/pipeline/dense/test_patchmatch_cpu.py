@@ -4,6 +4,7 @@ whose source views differ in exposure, and the per-view task writing the stage's
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -223,6 +224,28 @@ def test_depth_for_view_writes_the_stage_file(tmp_path: Path, scene: synthetic.S
     truth = _true_depth(scene, task.ref.K)
     ok = (depth > 0) & np.isfinite(truth)
     assert np.median(np.abs(depth[ok] - truth[ok]) / truth[ok]) < 0.005
+
+
+def test_reading_and_writing_beside_the_kernels_writes_the_same_files(
+    tmp_path: Path, scene: synthetic.SyntheticScene
+) -> None:
+    """The stage's local loop reads the next view and writes the last one in a helper thread while
+    the kernels run: the same files as depth_for_view one view at a time, progress once a view."""
+    ws = Workspace(tmp_path).create()
+    workspace_from_scene(scene, ws)
+    config = DepthConfig(pm_levels=2, pm_sources=4)
+    tasks = patchmatch_cpu.plan_tasks(load_views(ws.sparse_dir, config.max_image_size), config, ws)
+    alone = [replace(t, out_path=tmp_path / "alone" / t.out_path.name) for t in tasks]
+    (tmp_path / "alone").mkdir()
+    expected = [patchmatch_cpu.depth_for_view(t)[1] for t in alone]
+    said: list[tuple[float, str]] = []
+    shares = patchmatch_cpu.run_overlapped(tasks, lambda f, m: said.append((f, m)), lambda: False)
+    assert shares == expected and min(shares) > 0.3
+    assert [f for f, _ in said] == [(k + 1) / len(tasks) for k in range(len(tasks))]
+    assert [m.split(": ")[1] for _, m in said] == [t.ref.name for t in tasks]
+    for one, other in zip(tasks, alone, strict=True):
+        with np.load(one.out_path) as a, np.load(other.out_path) as b:
+            assert all(np.array_equal(a[k], b[k]) for k in ("depth", "normals", "confidence", "rgb"))
 
 
 def test_grey_photos_are_resampled_once_per_file_version(

@@ -5,7 +5,8 @@ large windows in world terms), then each finer level starts from the planes of t
 and only refines. Precision therefore follows the photos: at the finest level the window is a
 few pixels of the photo itself. The numba kernels use every core of the machine for one view at
 a time; `depth_for_view` takes one small picklable task and writes that view's file, so views can
-as well be fanned out over processes or machines.
+as well be fanned out over processes or machines. Run here, a helper thread reads the next view and writes the
+last one while the kernels run (`run_overlapped`).
 
 Then, once every view has its depth, a geometric-consistency pass (`geometric_planes`, COLMAP's
 second pass) runs the views again at full size, from their own planes, with their sources' depth
@@ -442,8 +443,8 @@ def depth_for_view(task: DepthTask) -> tuple[str, float]:
 
 def run_overlapped(tasks: list[DepthTask], progress: Progress, should_stop: StopCheck) -> list[float]:
     """The views one after another, each on all cores, while a helper thread reads the next view
-    and writes the last one: the kernels release the GIL, and reading, undistorting and writing
-    were a tenth of the kitchen's depth stage, with a core idle. Same files as depth_for_view."""
+    and writes the last one: the kernels release the GIL, and reading, undistorting and writing,
+    one core's work, took about a sixth of the kitchen's depth stage. Same files as depth_for_view."""
     shares: list[float] = []
     if not tasks:
         return shares

@@ -5,8 +5,8 @@ large windows in world terms), then each finer level starts from the planes of t
 and only refines. Precision therefore follows the photos: at the finest level the window is a
 few pixels of the photo itself. The numba kernels use every core of the machine for one view at
 a time; `depth_for_view` takes one small picklable task and writes that view's file, so views can
-as well be fanned out over processes or machines. Run here, a helper thread reads the next view and writes the
-last one while the kernels run (`run_overlapped`).
+as well be fanned out over processes or machines. Run here, a helper thread reads the next view
+and writes the last one while the kernels run (`run_overlapped`).
 
 Then, once every view has its depth, a geometric-consistency pass (`geometric_planes`, COLMAP's
 second pass) runs the views again at full size, from their own planes, with their sources' depth

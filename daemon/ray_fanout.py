@@ -45,7 +45,7 @@ import structlog
 from scandrop.pipeline.core.cpu_budget import limit_threads
 from scandrop.pipeline.core.errors import ErrorCode, ScandropError
 from scandrop.pipeline.core.stage import Progress, StopCheck, atomic_path, check_stop
-from scandrop.pipeline.dense.view_map import ViewDone, ViewWork
+from scandrop.pipeline.dense.view_map import ViewDone, ViewWork, view_done
 
 log = structlog.get_logger("scandrop.ray")
 
@@ -286,4 +286,4 @@ class _Gather:
 
     def _record(self, view: ViewDone) -> None:
         self.done.append(view)
-        self.progress(len(self.done) / self.total, f"depth {len(self.done)}/{self.total}: {view.name}")
+        view_done(self.progress, len(self.done), self.total, view.name)

@@ -38,7 +38,7 @@ from scandrop.pipeline.core.stage import Progress, StopCheck, atomic_path, check
 from scandrop.pipeline.core.workspace import Workspace
 from scandrop.pipeline.dense.dense_views import DenseView, stereo_views
 from scandrop.pipeline.dense.pair_stereo import SgbmParams, pair_depth
-from scandrop.pipeline.dense.view_map import LocalRun, ViewMapper, ViewWork
+from scandrop.pipeline.dense.view_map import LocalRun, ViewMapper, ViewWork, view_done
 from scandrop.pipeline.dense.view_selection import stereo_partners
 
 
@@ -438,7 +438,7 @@ def run_tasks(
             check_stop(should_stop)
             name, frac = work(task)
             fractions.append(frac)
-            progress(len(fractions) / total, f"depth {len(fractions)}/{total}: {name}")
+            view_done(progress, len(fractions), total, name)
         return fractions
     with (
         _single_threaded_children(),
@@ -464,7 +464,7 @@ def run_tasks(
                             "Use --preset fast or smaller photos, or give the machine more memory.",
                         ) from exc
                     fractions.append(frac)
-                    progress(len(fractions) / total, f"depth {len(fractions)}/{total}: {name}")
+                    view_done(progress, len(fractions), total, name)
                 check_stop(should_stop)
         except BaseException:
             for fut in pending:

@@ -45,7 +45,7 @@ from scandrop.pipeline.dense.estimate_depth import (
     view_normal_filter,
     write_depth_file,
 )
-from scandrop.pipeline.dense.view_map import ViewMapper
+from scandrop.pipeline.dense.view_map import ViewMapper, view_done
 from scandrop.pipeline.dense.view_selection import mvs_sources
 
 # The kernels' geometric-consistency arguments (source depth maps, their projections into the
@@ -467,7 +467,7 @@ def run_overlapped(tasks: list[DepthTask], progress: Progress, should_stop: Stop
 
 def _written(writing: Future, done: int, total: int, progress: Progress) -> float:
     name, share = writing.result()
-    progress((done + 1) / total, f"depth {done + 1}/{total}: {name}")
+    view_done(progress, done + 1, total, name)
     return share
 
 

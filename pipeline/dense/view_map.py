@@ -20,6 +20,11 @@ ViewWork = Callable[[Any], tuple[str, float]]  # task -> (view name, valid share
 LocalRun = Callable[[list[Any], Progress, StopCheck], list[float]]
 
 
+def view_done(progress: Progress, done: int, total: int, name: str) -> None:
+    """The depth stage's progress once its done-th of total views is written, wherever it ran."""
+    progress(done / total, f"depth {done}/{total}: {name}")
+
+
 @dataclass(frozen=True)
 class ViewDone:
     name: str

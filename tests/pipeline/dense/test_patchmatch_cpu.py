@@ -346,12 +346,14 @@ def test_the_geometric_pass_makes_depth_maps_agree_and_more_precise(
     """After every view's photometric depth, each view searches again with its sources' own depth
     maps in the cost: more of its pixels come back within a pixel from two other views (86% ->
     90%). Searching every pixel also makes the depth more precise (median error 0.12% -> 0.09% of
-    the depth); searching only the pixels that disagree (balanced) leaves the rest as they were."""
+    the depth); searching only the pixels that disagree (balanced) leaves the rest as they were.
+    Three sweeps (quality) go further: 90.3% agree, median error 0.076%."""
     results = {}
     for name, overrides in (
         ("photometric", {"pm_geometric_sweeps": 0}),
         ("disagreeing", {"pm_geometric_within": 1.0}),
         ("every pixel", {"pm_geometric_within": 0.0}),
+        ("three sweeps", {"pm_geometric_within": 0.0, "pm_geometric_sweeps": 3}),
     ):
         ws = Workspace(tmp_path / name.replace(" ", "_")).create()
         workspace_from_scene(scene, ws)
@@ -369,6 +371,8 @@ def test_the_geometric_pass_makes_depth_maps_agree_and_more_precise(
     assert results["every pixel"][1] > results["photometric"][1] + 0.02
     assert results["disagreeing"][0] < 1.05 * results["photometric"][0]
     assert results["every pixel"][0] < 0.85 * results["photometric"][0]
+    assert results["three sweeps"][1] > results["every pixel"][1] + 0.008
+    assert results["three sweeps"][0] < 0.92 * results["every pixel"][0]
 
 
 def test_few_photos_write_depth_to_a_looser_cost_bar(tmp_path: Path, scene: synthetic.SyntheticScene) -> None:

@@ -70,8 +70,9 @@ _OVERRIDES: dict[Preset, dict[str, dict[str, Any]]] = {
         # not only those its sources' depth maps disagree with (see patchmatch_cpu.geometric_planes),
         # and in three sweeps, not one: on Sacre Coeur's internet photos, with one sweep, quality's
         # fused points explained a median 0.428 of a photo against balanced's 0.433 (three seeds,
-        # no single setting the cause); with two 0.449, with three 0.456, for about a minute more
-        # of depth maps there.
+        # no single setting the cause); with two 0.449, with three 0.456, for 10-20% more
+        # depth-map time there and on the kitchen. Balanced keeps one: three gave it 0.461 on
+        # Sacre Coeur, but its depth maps took 49 s instead of about 31 s.
         "depth": {
             "max_image_size": 4000,
             "stereo_max_size": 1000,

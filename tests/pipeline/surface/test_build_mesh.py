@@ -11,7 +11,7 @@ from scipy.spatial import cKDTree
 
 from scandrop.pipeline.core import plyio
 from scandrop.pipeline.core.errors import ErrorCode, ScandropError
-from scandrop.pipeline.core.pointcloud import PointCloud, save_points
+from scandrop.pipeline.core.pointcloud import PointCloud, load_points, save_points
 from scandrop.pipeline.core.stage import never_stop, no_progress
 from scandrop.pipeline.core.workspace import Workspace
 from scandrop.pipeline.surface import build_mesh
@@ -218,3 +218,35 @@ def test_poisson_depth_follows_the_point_spacing(tmp_path: Path) -> None:
     assert fine.poisson_depth == coarse.poisson_depth + 1
     fixed = run.model_copy(update={"adaptive": False, "depth": 6})
     assert build_mesh.run(fixed, dense_ws, no_progress, never_stop).poisson_depth == 6
+    # Depth maps that sample the surface at twice the points' spacing: one level shallower again.
+    dense = load_points(dense_ws.fused).xyz
+    spacing = build_mesh.median_spacing(dense, cKDTree(dense))
+    _depth_map(dense_ws, "view", focal=10.0 / (2 * spacing), distance=10.0, size=(2000, 2000))
+    assert build_mesh.run(run, dense_ws, no_progress, never_stop).poisson_depth == fine.poisson_depth - 1
+
+
+def _depth_map(ws: Workspace, name: str, focal: float, distance: float, size: tuple[int, int]) -> None:
+    """A view's depth file as the depth stage writes it (the mesh stage reads its K, R, t and grid
+    size): a camera `distance` from the origin, looking at it along +z."""
+    h, w = size
+    K = np.array([[focal, 0.0, w / 2], [0.0, focal, h / 2], [0.0, 0.0, 1.0]])
+    ws.depth_dir.mkdir(parents=True, exist_ok=True)
+    depth = np.zeros(size, np.float32)
+    np.savez(ws.depth_dir / f"{name}.npz", depth=depth, K=K, R=np.eye(3), t=np.array([0.0, 0.0, distance]))
+
+
+def test_the_photo_spacing_is_the_finest_pixel_that_sees_each_point(tmp_path: Path) -> None:
+    """Points fused from many views interleave more closely than any photo samples the surface:
+    the mesh stage also reads the depth maps' pixel size at the points (depth / focal length), the
+    finest of the views that see each point, and takes the median over the points."""
+    grid = np.stack(np.meshgrid(np.linspace(-1, 1, 201), np.linspace(-1, 1, 201)), -1).reshape(-1, 2)
+    plane = np.column_stack([grid, np.zeros(len(grid))])
+    ws = Workspace(tmp_path / "job").create()
+    assert build_mesh.photo_spacing(plane, ws.depth_dir) == 0.0  # no depth maps: the points decide
+    _depth_map(ws, "far", focal=400.0, distance=4.0, size=(480, 640))  # sees all; 4 / 400
+    _depth_map(ws, "behind", focal=4000.0, distance=-4.0, size=(480, 640))  # the plane is behind it
+    assert build_mesh.photo_spacing(plane, ws.depth_dir) == pytest.approx(0.01)
+    _depth_map(ws, "near", focal=400.0, distance=2.0, size=(200, 200))  # 2 / 400, the middle quarter
+    assert build_mesh.photo_spacing(plane, ws.depth_dir) == pytest.approx(0.01)
+    _depth_map(ws, "near", focal=400.0, distance=2.0, size=(1000, 1000))  # now all of the plane
+    assert build_mesh.photo_spacing(plane, ws.depth_dir) == pytest.approx(0.005)

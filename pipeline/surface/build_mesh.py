@@ -235,8 +235,9 @@ def photo_spacing(xyz: np.ndarray, depth_dir: Path, sample: int = 20_000) -> flo
 
 
 def poisson_depth(extent: float, spacing: float, config: MeshConfig) -> int:
-    """The octree depth whose finest cell (box = 1.1 x extent) is about `cell_spacings` point
-    spacings, within [min_depth, depth]: finer cells only add triangles the points cannot support."""
+    """The octree depth whose finest cell (box = 1.1 x extent) is about `cell_spacings` spacings
+    (run passes the coarser of the points' and the photos'), within [min_depth, depth]: finer cells
+    only add triangles the points cannot support."""
     if spacing <= 0 or extent <= 0:
         return config.depth
     wanted = int(np.ceil(np.log2(1.1 * extent / (config.cell_spacings * spacing))))

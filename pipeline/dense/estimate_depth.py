@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import time
+import zipfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -328,6 +329,22 @@ def write_depth_file(
             name=np.str_(ref.name),
             **({"mask": mask} if mask is not None else {}),
         )
+
+
+def read_depth_camera(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, int]]:
+    """A depth file's grid camera: K, R, t and the grid's (height, width), without reading its maps
+    (write_depth_file stores the arrays uncompressed, one .npy each)."""
+    with zipfile.ZipFile(path) as archive:
+        K, R, t = (np.lib.format.read_array(archive.open(f"{key}.npy")) for key in ("K", "R", "t"))
+        with archive.open("depth.npy") as fh:
+            version = np.lib.format.read_magic(fh)
+            header = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
+            height, width = header(fh)[0]
+    return K, R, t, (height, width)
 
 
 def _worker_count(config: DepthConfig) -> int:

@@ -406,8 +406,11 @@ def read_view(task: DepthTask) -> ViewInputs | None:
     return ViewInputs(bounds, photo, maps, images, priors)
 
 
-def view_planes(task: DepthTask, inputs: ViewInputs) -> PlaneMaps:
-    """The view's planes: the photometric pass, or the geometric one where the task has priors."""
+def view_planes(task: DepthTask, inputs: ViewInputs | None) -> PlaneMaps | None:
+    """The view's planes: the photometric pass, or the geometric one where the task has priors
+    (None for a view read_view found nothing to search in)."""
+    if inputs is None:
+        return None
     dmin, dmax = inputs.bounds
     if inputs.priors is None:
         return patchmatch_planes(inputs.images, dmin, dmax, task.config)
@@ -438,7 +441,7 @@ def write_view(task: DepthTask, inputs: ViewInputs | None, planes: PlaneMaps | N
 def depth_for_view(task: DepthTask) -> tuple[str, float]:
     """PatchMatch depth of one view, written to task.out_path. Returns (name, valid share)."""
     inputs = read_view(task)
-    return write_view(task, inputs, view_planes(task, inputs) if inputs is not None else None)
+    return write_view(task, inputs, view_planes(task, inputs))
 
 
 def run_overlapped(tasks: list[DepthTask], progress: Progress, should_stop: StopCheck) -> list[float]:
@@ -456,7 +459,7 @@ def run_overlapped(tasks: list[DepthTask], progress: Progress, should_stop: Stop
             inputs = ahead.result()
             if k + 1 < len(tasks):
                 ahead = helper.submit(read_view, tasks[k + 1])
-            planes = view_planes(task, inputs) if inputs is not None else None
+            planes = view_planes(task, inputs)
             if writing is not None:
                 shares.append(_written(writing, len(shares), len(tasks), progress))
             writing = helper.submit(write_view, task, inputs, planes)

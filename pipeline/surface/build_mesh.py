@@ -21,7 +21,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -38,6 +37,7 @@ from scandrop.pipeline.core.errors import ErrorCode, ScandropError
 from scandrop.pipeline.core.pointcloud import PointCloud, load_points
 from scandrop.pipeline.core.stage import Progress, StopCheck, check_stop
 from scandrop.pipeline.core.workspace import Workspace
+from scandrop.pipeline.dense.estimate_depth import read_depth_camera
 from scandrop.pipeline.surface import refine_mesh
 
 _MIN_POINTS = 100
@@ -195,16 +195,6 @@ def median_spacing(xyz: np.ndarray, tree: cKDTree, sample: int = 20_000) -> floa
     return float(np.median(dist[:, 1]))
 
 
-def _array_shape(npz: Path, key: str) -> tuple[int, ...]:
-    """The shape of one array of an uncompressed npz file, from its header alone."""
-    with zipfile.ZipFile(npz) as archive, archive.open(f"{key}.npy") as fh:
-        version = np.lib.format.read_magic(fh)
-        read = (
-            np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        )
-        return read(fh)[0]
-
-
 def photo_spacing(xyz: np.ndarray, depth_dir: Path, sample: int = 20_000) -> float:
     """Median over a sample of points of the finest spacing at which a depth map samples the
     surface there (depth / focal length, in that map's pixels; 0 without depth maps).
@@ -220,9 +210,7 @@ def photo_spacing(xyz: np.ndarray, depth_dir: Path, sample: int = 20_000) -> flo
     points = xyz[rng.choice(len(xyz), size=min(sample, len(xyz)), replace=False)].astype(np.float64)
     finest = np.full(len(points), np.inf)
     for path in files:
-        with np.load(path) as maps:
-            K, R, t = maps["K"], maps["R"], maps["t"]
-        height, width = _array_shape(path, "depth")
+        K, R, t, (height, width) = read_depth_camera(path)
         cam = points @ R.T + t
         z = cam[:, 2]
         with np.errstate(divide="ignore", invalid="ignore"):

@@ -6,14 +6,16 @@ import argparse
 import signal
 import sys
 import threading
+import tomllib
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 
 from scandrop.daemon import logs
 from scandrop.models.device import DeviceRequest
-from scandrop.pipeline.core.errors import ScandropError
-from scandrop.pipeline.job_spec import JobSpec, Preset
+from scandrop.pipeline.core.errors import ErrorCode, ScandropError
+from scandrop.pipeline.job_spec import JobSpec, Preset, merge_overrides
 
 
 def settings_problem(exc: ValidationError) -> str:
@@ -24,6 +26,28 @@ def settings_problem(exc: ValidationError) -> str:
     return f"{where}: {what}" if where else what
 
 
+def stage_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
+    """`--set STAGE.FIELD=VALUE` items as per-stage overrides, the CLI's form of a drop's
+    `[stages.STAGE]` table. A value reads as TOML (800, 0.5, true, "sgbm"), else as a bare string;
+    the job checks names and values against the stage configs."""
+    overrides: dict[str, dict[str, Any]] = {}
+    for item in items:
+        name, eq, text = item.partition("=")
+        stage, dot, field = name.strip().partition(".")
+        if not (eq and dot and stage and field):
+            raise ScandropError(
+                ErrorCode.invalid_settings,
+                f"--set {item!r} is not STAGE.FIELD=VALUE.",
+                "For example: --set depth.max_image_size=800 (see `scandrop config` and the README).",
+            )
+        try:
+            value = tomllib.loads(f"v = {text.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = text.strip()
+        overrides.setdefault(stage, {})[field] = value
+    return overrides
+
+
 def _reconstruct(args: argparse.Namespace) -> int:
     from scandrop.daemon.worker import run_job
     from scandrop.models.device import resolve_device
@@ -31,7 +55,8 @@ def _reconstruct(args: argparse.Namespace) -> int:
     from scandrop.pipeline.presets import resolve
 
     device = resolve_device(args.device)
-    spec = JobSpec(preset=args.preset, overrides={"mesh": {"max_triangles": args.max_triangles}})
+    overrides = merge_overrides({"mesh": {"max_triangles": args.max_triangles}}, stage_overrides(args.set))
+    spec = JobSpec(preset=args.preset, overrides=overrides)
     resolve(spec)  # a bad value stops here with one line, not inside the job process
     work = args.work_dir or (args.outdir / ".scandrop-work")
     last = [""]
@@ -64,8 +89,11 @@ def _reconstruct(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     from scandrop.pipeline.bench.run import main as bench_main
+    from scandrop.pipeline.presets import resolve
 
-    return bench_main(args.datasets, args.out, args.preset, args.datasets_dir)
+    spec = JobSpec(preset=args.preset, overrides=stage_overrides(args.set))
+    resolve(spec)  # a bad setting stops here, before any row runs
+    return bench_main(args.datasets, args.out, spec, args.datasets_dir)
 
 
 def _daemon(args: argparse.Namespace) -> int:
@@ -129,6 +157,9 @@ def _models(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+SET_HELP = "A stage setting on top of the preset, e.g. depth.max_image_size=800 (repeatable)."
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scandrop", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -141,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--max-triangles", type=int, default=300_000)
     rec.add_argument("--work-dir", type=Path, default=None, help="Workspace (default OUTDIR/.scandrop-work).")
     rec.add_argument("--keep-work", action="store_true", help="Keep the workspace after success.")
+    rec.add_argument("--set", action="append", default=[], metavar="STAGE.FIELD=VALUE", help=SET_HELP)
     rec.set_defaults(func=_reconstruct)
 
     bench = sub.add_parser("bench", help="Run the benchmark and print one table (and write JSON).")
@@ -148,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", type=Path, default=Path("bench-results"))
     bench.add_argument("--preset", choices=[p.value for p in Preset], default="balanced")
     bench.add_argument("--datasets-dir", type=Path, default=None, help="Default: ../shared/datasets")
+    bench.add_argument("--set", action="append", default=[], metavar="STAGE.FIELD=VALUE", help=SET_HELP)
     bench.set_defaults(func=_bench)
 
     dmn = sub.add_parser(

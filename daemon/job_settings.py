@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from scandrop.models.device import DeviceRequest
 from scandrop.pipeline.core.errors import ErrorCode, ScandropError
-from scandrop.pipeline.job_spec import Preset
+from scandrop.pipeline.job_spec import Preset, merge_overrides
 
 DROP_SETTINGS_FILE = "scandrop.toml"
 MAX_DROP_SETTINGS_BYTES = 64 * 1024
@@ -66,9 +66,7 @@ def effective(base: JobSettings, *layers: tuple[str, JobOptions | None]) -> JobS
     for name, options in layers:
         if options is None:
             continue
-        stages = {k: dict(v) for k, v in merged.stages.items()}
-        for stage, fields in options.stages.items():
-            stages.setdefault(stage, {}).update(fields)
+        stages = merge_overrides(merged.stages, options.stages)
         set_fields = options.model_dump(exclude_none=True, exclude={"stages", "name", "inbox", "outbox"})
         merged = merged.model_copy(
             update={**set_fields, "stages": stages, "sources": [*merged.sources, name]}

@@ -19,6 +19,15 @@ class Preset(StrEnum):
     quality = "quality"
 
 
+def merge_overrides(*layers: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per-stage overrides, each layer on top of the ones before it, field by field."""
+    merged: dict[str, dict[str, Any]] = {}
+    for layer in layers:
+        for stage, fields in layer.items():
+            merged.setdefault(stage, {}).update(fields)
+    return merged
+
+
 class JobSpec(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 

@@ -14,7 +14,7 @@ from scandrop.pipeline.export.export_assets import ExportConfig
 from scandrop.pipeline.export.render_preview import PreviewConfig
 from scandrop.pipeline.ingest.extract_frames import FramesConfig
 from scandrop.pipeline.ingest.ingest_images import IngestConfig
-from scandrop.pipeline.job_spec import JobSpec, Preset
+from scandrop.pipeline.job_spec import JobSpec, Preset, merge_overrides
 from scandrop.pipeline.sparse.reconstruct_sparse import SparseConfig
 from scandrop.pipeline.surface.build_mesh import MeshConfig
 from scandrop.pipeline.surface.make_splats import SplatConfig
@@ -97,9 +97,7 @@ def preset_config(
 ) -> PipelineConfig:
     """The config of a named preset, with per-stage field overrides (e.g. from the CLI) on top."""
     name = Preset(preset)
-    merged: dict[str, dict[str, Any]] = {k: dict(v) for k, v in _OVERRIDES[name].items()}
-    for stage, fields in (overrides or {}).items():
-        merged.setdefault(stage, {}).update(fields)
+    merged = merge_overrides(_OVERRIDES[name], overrides or {})
     return PipelineConfig.model_validate({"preset": name, **merged})
 
 

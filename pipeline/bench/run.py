@@ -44,7 +44,7 @@ from scandrop.pipeline.bench import appearance, baseline, metrics, relief, synth
 from scandrop.pipeline.core.stage import never_stop, no_progress
 from scandrop.pipeline.core.workspace import Workspace
 from scandrop.pipeline.export import export_assets, model_glb
-from scandrop.pipeline.job_spec import JobSpec
+from scandrop.pipeline.job_spec import JobSpec, merge_overrides
 from scandrop.pipeline.presets import preset_config
 from scandrop.pipeline.report import Report
 
@@ -148,12 +148,13 @@ def score_held_out(
 
 
 def _run_ours(
-    images: Path, out: Path, preset: str, overrides: dict[str, dict[str, Any]] | None = None
+    images: Path, out: Path, spec: JobSpec, overrides: dict[str, dict[str, Any]] | None = None
 ) -> Report:
-    """One job as the daemon runs it; `seconds` becomes the wall time of the whole job process."""
+    """One job as the daemon runs it, with a row's own `overrides` on top of the bench's; `seconds`
+    becomes the wall time of the whole job process."""
     device = resolve_device("auto")
     t0 = time.perf_counter()
-    spec = JobSpec(preset=preset, overrides=overrides or {})
+    spec = spec.model_copy(update={"overrides": merge_overrides(spec.overrides, overrides or {})})
     report = run_job(images, out, spec, out / ".work", device.model_dump())
     report.seconds = round(time.perf_counter() - t0, 3)
     return report
@@ -176,12 +177,12 @@ def _summary(report: Report) -> dict[str, Any]:
     }
 
 
-def bench_synthetic(out: Path, preset: str) -> dict[str, Any]:
+def bench_synthetic(out: Path, spec: JobSpec) -> dict[str, Any]:
     scene = synthetic.render_scene(n_views=24, width=640, height=480, seed=0)
     held_out = synthetic.render_scene(n_views=4, width=640, height=480, seed=0, alpha=True, path="held_out")
     images = out / "images"
     synthetic.write_scene(scene, images)
-    report = _run_ours(images, out / "result", preset)
+    report = _run_ours(images, out / "result", spec)
     row = _summary(report)
     if report.ok:
         poses = score_poses(estimated_cameras(out / "result"), scene.cameras())
@@ -194,12 +195,12 @@ def bench_synthetic(out: Path, preset: str) -> dict[str, Any]:
     return row
 
 
-def bench_herzjesu(root: Path, out: Path, preset: str) -> dict[str, Any]:
+def bench_herzjesu(root: Path, out: Path, spec: JobSpec) -> dict[str, Any]:
     images = root / "images"
-    report = _run_ours(images, out / "result", preset)
+    report = _run_ours(images, out / "result", spec)
     row = _summary(report)
     gt = synthetic.load_gt_cameras(root / "gt_cameras.json")
-    size = preset_config(preset).ingest.max_image_size
+    size = preset_config(spec.preset, spec.overrides).ingest.max_image_size
     plain = baseline.run_plain_pycolmap(images, out / "plain", max_image_size=size)
     plain_rot = {n: r for n, r in plain.rotation_matrices().items() if n in gt}
     plain_err = metrics.relative_rotation_errors(plain_rot, {n: gt[n][0] for n in plain_rot})
@@ -212,10 +213,10 @@ def bench_herzjesu(root: Path, out: Path, preset: str) -> dict[str, Any]:
     return row
 
 
-def bench_kitchen(root: Path, out: Path, preset: str) -> dict[str, Any]:
+def bench_kitchen(root: Path, out: Path, spec: JobSpec) -> dict[str, Any]:
     images = root / "images"
     plain = baseline.run_plain_pycolmap(images, out / "plain")
-    report = _run_ours(images, out / "result", preset)
+    report = _run_ours(images, out / "result", spec)
     row = _summary(report)
     row["plain_registered"] = plain.registered
     row["plain_seconds"] = plain.seconds.wall
@@ -223,7 +224,11 @@ def bench_kitchen(root: Path, out: Path, preset: str) -> dict[str, Any]:
     row["time_ratio"] = report.seconds / plain.seconds.wall if plain.seconds.wall else None
     if report.ok:
         row.update(share_explained(out / "result"))
-        row.update(texture_held_out.score(out / "result" / ".work", preset_config(preset).export))
+        row.update(
+            texture_held_out.score(
+                out / "result" / ".work", preset_config(spec.preset, spec.overrides).export
+            )
+        )
     return row
 
 
@@ -238,8 +243,8 @@ def share_explained(out_dir: Path) -> dict[str, Any]:
     }
 
 
-def bench_explained(root: Path, out: Path, preset: str) -> dict[str, Any]:
-    report = _run_ours(root / "images", out / "result", preset)
+def bench_explained(root: Path, out: Path, spec: JobSpec) -> dict[str, Any]:
+    report = _run_ours(root / "images", out / "result", spec)
     row = _summary(report)
     if report.ok:
         row.update(share_explained(out / "result"))
@@ -259,14 +264,14 @@ def relief_options(name: str) -> dict[str, Any]:
     return options
 
 
-def bench_relief(out: Path, preset: str, options: dict[str, Any]) -> dict[str, Any]:
+def bench_relief(out: Path, spec: JobSpec, options: dict[str, Any]) -> dict[str, Any]:
     """Fine relief at the photos' resolution: F at four taus, time against plain pycolmap."""
     scene = relief.render_relief_scene(**options)
     images = out / "images"
     synthetic.write_scene(scene.train, images)
     relief.write_held_out(scene.held_out, out / "held_out")
     plain = baseline.run_plain_pycolmap(images, out / "plain")
-    report = _run_ours(images, out / "result", preset)
+    report = _run_ours(images, out / "result", spec)
     row = _summary(report)
     row["scene"] = options
     row["held_out_dir"] = str(out / "held_out")
@@ -293,13 +298,13 @@ def bench_relief(out: Path, preset: str, options: dict[str, Any]) -> dict[str, A
     return row
 
 
-def bench_room(root: Path, out: Path, preset: str) -> dict[str, Any]:
-    return _summary(_run_ours(root / "images", out / "result", preset))
+def bench_room(root: Path, out: Path, spec: JobSpec) -> dict[str, Any]:
+    return _summary(_run_ours(root / "images", out / "result", spec))
 
 
-def bench_hard(root: Path, out: Path, preset: str) -> dict[str, Any]:
+def bench_hard(root: Path, out: Path, spec: JobSpec) -> dict[str, Any]:
     """A hard capture: what was placed, by which matcher, and what the learned matcher cost."""
-    report = _run_ours(root / "images", out / "result", preset)
+    report = _run_ours(root / "images", out / "result", spec)
     row = _summary(report)
     sparse = next((s.result for s in report.stages if s.name == "sparse"), {})
     learned = sparse.get("learned", {})
@@ -316,11 +321,11 @@ def _frames_row(report: Report) -> dict[str, Any]:
     return row
 
 
-def bench_apple(root: Path, out: Path, preset: str) -> dict[str, Any]:
-    return _frames_row(_run_ours(root / "apple.mp4", out / "result", preset))
+def bench_apple(root: Path, out: Path, spec: JobSpec) -> dict[str, Any]:
+    return _frames_row(_run_ours(root / "apple.mp4", out / "result", spec))
 
 
-def bench_video(out: Path, preset: str) -> dict[str, dict[str, Any]]:
+def bench_video(out: Path, spec: JobSpec) -> dict[str, dict[str, Any]]:
     """The same rendered clip at two frame budgets: how cost grows with the number of keyframes."""
     scene = synthetic.render_scene(n_views=240, width=320, height=240, seed=0, path="video")
     clip = out / "orbit.mp4"
@@ -330,7 +335,7 @@ def bench_video(out: Path, preset: str) -> dict[str, dict[str, Any]]:
     for budget in VIDEO_BUDGETS:
         # a tiny target_motion lets the budget alone decide how many keyframes are kept
         overrides = {"frames": {"max_frames": budget, "target_motion": 1e-4}}
-        report = _run_ours(clip, out / f"budget-{budget}", preset, overrides)
+        report = _run_ours(clip, out / f"budget-{budget}", spec, overrides)
         row = _frames_row(report)
         if report.ok:
             row.update(score_poses(estimated_cameras(out / f"budget-{budget}"), truth))
@@ -432,20 +437,20 @@ def print_table(rows: dict[str, dict[str, Any]], file: Any = sys.stdout) -> None
             )
 
 
-def main(names: list[str], out: Path, preset: str, datasets_dir: Path | None = None) -> int:
+def main(names: list[str], out: Path, spec: JobSpec, datasets_dir: Path | None = None) -> int:
     datasets_dir = datasets_dir or default_datasets_dir()
     out.mkdir(parents=True, exist_ok=True)
     rows: dict[str, dict[str, Any]] = {}
     for name in names or DEFAULT_DATASETS:
         work = Path(tempfile.mkdtemp(prefix=f"bench-{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}-", dir=out))
         if name == "synthetic":
-            rows[name] = bench_synthetic(work, preset)
+            rows[name] = bench_synthetic(work, spec)
             continue
         if name == "video":
-            rows.update(bench_video(work, preset))
+            rows.update(bench_video(work, spec))
             continue
         if name.partition(":")[0] == "relief":
-            rows[name] = bench_relief(work, preset, relief_options(name))
+            rows[name] = bench_relief(work, spec, relief_options(name))
             continue
         root = datasets_dir / {**SHARED_NAMES, **HARD_CAPTURES}.get(name, name)
         if not root.exists():
@@ -468,8 +473,14 @@ def main(names: list[str], out: Path, preset: str, datasets_dir: Path | None = N
             known = ", ".join([*DEFAULT_DATASETS, *HARD_CAPTURES])
             print(f"unknown dataset {name!r}; known: {known}", file=sys.stderr)
             return 2
-        rows[name] = runner(root, work, preset)
+        rows[name] = runner(root, work, spec)
+    for row in rows.values():  # what ran, beside what it gave
+        row["spec"] = spec.model_dump(mode="json")
     (out / "bench.json").write_text(json.dumps(rows, indent=2, default=float) + "\n")
+    print(
+        f"preset {spec.preset.value}"
+        + (f", overrides {json.dumps(spec.overrides)}" if spec.overrides else "")
+    )
     print_table(rows)
     print(f"\nJSON: {out / 'bench.json'}")
     return 0

@@ -111,7 +111,8 @@ def test_far_faces_and_floaters_are_removed(tmp_path: Path) -> None:
 def test_border_erosion_removes_poissons_extrapolated_rim(tmp_path: Path) -> None:
     """The cap's points end at y = 0; Poisson's surface goes on past them (the far-face cut leaves
     it down to y = -0.05) and bends away from the sphere there. Two rings of border faces take
-    that rim off and leave the cap."""
+    that rim off and leave the cap. Poisson on one thread: on several, its surface differs from
+    run to run (once, in a full suite, the eroded rim's error by 38%), and the two runs are compared."""
     cloud = sphere_and_box(n_sphere=30_000, n_box=0)
     keep = cloud.xyz[:, 1] > 0.0
     cap = PointCloud(cloud.xyz[keep], cloud.normals[keep], cloud.rgb[keep])
@@ -119,7 +120,7 @@ def test_border_erosion_removes_poissons_extrapolated_rim(tmp_path: Path) -> Non
     for rings in (0, 2):
         ws = _workspace(tmp_path / str(rings), cap)
         config = build_mesh.MeshConfig(
-            depth=7, trim=0.0, max_triangles=3000, refine=False, border_rings=rings
+            depth=7, trim=0.0, max_triangles=3000, refine=False, border_rings=rings, num_threads=1
         )
         result = build_mesh.run(config, ws, no_progress, never_stop)
         vertices = plyio.xyz_of(plyio.read_ply(ws.mesh).vertex)

@@ -45,7 +45,7 @@ from scandrop.pipeline.core.stage import never_stop, no_progress
 from scandrop.pipeline.core.workspace import Workspace
 from scandrop.pipeline.export import export_assets, model_glb
 from scandrop.pipeline.job_spec import JobSpec, merge_overrides
-from scandrop.pipeline.presets import preset_config
+from scandrop.pipeline.presets import resolve
 from scandrop.pipeline.report import Report
 
 DEFAULT_DATASETS = ["synthetic", "herzjesu", "kitchen", "room", "apple", "video"]
@@ -200,7 +200,7 @@ def bench_herzjesu(root: Path, out: Path, spec: JobSpec) -> dict[str, Any]:
     report = _run_ours(images, out / "result", spec)
     row = _summary(report)
     gt = synthetic.load_gt_cameras(root / "gt_cameras.json")
-    size = preset_config(spec.preset, spec.overrides).ingest.max_image_size
+    size = resolve(spec).ingest.max_image_size
     plain = baseline.run_plain_pycolmap(images, out / "plain", max_image_size=size)
     plain_rot = {n: r for n, r in plain.rotation_matrices().items() if n in gt}
     plain_err = metrics.relative_rotation_errors(plain_rot, {n: gt[n][0] for n in plain_rot})
@@ -224,11 +224,7 @@ def bench_kitchen(root: Path, out: Path, spec: JobSpec) -> dict[str, Any]:
     row["time_ratio"] = report.seconds / plain.seconds.wall if plain.seconds.wall else None
     if report.ok:
         row.update(share_explained(out / "result"))
-        row.update(
-            texture_held_out.score(
-                out / "result" / ".work", preset_config(spec.preset, spec.overrides).export
-            )
-        )
+        row.update(texture_held_out.score(out / "result" / ".work", resolve(spec).export))
     return row
 
 

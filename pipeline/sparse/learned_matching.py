@@ -4,13 +4,15 @@ hloc's way: the learned keypoints and matches go into the COLMAP database, then 
 geometric verification and incremental mapping run on them. Here they are appended to each photo's
 SIFT keypoints (indices after SIFT's), so one mapping uses both: SIFT where it connected photos, the
 learned matches where it did not. LightGlue costs about 100x a SIFT pair on a CPU, so only pairs
-that a cheap score ranks high are matched: for each photo its `neighbours` best partners by mutual
-nearest neighbours of DISK descriptors (a dense dot product, milliseconds a pair), at most `max_pairs`.
+that a cheap score ranks high are matched: for each photo its `neighbours` best partners by
+ratio-tested mutual nearest neighbours of DISK descriptors (a dense dot product, milliseconds a pair),
+and for each group of unplaced photos its best bridges to the others, at most `max_pairs`.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -61,8 +63,16 @@ def candidate_pairs(database: Path, names: list[str], focus: list[str], width: i
     return sorted(pairs)
 
 
-def mnn_scores(features: dict[str, Features], pairs: list[tuple[str, str]]) -> dict[tuple[str, str], int]:
-    """Mutual nearest neighbours of the descriptors of each pair: a cheap overlap score."""
+# The cheap score counts mutual nearest neighbours that also pass Lowe's ratio test (nearest over
+# second-nearest distance, both ways). Without it, 1024 DISK descriptors of any two photos of one
+# scene find 140-210 mutual neighbours whether the photos overlap or not (the apple photos: the
+# bridging pair 25-43, 89-95 verified inliers once matched, ranked below unrelated pairs and was not
+# matched); with it, unrelated pairs score 0-19 and that pair 25, its side's best.
+SCORE_RATIO = 0.95
+
+
+def overlap_scores(features: dict[str, Features], pairs: list[tuple[str, str]]) -> dict[tuple[str, str], int]:
+    """Ratio-tested mutual nearest neighbours of each pair's descriptors: a cheap overlap score."""
     scores: dict[tuple[str, str], int] = {}
     for a, b in pairs:
         sim = features[a].descriptors @ features[b].descriptors.T
@@ -71,25 +81,80 @@ def mnn_scores(features: dict[str, Features], pairs: list[tuple[str, str]]) -> d
             continue
         ab = sim.argmax(axis=1)
         ba = sim.argmax(axis=0)
-        scores[(a, b)] = int(np.count_nonzero(ba[ab] == np.arange(len(ab))))
+        rows = np.arange(len(ab))
+        distinct = _passes_ratio(sim) & _passes_ratio(sim.T)[ab]
+        scores[(a, b)] = int(np.count_nonzero((ba[ab] == rows) & distinct))
     return scores
 
 
+def _passes_ratio(sim: np.ndarray) -> np.ndarray:
+    """Per row: nearest / second-nearest descriptor distance under SCORE_RATIO (unit descriptors, so
+    distance = sqrt(2 - 2 cos)); a row with one candidate passes."""
+    if sim.shape[1] < 2:
+        return np.ones(sim.shape[0], bool)
+    top2 = -np.partition(-sim, 1, axis=1)[:, :2]
+    dist = np.sqrt(np.maximum(2.0 - 2.0 * top2, 0.0))
+    return dist[:, 0] < SCORE_RATIO * dist[:, 1]
+
+
+def focus_groups(database: Path, focus: list[str], least: int) -> list[list[str]]:
+    """The focus photos split into groups that verified pairs of at least `least` inliers tie together.
+
+    A group tends to be placed all at once or not at all: its photos follow each other into the
+    model, so what it lacks is a bridge to the rest (select_pairs)."""
+    parent = {name: name for name in focus}
+
+    def root(name: str) -> str:
+        while parent[name] != name:
+            parent[name] = parent[parent[name]]
+            name = parent[name]
+        return name
+
+    db = pycolmap.Database.open(str(database))
+    try:
+        by_id = {image.image_id: image.name for image in db.read_all_images()}
+        pair_ids, geometries = db.read_two_view_geometries()
+    finally:
+        db.close()
+    for pair_id, geometry in zip(pair_ids, geometries, strict=True):
+        i, j = pycolmap.pair_id_to_image_pair(pair_id)
+        a, b = by_id[i], by_id[j]
+        if a in parent and b in parent and len(geometry.inlier_matches) >= least:
+            parent[root(a)] = root(b)
+    groups: dict[str, list[str]] = {}
+    for name in focus:
+        groups.setdefault(root(name), []).append(name)
+    return sorted(groups.values())
+
+
 def select_pairs(
-    scores: dict[tuple[str, str], int], names: list[str], neighbours: int, max_pairs: int
+    scores: dict[tuple[str, str], int],
+    names: list[str],
+    neighbours: int,
+    max_pairs: int,
+    groups: Sequence[Sequence[str]] = (),
 ) -> list[tuple[str, str]]:
-    """Each photo's `neighbours` best-scored partners (union), best first, at most `max_pairs`."""
+    """Each group's `neighbours` best-scored pairs to photos outside it (first: a group of photos tied
+    to each other picks its partners among its own members, and the bridge is what was missing),
+    then each photo's `neighbours` best-scored partners (union), best first; at most `max_pairs`."""
+    ranked = sorted(scores, key=lambda pair: (-scores[pair], pair))
+    bridges: list[tuple[str, str]] = []
+    for group in groups:
+        members = set(group)
+        outward = [pair for pair in ranked if (pair[0] in members) != (pair[1] in members)]
+        bridges.extend(pair for pair in outward[:neighbours] if pair not in bridges)
     chosen: set[tuple[str, str]] = set()
     for name in names:
-        mine = sorted((pair for pair in scores if name in pair), key=lambda pair: (-scores[pair], pair))
-        chosen.update(mine[:neighbours])
-    return sorted(chosen, key=lambda pair: (-scores[pair], pair))[:max_pairs]
+        chosen.update([pair for pair in ranked if name in pair][:neighbours])
+    rest = [pair for pair in ranked if pair in chosen and pair not in bridges]
+    return (sorted(bridges, key=lambda pair: (-scores[pair], pair)) + rest)[:max_pairs]
 
 
 def add_matches(
     database: Path,
     images_dir: Path,
     candidates: list[tuple[str, str]],
+    groups: list[list[str]],
     nets: learned_features.Networks,
     *,
     max_size: int,
@@ -99,8 +164,8 @@ def add_matches(
     progress: Progress,
     should_stop: StopCheck,
 ) -> tuple[LearnedStats, list[tuple[str, str]]]:
-    """DISK on the photos of `candidates`, LightGlue on the best-scored of those pairs, all written
-    into `database`.
+    """DISK on the photos of `candidates`, LightGlue on the best-scored of those pairs (`groups`: see
+    select_pairs), all written into `database`.
 
     Returns the stats and the pairs written (the caller runs geometric verification on them).
     Progress: 0..0.4 per photo, 0.4..1 per pair.
@@ -115,7 +180,7 @@ def add_matches(
     t_extract = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    pairs = select_pairs(mnn_scores(features, candidates), photos, neighbours, max_pairs)
+    pairs = select_pairs(overlap_scores(features, candidates), photos, neighbours, max_pairs, groups)
     matches: dict[tuple[str, str], np.ndarray] = {}
     for k, (a, b) in enumerate(pairs):
         check_stop(should_stop)

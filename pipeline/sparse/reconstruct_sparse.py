@@ -466,10 +466,14 @@ def _with_learned(
     if nets is None:
         return {"used": False, "why": why, "skipped": status}
     candidates = learned_matching.candidate_pairs(ws.database, names, focus, 2 * config.learned_neighbours)
+    # Tied by what the mapper asks to place a photo: one placed, the rest of its group follows.
+    least = pycolmap.IncrementalMapperOptions().abs_pose_min_num_inliers
+    groups = learned_matching.focus_groups(ws.database, focus, least)
     stats, pairs = learned_matching.add_matches(
         ws.database,
         ws.images_dir,
         candidates,
+        groups,
         nets,
         max_size=config.learned_max_size,
         num_keypoints=config.learned_keypoints,

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from scandrop.daemon import logs
 from scandrop.models.device import DeviceRequest
 from scandrop.pipeline.core.errors import ErrorCode, ScandropError
-from scandrop.pipeline.job_spec import JobSpec, Preset, merge_overrides
+from scandrop.pipeline.job_spec import JobSpec, Preset, merge_overrides, triangle_cap
 
 
 def settings_problem(exc: ValidationError) -> str:
@@ -55,7 +55,7 @@ def _reconstruct(args: argparse.Namespace) -> int:
     from scandrop.pipeline.presets import resolve
 
     device = resolve_device(args.device)
-    overrides = merge_overrides({"mesh": {"max_triangles": args.max_triangles}}, stage_overrides(args.set))
+    overrides = merge_overrides(triangle_cap(args.max_triangles), stage_overrides(args.set))
     spec = JobSpec(preset=args.preset, overrides=overrides)
     resolve(spec)  # a bad value stops here with one line, not inside the job process
     work = args.work_dir or (args.outdir / ".scandrop-work")
@@ -169,7 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("outdir", type=Path)
     rec.add_argument("--device", choices=[d.value for d in DeviceRequest], default="auto")
     rec.add_argument("--preset", choices=[p.value for p in Preset], default="balanced")
-    rec.add_argument("--max-triangles", type=int, default=300_000)
+    rec.add_argument(
+        "--max-triangles", type=int, default=None, help="Triangle cap of model.glb (default: the preset's)."
+    )
     rec.add_argument("--work-dir", type=Path, default=None, help="Workspace (default OUTDIR/.scandrop-work).")
     rec.add_argument("--keep-work", action="store_true", help="Keep the workspace after success.")
     rec.add_argument("--set", action="append", default=[], metavar="STAGE.FIELD=VALUE", help=SET_HELP)

@@ -36,7 +36,7 @@ from scandrop.models.device import DeviceRequest, resolve_device_in_child
 from scandrop.pipeline.core.errors import ErrorCode, ErrorInfo, ScandropError
 from scandrop.pipeline.core.stage import ProgressEvent
 from scandrop.pipeline.core.workspace import clean_work_dir
-from scandrop.pipeline.job_spec import JobSpec, merge_overrides
+from scandrop.pipeline.job_spec import JobSpec, merge_overrides, triangle_cap
 from scandrop.pipeline.report import Report
 
 log = structlog.get_logger("scandrop.runner")
@@ -276,7 +276,7 @@ class JobRunner:
 
     def job_spec(self, status: JobStatus) -> JobSpec:
         job = status.settings or self.job_settings(status, Path(status.input.location))
-        overrides = merge_overrides({"mesh": {"max_triangles": job.max_triangles}}, job.stages)
+        overrides = merge_overrides(triangle_cap(job.max_triangles), job.stages)
         for stage in ("single_view", "fill", "sparse"):  # the daemon's models, whatever a drop says
             overrides.setdefault(stage, {})["models_dir"] = str(self.settings.models_dir)
         return JobSpec(preset=job.preset, overrides=overrides)

@@ -50,7 +50,7 @@ class JobSettings(BaseModel):
 
     preset: Preset
     device: DeviceRequest
-    max_triangles: int
+    max_triangles: int | None = Field(None, description="Triangle cap of model.glb; None: the preset's.")
     stages: dict[str, dict[str, Any]] = Field(default_factory=dict)
     sources: list[str] = Field(default_factory=list, description="The layers applied, lowest first.")
 

@@ -104,7 +104,11 @@ class Settings(BaseSettings):
     concurrency: int = Field(1, ge=1, le=64, description="Jobs run at the same time.")
     job_timeout: float = Field(3600.0, gt=0, description="Seconds before a job is stopped as timed out.")
     max_retries: int = Field(1, ge=0, le=10, description="Re-runs of a job whose process crashed.")
-    max_triangles: int = Field(300_000, ge=1000, description="Triangle cap of model.glb.")
+    max_triangles: int | None = Field(
+        None,
+        ge=1000,
+        description="Triangle cap of model.glb; default: the preset's (300 000; quality 1 000 000).",
+    )
     warm_up: bool = Field(
         True,
         description="Compile the reconstruction kernels at start (ray: on each node as it joins), at "

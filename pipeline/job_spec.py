@@ -28,6 +28,12 @@ def merge_overrides(*layers: dict[str, dict[str, Any]]) -> dict[str, dict[str, A
     return merged
 
 
+def triangle_cap(max_triangles: int | None) -> dict[str, dict[str, Any]]:
+    """The mesh override of a `max_triangles` setting; None leaves the preset's cap (quality's is
+    1 000 000, the others' 300 000)."""
+    return {} if max_triangles is None else {"mesh": {"max_triangles": max_triangles}}
+
+
 class JobSpec(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 

@@ -96,3 +96,40 @@ def test_the_benchmark_runs_every_row_with_the_settings_and_a_row_s_own_on_top(
     assert [s.preset for s in ran] == [Preset.quality, Preset.quality]
     assert ran[0].overrides == {"depth": {"max_image_size": 800}}
     assert ran[1].overrides == {"depth": {"max_image_size": 800, "workers": 1}, "frames": {"max_frames": 50}}
+
+
+def test_without_a_triangle_cap_each_preset_keeps_its_own(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Quality's cap is 1 000 000; the command line's and the daemon's settings used to put 300 000
+    over it whether asked to or not."""
+    from scandrop.daemon import worker
+    from scandrop.daemon.job_runner import JobRunner
+    from scandrop.daemon.job_settings import JobSettings
+    from scandrop.daemon.settings import Settings
+    from scandrop.models.device import DeviceRequest
+    from scandrop.pipeline.presets import resolve
+
+    ran: list[JobSpec] = []
+
+    class Stop(Exception):
+        pass
+
+    def run_job(images: Path, out: Path, spec: JobSpec, *args: Any, **kwargs: Any) -> None:
+        ran.append(spec)
+        raise Stop
+
+    monkeypatch.setattr(worker, "run_job", run_job)
+    args = ["reconstruct", str(tmp_path / "photos"), str(tmp_path / "out"), "--device", "cpu"]
+    for more in (["--preset", "quality"], ["--preset", "quality", "--max-triangles", "50000"], []):
+        with pytest.raises(Stop):
+            main([*args, *more])
+    assert [resolve(spec).mesh.max_triangles for spec in ran] == [1_000_000, 50_000, 300_000]
+
+    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+    assert settings.max_triangles is None
+    runner = JobRunner(settings, None, None, {}, lambda status: True)  # type: ignore[arg-type]
+    for cap, wanted in ((None, 1_000_000), (40_000, 40_000)):
+        job = JobSettings(preset=Preset.quality, device=DeviceRequest.cpu, max_triangles=cap)
+        status = type("Status", (), {"settings": job})()
+        assert resolve(runner.job_spec(status)).mesh.max_triangles == wanted

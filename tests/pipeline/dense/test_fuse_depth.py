@@ -165,3 +165,44 @@ def test_one_witness_is_kept_only_when_no_other_view_contradicts_it(
     assert sorted(set(u.tolist())) == columns
     assert len(points) == 8 * len(columns)
     np.testing.assert_allclose(points[:, 2], 2.0, atol=1e-6)
+
+
+def _floater_seen_through(see_through: int) -> fuse_depth._DepthMaps:
+    """Views 0, 1, 2 side by side (x = 0, 0.25, -0.25) agree on a sheet at z = 1 (a floater, or a
+    surface); `see_through` more views from behind them (centres at z = -1) have depth on the plane
+    z = 2 everywhere: they see past the sheet. 8x8 pixels, all looking along +z."""
+    h, w = 8, 8
+    n = 3 + see_through
+    K = np.array([[8.0, 0.0, 3.5], [0.0, 8.0, 3.5], [0.0, 0.0, 1.0]])
+    depth = np.full((n, h, w), 1.0, np.float32)
+    depth[3:] = 3.0  # the plane z = 2, from z = -1
+    centres = [[0.0, 0.0, 0.0], [0.25, 0.0, 0.0], [-0.25, 0.0, 0.0]]
+    centres += [[0.05 * k, 0.0, -1.0] for k in range(see_through)]
+    normals = np.zeros((n, h, w, 3), np.float32)
+    normals[..., 2] = -1.0
+    return fuse_depth._DepthMaps(
+        depth=depth,
+        sizes=np.array([[h, w]] * n, np.int64),
+        normals=normals,
+        rgb=np.zeros((n, h, w, 3), np.uint8),
+        K=np.stack([K] * n),
+        R=np.stack([np.eye(3)] * n),
+        t=-np.array(centres),
+        used=np.zeros((n, h, w), bool),
+    )
+
+
+@pytest.mark.parametrize(("see_through", "ratio", "kept"), [(1, 0.5, True), (2, 0.5, False), (2, None, True)])
+def test_a_point_that_other_views_see_past_is_a_floater(
+    see_through: int, ratio: float | None, kept: bool
+) -> None:
+    """Two other views agree with each point of the sheet: enough for fusion. Views that see a surface
+    behind it (the point floats in their free space) speak against it: one may be a depth map's
+    stray mistake, more than half the agreeing views make it a floater (the apple photos' carpet,
+    put above the table by neighbouring photos that all looked past the same edge)."""
+    maps = _floater_seen_through(see_through)
+    config = fuse_depth.FuseConfig(seen_through_ratio=ratio)
+    points, _, _ = fuse_depth._fuse_view(maps, 0, np.arange(1, 3 + see_through, dtype=np.int64), config)
+    agreed = 8 * 4  # view 0's columns 2-5: both other sheet views see them (the rest has one, and
+    # is contradicted, so the one-witness rule does not keep it either)
+    assert len(points) == (agreed if kept else 0)

@@ -12,8 +12,9 @@ and for each group of unplaced photos its best bridges to the others, at most `m
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pycolmap
@@ -22,6 +23,8 @@ from pydantic import BaseModel, Field
 from scandrop.pipeline.core.stage import Progress, StopCheck, check_stop
 from scandrop.pipeline.sparse import learned_features, parallel_matching
 from scandrop.pipeline.sparse.learned_features import Features
+
+T = TypeVar("T")
 
 MIN_MATCHES = 15  # fewer LightGlue matches than this: the pair is not written
 
@@ -38,22 +41,28 @@ class LearnedStats(BaseModel):
     seconds: dict[str, float]
 
 
+def _named_pairs(
+    database: Path, read: Callable[[pycolmap.Database], tuple[Sequence[int], Sequence[T]]]
+) -> list[tuple[str, str, T]]:
+    """A per-pair table of the database (`read` returns pair ids and one value each), by photo names."""
+    db = pycolmap.Database.open(str(database))
+    try:
+        by_id = {image.image_id: image.name for image in db.read_all_images()}
+        pair_ids, values = read(db)
+    finally:
+        db.close()
+    pairs = [pycolmap.pair_id_to_image_pair(pair_id) for pair_id in pair_ids]
+    return [(by_id[i], by_id[j], value) for (i, j), value in zip(pairs, values, strict=True)]
+
+
 def candidate_pairs(database: Path, names: list[str], focus: list[str], width: int) -> list[tuple[str, str]]:
     """Pairs worth scoring: every pair among each focus photo and its `width` partners with the most
     SIFT matches (verified or not: an unplaced photo still has some), so the partners' learned
     points can be triangulated among themselves too. All pairs when every photo is in focus."""
     if set(focus) >= set(names):
         return [(a, b) for i, a in enumerate(names) for b in names[i + 1 :]]
-    db = pycolmap.Database.open(str(database))
-    try:
-        by_id = {image.image_id: image.name for image in db.read_all_images()}
-        pair_ids, counts = db.read_num_matches()
-    finally:
-        db.close()
     sift: dict[str, dict[str, int]] = {name: {} for name in names}
-    for pair_id, count in zip(pair_ids, counts, strict=True):
-        i, j = pycolmap.pair_id_to_image_pair(pair_id)
-        a, b = by_id[i], by_id[j]
+    for a, b, count in _named_pairs(database, lambda db: db.read_num_matches()):
         sift[a][b] = sift[b][a] = count
     pairs: set[tuple[str, str]] = set()
     for f in focus:
@@ -110,15 +119,7 @@ def focus_groups(database: Path, focus: list[str], least: int) -> list[list[str]
             name = parent[name]
         return name
 
-    db = pycolmap.Database.open(str(database))
-    try:
-        by_id = {image.image_id: image.name for image in db.read_all_images()}
-        pair_ids, geometries = db.read_two_view_geometries()
-    finally:
-        db.close()
-    for pair_id, geometry in zip(pair_ids, geometries, strict=True):
-        i, j = pycolmap.pair_id_to_image_pair(pair_id)
-        a, b = by_id[i], by_id[j]
+    for a, b, geometry in _named_pairs(database, lambda db: db.read_two_view_geometries()):
         if a in parent and b in parent and len(geometry.inlier_matches) >= least:
             parent[root(a)] = root(b)
     groups: dict[str, list[str]] = {}

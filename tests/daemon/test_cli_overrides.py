@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -120,6 +121,7 @@ def test_without_a_triangle_cap_each_preset_keeps_its_own(
         raise Stop
 
     monkeypatch.setattr(worker, "run_job", run_job)
+    monkeypatch.setattr(signal, "signal", lambda *args: None)  # the command's Ctrl-C handling, not pytest's
     args = ["reconstruct", str(tmp_path / "photos"), str(tmp_path / "out"), "--device", "cpu"]
     for more in (["--preset", "quality"], ["--preset", "quality", "--max-triangles", "50000"], []):
         with pytest.raises(Stop):

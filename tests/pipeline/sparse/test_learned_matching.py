@@ -139,6 +139,7 @@ def test_real_networks_place_the_three_view_barn(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.long(2)  # handed out early: about 100 s alone, one of the suite's longest
 def test_learned_bridges_bring_the_apple_photos_middle_into_the_model(tmp_path: Path) -> None:
     """20 photos of an orbit: SIFT places both ends (13), the 6 photos of the middle are tied to each
     other but to the placed ones by 16-25 inliers, under the mapper's 30. The learned matcher must

@@ -19,6 +19,7 @@ from typing import TypeVar
 import numpy as np
 import pycolmap
 from pydantic import BaseModel, Field
+from scipy import sparse
 
 from scandrop.pipeline.core.stage import Progress, StopCheck, check_stop
 from scandrop.pipeline.sparse import learned_features, parallel_matching
@@ -111,20 +112,18 @@ def focus_groups(database: Path, focus: list[str], least: int) -> list[list[str]
 
     A group tends to be placed all at once or not at all: its photos follow each other into the
     model, so what it lacks is a bridge to the rest (select_pairs)."""
-    parent = {name: name for name in focus}
-
-    def root(name: str) -> str:
-        while parent[name] != name:
-            parent[name] = parent[parent[name]]
-            name = parent[name]
-        return name
-
-    for a, b, geometry in _named_pairs(database, lambda db: db.read_two_view_geometries()):
-        if a in parent and b in parent and len(geometry.inlier_matches) >= least:
-            parent[root(a)] = root(b)
-    groups: dict[str, list[str]] = {}
-    for name in focus:
-        groups.setdefault(root(name), []).append(name)
+    index = {name: i for i, name in enumerate(focus)}
+    tied = [
+        (index[a], index[b])
+        for a, b, geometry in _named_pairs(database, lambda db: db.read_two_view_geometries())
+        if a in index and b in index and len(geometry.inlier_matches) >= least
+    ]
+    edges = np.array(tied, np.int64).reshape(-1, 2)
+    graph = sparse.coo_matrix((np.ones(len(edges)), (edges[:, 0], edges[:, 1])), shape=(len(focus),) * 2)
+    _, labels = sparse.csgraph.connected_components(graph, directed=False)
+    groups: dict[int, list[str]] = {}
+    for name, label in zip(focus, labels, strict=True):
+        groups.setdefault(int(label), []).append(name)
     return sorted(groups.values())
 
 

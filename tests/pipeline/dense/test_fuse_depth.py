@@ -120,28 +120,34 @@ def test_fusion_fails_on_empty_depth(tmp_path: Path, scene: SyntheticScene) -> N
     assert not ws.fused.exists()
 
 
+def _stack(depth: np.ndarray, widths: list[int], centres: list[list[float]]) -> fuse_depth._DepthMaps:
+    """Depth maps of 8x8-pixel views that all look along +z (normals facing them), at `centres`;
+    view k's own grid is `widths[k]` wide."""
+    n, h, w = depth.shape
+    K = np.array([[8.0, 0.0, 3.5], [0.0, 8.0, 3.5], [0.0, 0.0, 1.0]])
+    normals = np.zeros((n, h, w, 3), np.float32)
+    normals[..., 2] = -1.0
+    return fuse_depth._DepthMaps(
+        depth=depth.astype(np.float32),
+        sizes=np.array([[h, width] for width in widths], np.int64),
+        normals=normals,
+        rgb=np.zeros((n, h, w, 3), np.uint8),
+        K=np.stack([K] * n),
+        R=np.stack([np.eye(3)] * n),
+        t=-np.array(centres, np.float64),
+        used=np.zeros((n, h, w), bool),
+    )
+
+
 def _three_views_of_a_plane(third_depth: float, third_width: int = 8) -> fuse_depth._DepthMaps:
     """Views 0, 1, 2 side by side (centres x = 0, 0.25, -0.25) over the plane z = 2, 8x8 pixels:
     views 0 and 1 see the plane (rays meet at 7.1 degrees); the third has `third_depth` everywhere
     on a grid `third_width` wide. Pixel column u of view 0 is column u - 1 in view 1, u + 1 in the
     third."""
-    h, w = 8, 8
-    K = np.array([[8.0, 0.0, 3.5], [0.0, 8.0, 3.5], [0.0, 0.0, 1.0]])
-    depth = np.full((3, h, w), 2.0, np.float32)
+    depth = np.full((3, 8, 8), 2.0)
     depth[2] = 0.0
     depth[2, :, :third_width] = third_depth
-    normals = np.zeros((3, h, w, 3), np.float32)
-    normals[..., 2] = -1.0
-    return fuse_depth._DepthMaps(
-        depth=depth,
-        sizes=np.array([[h, w], [h, w], [h, third_width]], np.int64),
-        normals=normals,
-        rgb=np.zeros((3, h, w, 3), np.uint8),
-        K=np.stack([K, K, K]),
-        R=np.stack([np.eye(3)] * 3),
-        t=np.array([[0.0, 0.0, 0.0], [-0.25, 0.0, 0.0], [0.25, 0.0, 0.0]]),
-        used=np.zeros((3, h, w), bool),
-    )
+    return _stack(depth, [8, 8, third_width], [[0.0, 0.0, 0.0], [0.25, 0.0, 0.0], [-0.25, 0.0, 0.0]])
 
 
 @pytest.mark.parametrize(
@@ -171,25 +177,12 @@ def _floater_seen_through(see_through: int) -> fuse_depth._DepthMaps:
     """Views 0, 1, 2 side by side (x = 0, 0.25, -0.25) agree on a sheet at z = 1 (a floater, or a
     surface); `see_through` more views from behind them (centres at z = -1) have depth on the plane
     z = 2 everywhere: they see past the sheet. 8x8 pixels, all looking along +z."""
-    h, w = 8, 8
     n = 3 + see_through
-    K = np.array([[8.0, 0.0, 3.5], [0.0, 8.0, 3.5], [0.0, 0.0, 1.0]])
-    depth = np.full((n, h, w), 1.0, np.float32)
+    depth = np.full((n, 8, 8), 1.0)
     depth[3:] = 3.0  # the plane z = 2, from z = -1
     centres = [[0.0, 0.0, 0.0], [0.25, 0.0, 0.0], [-0.25, 0.0, 0.0]]
     centres += [[0.05 * k, 0.0, -1.0] for k in range(see_through)]
-    normals = np.zeros((n, h, w, 3), np.float32)
-    normals[..., 2] = -1.0
-    return fuse_depth._DepthMaps(
-        depth=depth,
-        sizes=np.array([[h, w]] * n, np.int64),
-        normals=normals,
-        rgb=np.zeros((n, h, w, 3), np.uint8),
-        K=np.stack([K] * n),
-        R=np.stack([np.eye(3)] * n),
-        t=-np.array(centres),
-        used=np.zeros((n, h, w), bool),
-    )
+    return _stack(depth, [8] * n, centres)
 
 
 @pytest.mark.parametrize(("see_through", "ratio", "kept"), [(1, 0.5, True), (2, 0.5, False), (2, None, True)])

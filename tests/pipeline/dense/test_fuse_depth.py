@@ -199,3 +199,51 @@ def test_a_point_that_other_views_see_past_is_a_floater(
     agreed = 8 * 4  # view 0's columns 2-5: both other sheet views see them (the rest has one, and
     # is contradicted, so the one-witness rule does not keep it either)
     assert len(points) == (agreed if kept else 0)
+
+
+def _fuse_in_order(maps: fuse_depth._DepthMaps, config: fuse_depth.FuseConfig) -> list[np.ndarray]:
+    """Each view's points, fusing the views in run's order, each checked against all the others."""
+    n = len(maps.depth)
+    points: list[list[np.ndarray]] = [[] for _ in range(n)]
+    for frontal, ref in fuse_depth._fusion_order(n, config):
+        others = np.array([k for k in range(n) if k != ref], np.int64)
+        points[ref].append(fuse_depth._fuse_view(maps, ref, others, config, frontal)[0])
+    return [np.concatenate(p) for p in points]
+
+
+def _edge_on(maps: fuse_depth._DepthMaps, view: int, angle_deg: float) -> None:
+    """Give `view` normals `angle_deg` from each pixel's ray, as a photo that sees the surface edge-on."""
+    h, w = maps.depth.shape[1:]
+    vs, us = np.mgrid[:h, :w]
+    rays = fuse_depth._rays(maps.K[view], us.ravel(), vs.ravel())
+    rays /= np.linalg.norm(rays, axis=1, keepdims=True)
+    side = np.cross(rays, [0.0, 1.0, 0.0])
+    side /= np.linalg.norm(side, axis=1, keepdims=True)
+    a = np.radians(angle_deg)
+    maps.normals[view] = (-np.cos(a) * rays + np.sin(a) * side).reshape(h, w, 3)
+
+
+@pytest.mark.parametrize("angle", [70.0, None])
+def test_a_view_that_faces_the_surface_places_its_points(angle: float | None) -> None:
+    """Three views over the plane z = 2 (centres x = 0, 0.3, -0.3; pixel grids 0.05 apart on the
+    plane). Views 0 and 2 have normals 80 degrees from their rays, as photos that see the plane
+    edge-on; view 1 faces it. With the rule, the points where view 1 sees the plane lie on view 1's
+    rays, although view 0 is fused first; the strip only views 0 and 2 see is still kept, from view 0's
+    grazing pass. Without it, view 0 places the points wherever it sees the plane."""
+    maps = _stack(np.full((3, 8, 8), 2.0), [8] * 3, [[0.0, 0.0, 0.0], [0.3, 0.0, 0.0], [-0.3, 0.0, 0.0]])
+    _edge_on(maps, 0, 80.0)
+    _edge_on(maps, 2, 80.0)
+    # normals check off: the made-up ones do not agree with a plane
+    config = fuse_depth.FuseConfig(min_consistent=1, max_normal_angle_deg=180.0, frontal_first_deg=angle)
+    by_view = _fuse_in_order(maps, config)
+    x0 = np.unique(np.round(by_view[0][:, 0], 6))
+    x1 = np.unique(np.round(by_view[1][:, 0], 6))
+    assert len(by_view[2]) == 0  # every spot it sees was emitted by view 0 or 1
+    if angle is None:
+        assert len(by_view[1]) == 0
+        np.testing.assert_allclose(x0, (np.arange(8) - 3.5) / 8.0 * 2.0)  # all of view 0's columns
+    else:
+        np.testing.assert_allclose(x1, (np.arange(7) - 3.5) / 8.0 * 2.0 + 0.3)  # view 0 sees all but one
+        assert len(x0) > 0 and x0.max() < x1[0]  # view 0's grazing pass: only where view 1 does not see
+    for p in by_view:
+        np.testing.assert_allclose(p[:, 2], 2.0, atol=1e-6)

@@ -187,11 +187,14 @@ def _check_cloud(cloud: PointCloud) -> PointCloud:
     return PointCloud(xyz=cloud.xyz[ok], normals=cloud.normals[ok] / norm[ok, None], rgb=cloud.rgb[ok])
 
 
+def _sample(xyz: np.ndarray, size: int) -> np.ndarray:
+    """At most `size` of the points, drawn the same way every run (medians on them, for speed)."""
+    return xyz[np.random.default_rng(0).choice(len(xyz), size=min(size, len(xyz)), replace=False)]
+
+
 def median_spacing(xyz: np.ndarray, tree: cKDTree, sample: int = 20_000) -> float:
     """Median distance from a point to its nearest neighbour (on a random sample, for speed)."""
-    rng = np.random.default_rng(0)
-    idx = rng.choice(len(xyz), size=min(sample, len(xyz)), replace=False)
-    dist, _ = tree.query(xyz[idx], k=2, workers=-1)
+    dist, _ = tree.query(_sample(xyz, sample), k=2, workers=-1)
     return float(np.median(dist[:, 1]))
 
 
@@ -206,8 +209,7 @@ def photo_spacing(xyz: np.ndarray, depth_dir: Path, sample: int = 20_000) -> flo
     files = sorted(depth_dir.glob("*.npz"))
     if not files or len(xyz) == 0:
         return 0.0
-    rng = np.random.default_rng(0)
-    points = xyz[rng.choice(len(xyz), size=min(sample, len(xyz)), replace=False)].astype(np.float64)
+    points = _sample(xyz, sample).astype(np.float64)
     finest = np.full(len(points), np.inf)
     for path in files:
         K, R, t, (height, width) = read_depth_camera(path)

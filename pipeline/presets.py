@@ -62,9 +62,14 @@ _OVERRIDES: dict[Preset, dict[str, dict[str, Any]]] = {
         "ingest": {"max_image_size": 2400},
         "sparse": {"max_num_features": 8192},
         # PatchMatch on the full working resolution (the grid never exceeds the photo). A pixel
-        # counts its best 2 of 8 sources, as balanced: with the best 3, surfaces that only two
+        # counts its best 2 of 5 sources, as balanced: with the best 3, surfaces that only two
         # photos see well (an object's underside from the lower ring) lost their depth and the
         # relief sphere's mesh recall at 1% fell below balanced (0.975 vs 0.985; best 2: 0.985).
+        # Eight sources (until 2026-12-06) put more points on a lip past the ground slab's rim in
+        # the rendered video's 50 keyframes: points F at 1% 0.9945 against balanced's 0.9947, with
+        # five 0.9953. The relief objects have no more than five sources within max_angle_deg
+        # either way; the kitchen and the fern explained a little less with five (0.908 and 0.904
+        # of a photo against 0.913 and 0.915), still above balanced (0.904, 0.898).
         # Four levels, as balanced, over the full resolution leave more coarse mistakes to rescue
         # (see patchmatch_cpu.rescue): two rescue sweeps. The geometric pass searches every pixel,
         # not only those its sources' depth maps disagree with (see patchmatch_cpu.geometric_planes),
@@ -76,7 +81,6 @@ _OVERRIDES: dict[Preset, dict[str, dict[str, Any]]] = {
         "depth": {
             "max_image_size": 4000,
             "stereo_max_size": 1000,
-            "pm_sources": 8,
             "pm_best_k": 2,
             "pm_iterations_fine": 2,
             "pm_rescue_sweeps": 2,

@@ -67,8 +67,8 @@ _OVERRIDES: dict[Preset, dict[str, dict[str, Any]]] = {
         # relief sphere's mesh recall at 1% fell below balanced (0.975 vs 0.985; best 2: 0.985).
         # Eight sources (until 2026-12-06) put more points on a lip past the ground slab's rim in
         # the rendered video's 50 keyframes: points F at 1% 0.9945 against balanced's 0.9947, with
-        # five 0.9953. The relief objects have no more than five sources within max_angle_deg
-        # either way; the kitchen and the fern explained a little less with five (0.908 and 0.904
+        # five 0.9953. Each relief object's view has four sources within max_angle_deg either way;
+        # the kitchen and the fern explained a little less with five (0.908 and 0.904
         # of a photo against 0.913 and 0.915), still above balanced (0.904, 0.898).
         # Four levels, as balanced, over the full resolution leave more coarse mistakes to rescue
         # (see patchmatch_cpu.rescue): two rescue sweeps. The geometric pass searches every pixel,
